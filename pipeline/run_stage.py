@@ -1,0 +1,44 @@
+"""Run one pipeline stage: validate params.yaml, then execute the stage's notebook with papermill.
+
+    python pipeline/run_stage.py STAGE [NAME]
+
+STAGE is a notebook under notebooks/ (prompts, world, distill, evaluate, report); NAME picks the recipe or model of
+a foreach stage. The executed notebook, with its outputs and plots, is written to runs/STAGE[-NAME].ipynb.
+"""
+import sys
+from pathlib import Path
+
+import papermill
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+from dmdr import config  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    if not 1 <= len(argv) <= 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    stage, name = argv[0], (argv[1] if len(argv) > 1 else "")
+    notebook = ROOT / "notebooks" / f"{stage}.ipynb"
+    if not notebook.exists():
+        print(f"no notebook for stage {stage!r}: {notebook} does not exist", file=sys.stderr)
+        return 2
+    try:  # every knob checked before any compute
+        p = config.load(ROOT / "params.yaml")
+        if stage == "distill":
+            config.recipe(p, name)
+        elif stage == "evaluate":
+            config.eval_model(p, name)
+    except config.ParamsError as e:
+        print(f"params error: {e}", file=sys.stderr)
+        return 2
+    out = ROOT / "runs" / (f"{stage}-{name}.ipynb" if name else f"{stage}.ipynb")
+    out.parent.mkdir(exist_ok=True)
+    papermill.execute_notebook(str(notebook), str(out), parameters={"name": name, "params_file": "params.yaml"},
+                               cwd=str(ROOT), kernel_name="python3", progress_bar=False, log_output=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,205 @@
+"""params.yaml: typed, validated on load, before any compute.
+
+Every key is checked against the dataclasses below: an unknown key, a wrong type
+or an out-of-range value is a `ParamsError` naming the dotted key.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ParamsError(ValueError):
+    pass
+
+
+@dataclass
+class PromptsParams:
+    n_train: int = 2000
+    test_per_tag: int = 24
+    n_test_dense: int = 96
+    extra_files: list = field(default_factory=list)  # real prompt files to convert, e.g. GenEval metadata
+
+
+@dataclass
+class ClipParams:
+    embed_dim: int = 64
+    width: int = 64
+    vision_layers: int = 3
+    text_layers: int = 2
+    heads: int = 4
+    patch_size: int = 4
+    context_length: int = 24
+    steps: int = 600
+    batch: int = 128
+    lr: float = 2e-3
+
+
+@dataclass
+class VaeParams:
+    steps: int = 600
+    batch: int = 64
+    lr: float = 1e-3
+    kl_weight: float = 1e-6
+
+
+@dataclass
+class TeacherParams:
+    backbone: str = "unet"  # unet | sd3
+    channels: list = field(default_factory=lambda: [32, 64])
+    layers: int = 4
+    heads: int = 4
+    head_dim: int = 16
+    steps: int = 6000
+    batch: int = 64
+    lr: float = 1e-3
+    warmup: int = 200
+    timesteps: str = "logit_normal"  # logit_normal | uniform
+    cfg_dropout: float = 0.1
+    ema_decay: float = 0.999
+    pool_size: int = 60000
+    mixed_precision: str = "bf16"  # bf16 | no
+    eval_every: int = 1000
+    eval_prompts_per_tag: int = 8
+    eval_steps: int = 25
+    cfg: float = 3.0
+
+
+@dataclass
+class WorldParams:
+    clip: ClipParams = field(default_factory=ClipParams)
+    clip_eval_seed: int = 1  # the independent CLIP of the clip_score metric
+    vae: VaeParams = field(default_factory=VaeParams)
+    teacher: TeacherParams = field(default_factory=TeacherParams)
+
+
+@dataclass
+class DistillParams:
+    """One DMD training run; recipes override these."""
+    generator_steps: int = 4
+    steps: int = 200  # generator updates
+    batch: int = 32
+    generator_lr: float = 1e-4
+    fake_lr: float = 1e-4
+    ttur: int = 5  # fake-score updates per generator update
+    real_cfg: float = 3.0
+    cfg_jitter: float = 0.0  # released code: real CFG ~ U[cfg - 0.5, cfg + 0.5]; the paper: fixed
+    t_min: float = 0.02
+    t_max: float = 0.98
+    shift: float = 1.0  # generator time shift s t / (1 + (s - 1) t)
+    mixed_precision: str = "bf16"
+    log_every: int = 25
+    curve_prompts_per_tag: int = 4
+
+
+@dataclass
+class EvalModel:
+    checkpoint: str
+    steps: int
+    cfg: float = 1.0  # <= 1: no guidance (generators never use it)
+    kind: str = "generator"  # generator (few-step ODE) | teacher (Euler scheduler)
+
+
+@dataclass
+class EvaluateParams:
+    images_per_prompt: int = 4
+    batch: int = 256
+    models: dict = field(default_factory=dict)  # name -> EvalModel
+
+
+@dataclass
+class Params:
+    seed: int = 0
+    prompts: PromptsParams = field(default_factory=PromptsParams)
+    world: WorldParams = field(default_factory=WorldParams)
+    distill: DistillParams = field(default_factory=DistillParams)
+    recipes: dict = field(default_factory=dict)  # name -> DistillParams overrides
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+
+
+POSITIVE = {"steps", "batch", "lr", "n_train", "test_per_tag", "generator_lr", "fake_lr", "ttur", "generator_steps",
+            "images_per_prompt", "log_every", "eval_every", "pool_size", "width", "embed_dim", "heads", "layers"}
+CHOICES = {"backbone": ("unet", "sd3"), "timesteps": ("logit_normal", "uniform"), "mixed_precision": ("bf16", "no"),
+           "kind": ("generator", "teacher")}
+UNIT_INTERVAL = {"cfg_dropout", "ema_decay", "t_min", "t_max"}
+
+
+def _check_value(key: str, name: str, value):
+    if name in POSITIVE and value <= 0:
+        raise ParamsError(f"{key}: must be positive, got {value!r}")
+    if name in CHOICES and value not in CHOICES[name]:
+        raise ParamsError(f"{key}: must be one of {CHOICES[name]}, got {value!r}")
+    if name in UNIT_INTERVAL and not 0 <= value <= 1:
+        raise ParamsError(f"{key}: must lie in [0, 1], got {value!r}")
+
+
+def build(cls, data, key: str = ""):
+    """Instantiate dataclass `cls` from a dict, checking every key, type and range; errors name the dotted key."""
+    if not isinstance(data, dict):
+        raise ParamsError(f"{key or 'params'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            raise ParamsError(f"{key + '.' if key else ''}{k}: unknown key (known: {', '.join(sorted(names))})")
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        k, v, t = f"{key + '.' if key else ''}{f.name}", data[f.name], hints[f.name]
+        if dataclasses.is_dataclass(t):
+            v = build(t, v, k)
+        elif t is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        elif t in (int, float, str, bool, list, dict) and (not isinstance(v, t) or (t is int and isinstance(v, bool))):
+            raise ParamsError(f"{k}: expected {t.__name__}, got {type(v).__name__} {v!r}")
+        if isinstance(v, (int, float, str)) and not isinstance(v, bool):
+            _check_value(k, f.name, v)
+        values[f.name] = v
+    try:
+        return cls(**values)
+    except TypeError as e:  # a required field is missing
+        raise ParamsError(f"{key}: {e}") from None
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def recipe(p: Params, name: str) -> DistillParams:
+    if name not in p.recipes:
+        raise ParamsError(f"recipes.{name}: no such recipe (known: {', '.join(sorted(p.recipes))})")
+    return build(DistillParams, deep_merge(dataclasses.asdict(p.distill), p.recipes[name] or {}), f"recipes.{name}")
+
+
+def eval_model(p: Params, name: str) -> EvalModel:
+    if name not in p.evaluate.models:
+        raise ParamsError(f"evaluate.models.{name}: no such model (known: {', '.join(sorted(p.evaluate.models))})")
+    return build(EvalModel, p.evaluate.models[name], f"evaluate.models.{name}")
+
+
+def load(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: no such params file") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML ({e})") from None
+    try:
+        p = build(Params, raw)
+        for name in p.recipes:  # validate every recipe and model entry up front
+            recipe(p, name)
+        for name in p.evaluate.models:
+            eval_model(p, name)
+    except ParamsError as e:
+        raise ParamsError(f"{path}: {e}") from None
+    return p

@@ -1,0 +1,162 @@
+"""The `evaluate` stage: sample every test prompt with one model and score the images.
+
+Metrics (DESIGN.md section 4): geneval_overall and geneval_<tag> (GenEval rules on `parse`), dpg_overall and
+dpg_<category> (DPG-Bench rules; categories before dependencies), clip_score (100 * cosine in the independently
+trained CLIP), gold (the world's gold preference), nfe (network evaluations per image) and sec_per_image (wall
+time of sampling, latents to pixels, at the evaluation batch on this machine).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+
+from . import flow
+from .config import EvalModel, Params, eval_model
+from .files import write_json
+from .models import TinyClip, VelocityModel, decode_latents, load_backbone, require_dir
+from .prompts import load_records
+from .standins import to_tensor, to_uint8
+from .world import grammar, parse
+from .world.score import dpg_question_scores, geneval_correct, gold
+
+
+@dataclass
+class World:
+    """The trained stand-ins of the world stage."""
+    clip: TinyClip
+    clip_eval: TinyClip
+    vae: AutoencoderKL
+    teacher: VelocityModel
+
+    @classmethod
+    def load(cls, root: Path = Path("models/world")) -> "World":
+        root = require_dir(root, "world")
+        return cls(TinyClip.load(root / "clip"), TinyClip.load(root / "clip_eval"),
+                   AutoencoderKL.from_pretrained(require_dir(root / "vae", "VAE"), use_safetensors=True).eval(),
+                   VelocityModel(load_backbone(root / "teacher")).eval())
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]):
+        return self.clip.encode(texts)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        c = self.teacher.backbone.config
+        return (c.in_channels, c.sample_size, c.sample_size)
+
+
+def nfe(m: EvalModel) -> int:
+    return m.steps * (2 if m.kind == "teacher" and m.cfg > 1 else 1)
+
+
+@torch.no_grad()
+def sample_latents(world: World, model: torch.nn.Module, m: EvalModel, texts: list[str], noise: torch.Tensor,
+                   shift: float = 1.0) -> torch.Tensor:
+    cond = world.encode(texts)
+    if m.kind == "teacher":
+        return flow.sample_teacher(model, noise, cond, world.encode([""]), m.steps, m.cfg)
+    return flow.sample_generator(model, noise, cond, flow.generator_times(m.steps, shift))
+
+
+@torch.no_grad()
+def generate(world: World, model, m: EvalModel, texts: list[str], seed: int, batch: int,
+             shift: float = 1.0) -> tuple[np.ndarray, float]:
+    """Images for `texts` (uint8) and seconds per image. Noise depends only on the seed and the position, so every
+    model sees the same noise for the same prompt and image index."""
+    noise = torch.randn((len(texts), *world.latent_shape), generator=torch.Generator().manual_seed(seed))
+    images, seconds = [], 0.0
+    for s in range(0, len(texts), batch):
+        t = time.perf_counter()
+        x = decode_latents(world.vae, sample_latents(world, model, m, texts[s:s + batch], noise[s:s + batch], shift))
+        seconds += time.perf_counter() - t
+        images.append(to_uint8(x))
+    return np.concatenate(images), seconds / len(texts)
+
+
+def geneval_scores(records: list[dict], images: np.ndarray, per_prompt: int) -> dict:
+    hits: dict[str, list[bool]] = {}
+    for i, r in enumerate(records):
+        for im in images[i * per_prompt:(i + 1) * per_prompt]:
+            hits.setdefault(r["tag"], []).append(
+                geneval_correct(parse(im), r["include"], r.get("exclude", []), r["tag"]))
+    out = {f"geneval_{k}": float(np.mean(v)) for k, v in sorted(hits.items())}
+    out["geneval_overall"] = float(np.mean(list(out.values())))  # unweighted mean of the tag accuracies
+    return out
+
+
+def dpg_scores(records: list[dict], images: np.ndarray, per_prompt: int) -> dict:
+    prompt_scores, by_category = [], {}
+    for i, r in enumerate(records):
+        per_image = []
+        for im in images[i * per_prompt:(i + 1) * per_prompt]:
+            raw, post = dpg_question_scores(r["questions"], parse(im))
+            per_image.append(np.mean(post))
+            for q, s in zip(r["questions"], raw):
+                by_category.setdefault(q["category_broad"], []).append(s)
+        prompt_scores.append(np.mean(per_image))
+    return {"dpg_overall": 100 * float(np.mean(prompt_scores))} | {
+        f"dpg_{k}": 100 * float(np.mean(v)) for k, v in sorted(by_category.items())}
+
+
+@torch.no_grad()
+def clip_score(clip: TinyClip, images: np.ndarray, texts: list[str], batch: int = 512) -> float:
+    scores = [clip.score(to_tensor(images[s:s + batch]), texts[s:s + batch]) for s in range(0, len(texts), batch)]
+    return float(torch.cat(scores).mean())
+
+
+def load_model(world: World, m: EvalModel):
+    """The network a model entry names: the teacher, or a distilled generator's checkpoint."""
+    if Path(m.checkpoint) == Path("models/world/teacher"):
+        return world.teacher, 1.0
+    path = require_dir(Path(m.checkpoint), "generator")
+    settings = json.loads((path / "sampler.json").read_text()) if (path / "sampler.json").exists() else {}
+    return VelocityModel(load_backbone(path)).eval(), settings.get("shift", 1.0)
+
+
+def evaluate(p: Params, name: str, prompt_dir: Path = Path("data/prompts"), world: World | None = None,
+             out: Path = Path("results")) -> dict:
+    m = eval_model(p, name)
+    world = world or World.load()
+    model, shift = load_model(world, m)
+    gen_records = load_records(prompt_dir / "test_geneval.jsonl")
+    dpg_records = load_records(prompt_dir / "test_dpg.csv")
+    k = p.evaluate.images_per_prompt
+    texts = [r["prompt"] for r in gen_records + dpg_records for _ in range(k)]
+    torch.manual_seed(p.seed)
+    images, sec = generate(world, model, m, texts, p.seed, p.evaluate.batch, shift)
+    n_gen = len(gen_records) * k
+    metrics = geneval_scores(gen_records, images[:n_gen], k) | dpg_scores(dpg_records, images[n_gen:], k)
+    metrics |= {"clip_score": clip_score(world.clip_eval, images, texts),
+                "gold": float(np.mean([gold(im, t) for im, t in zip(images, texts)])),
+                "nfe": nfe(m), "sec_per_image": sec}
+    write_json(metrics, out / "metrics" / f"{name}.json")
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out / "samples" / f"{name}.npz", images=images, texts=np.array(texts))
+    return metrics
+
+
+def curve_metrics(world: World, generator, steps: int, shift: float, specs: list, seed: int,
+                  dense_specs: list = ()) -> dict:
+    """Held-out numbers for training curves: GenEval-analogue overall, gold and DPG-analogue overall on a fixed
+    subset of the test prompts, one image each."""
+    m = EvalModel(checkpoint="", steps=steps)
+    texts = [grammar.text(s) for s in specs]
+    images, _ = generate(world, generator, m, texts, seed, 256, shift)
+    hits = {}
+    for s, im in zip(specs, images):
+        inc, exc = grammar.geneval_clauses(s)
+        hits.setdefault(s.tag, []).append(geneval_correct(parse(im), inc, exc, s.tag))
+    row = {"geneval_overall": float(np.mean([np.mean(v) for v in hits.values()])),
+           "gold": float(np.mean([gold(im, s) for im, s in zip(images, specs)]))}
+    if dense_specs:
+        dtexts = [grammar.text(s) for s in dense_specs]
+        dimages, _ = generate(world, generator, m, dtexts, seed, 256, shift)
+        row["dpg_overall"] = 100 * float(np.mean([np.mean(dpg_question_scores(grammar.questions(s), parse(im))[1])
+                                                  for s, im in zip(dense_specs, dimages)]))
+    return row

@@ -1,0 +1,226 @@
+"""Model builders and adapters: the tiny CLIP (open_clip), the VAE (diffusers AutoencoderKL), and flow backbones
+(diffusers UNet2DConditionModel or SD3Transformer2DModel) seen through one interface, `VelocityModel`.
+
+Everything is saved as safetensors plus a JSON config, written to a temporary directory and renamed into place, so
+a crash never leaves half a checkpoint; loading never unpickles.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .world.grammar import NUMBERS, WORD_NUMBERS
+from .world.scene import COLORS, RELATIONS, SHAPES, SIZES
+
+# --- atomic checkpoints ---------------------------------------------------------------------------------------
+
+
+def atomic_dir(path: Path, write) -> Path:
+    """Call write(tmp_dir), then move tmp_dir to `path`, replacing what was there only once writing succeeded."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        write(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def require_dir(path: Path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} checkpoint directory {path} does not exist (run the stage that writes it)")
+    return path
+
+
+# --- tiny CLIP ------------------------------------------------------------------------------------------------
+
+
+class WordTokenizer:
+    """Word-level tokenizer over a fixed vocabulary: pad 0, unknown 1, words, then start and end of text; the end
+    token has the highest id because open_clip pools the text at the argmax token."""
+
+    def __init__(self, words: list[str], context_length: int):
+        self.words = list(words)
+        self.index = {w: i + 2 for i, w in enumerate(self.words)}
+        self.sot, self.eot = len(self.words) + 2, len(self.words) + 3
+        self.vocab_size = len(self.words) + 4
+        self.context_length = context_length
+
+    def __call__(self, texts: list[str] | str) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else texts
+        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        for i, t in enumerate(texts):
+            ids = [self.index.get(w, 1) for w in t.lower().replace(",", " ").replace(".", " ").split()]
+            ids = [self.sot] + ids[: self.context_length - 2] + [self.eot]
+            out[i, : len(ids)] = torch.tensor(ids)
+        return out
+
+
+def world_vocabulary() -> list[str]:
+    words = {"a", "photo", "picture", "of", "and", "the", "is", "are", "there"}
+    words |= set(SHAPES) | {s + "s" for s in SHAPES} | set(COLORS) | set(SIZES) | set(WORD_NUMBERS) | set(NUMBERS.values())
+    for r in RELATIONS:
+        words |= set(r.split())
+    return sorted(words)
+
+
+@dataclass
+class ClipConfig:
+    embed_dim: int = 64
+    width: int = 64
+    vision_layers: int = 3
+    text_layers: int = 2
+    heads: int = 4
+    patch_size: int = 4
+    image_size: int = 32
+    context_length: int = 24
+
+
+class TinyClip(nn.Module):
+    """An open_clip CLIP with a custom config and the world's word tokenizer.
+
+    `encode(texts)` gives the per-token states (B, L, width) that condition the teachers, and the pooled projected
+    embedding (B, embed_dim) used by SD3-style pooled conditioning and by the CLIP score.
+    """
+
+    def __init__(self, cfg: ClipConfig, words: list[str] | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = WordTokenizer(words or world_vocabulary(), cfg.context_length)
+        self.clip = open_clip.model.CLIP(
+            embed_dim=cfg.embed_dim,
+            vision_cfg=open_clip.model.CLIPVisionCfg(layers=cfg.vision_layers, width=cfg.width,
+                                                     head_width=cfg.width // cfg.heads, patch_size=cfg.patch_size,
+                                                     image_size=cfg.image_size),
+            text_cfg=open_clip.model.CLIPTextCfg(context_length=cfg.context_length, vocab_size=self.tokenizer.vocab_size,
+                                                 width=cfg.width, heads=cfg.heads, layers=cfg.text_layers),
+        )
+
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.clip
+        tokens = self.tokenizer(texts).to(c.token_embedding.weight.device)
+        x = c.token_embedding(tokens) + c.positional_embedding
+        x = c.ln_final(c.transformer(x, attn_mask=c.attn_mask))
+        pooled = x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ c.text_projection \
+            if not isinstance(c.text_projection, nn.Linear) else c.text_projection(x[torch.arange(x.shape[0]), tokens.argmax(-1)])
+        return x, pooled
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        return nn.functional.normalize(self.encode(texts)[1], dim=-1)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """images: (B, 3, H, W) in [-1, 1]."""
+        return nn.functional.normalize(self.clip.encode_image(images), dim=-1)
+
+    def score(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """CLIP score: 100 * cosine(image, text), per pair (differentiable)."""
+        return 100 * (self.encode_image(images) * self.encode_text(texts)).sum(-1)
+
+    def save(self, path: Path) -> Path:
+        def write(d: Path):
+            save_file({k: v.contiguous() for k, v in self.clip.state_dict().items()}, d / "model.safetensors")
+            (d / "config.json").write_text(json.dumps({"clip": vars(self.cfg), "words": self.tokenizer.words}, indent=1))
+        return atomic_dir(path, write)
+
+    @classmethod
+    def load(cls, path: Path) -> "TinyClip":
+        path = require_dir(path, "CLIP")
+        cfg = json.loads((path / "config.json").read_text())
+        m = cls(ClipConfig(**cfg["clip"]), cfg["words"])
+        m.clip.load_state_dict(load_file(path / "model.safetensors"))
+        return m.eval()
+
+
+# --- VAE ------------------------------------------------------------------------------------------------------
+
+
+def build_vae(channels=(32, 64, 64), latent_channels: int = 4) -> AutoencoderKL:
+    """32x32x3 -> 8x8x4: one downsampling per block after the first."""
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
+                         down_block_types=("DownEncoderBlock2D",) * len(channels),
+                         up_block_types=("UpDecoderBlock2D",) * len(channels),
+                         block_out_channels=tuple(channels), layers_per_block=1, norm_num_groups=16, sample_size=32)
+
+
+def encode_latents(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+    """images in [-1, 1] -> normalised latents (posterior mean, shifted and scaled as in SD3)."""
+    z = vae.encode(images).latent_dist.mean
+    return (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+
+
+def decode_latents(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
+    """normalised latents -> images in [-1, 1] (differentiable)."""
+    return vae.decode(z / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)).sample
+
+
+# --- flow backbones -------------------------------------------------------------------------------------------
+
+
+def build_backbone(kind: str, text_width: int, pooled_dim: int, latent_channels: int = 4, latent_size: int = 8,
+                   channels=(64, 128), layers: int = 6, heads: int = 4, head_dim: int = 32):
+    """A diffusers backbone for latent flow matching: 'unet' (UNet2DConditionModel, text tokens by cross-attention,
+    pooled text added to the time embedding) or 'sd3' (SD3Transformer2DModel, patch 1, joint attention)."""
+    if kind == "unet":
+        return UNet2DConditionModel(
+            sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
+            down_block_types=("CrossAttnDownBlock2D",) * len(channels),
+            up_block_types=("CrossAttnUpBlock2D",) * len(channels),
+            block_out_channels=tuple(channels), layers_per_block=1, cross_attention_dim=text_width,
+            attention_head_dim=head_dim, norm_num_groups=16,
+            class_embed_type="projection", projection_class_embeddings_input_dim=pooled_dim)
+    if kind == "sd3":
+        return SD3Transformer2DModel(
+            sample_size=latent_size, patch_size=1, in_channels=latent_channels, out_channels=latent_channels,
+            num_layers=layers, attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=text_width,
+            caption_projection_dim=heads * head_dim, pooled_projection_dim=pooled_dim, pos_embed_max_size=latent_size)
+    raise ValueError(f"unknown backbone kind {kind!r}; expected 'unet' or 'sd3'")
+
+
+def load_backbone(path: Path):
+    path = require_dir(path, "backbone")
+    cls_name = json.loads((path / "config.json").read_text()).get("_class_name")
+    cls = {"UNet2DConditionModel": UNet2DConditionModel, "SD3Transformer2DModel": SD3Transformer2DModel}.get(cls_name)
+    if cls is None:
+        raise ValueError(f"{path}/config.json: unsupported backbone class {cls_name!r}")
+    return cls.from_pretrained(path, use_safetensors=True)
+
+
+def save_diffusers(model, path: Path) -> Path:
+    """A diffusers model's save_pretrained (safetensors), atomically."""
+    return atomic_dir(path, lambda d: model.save_pretrained(d, safe_serialization=True))
+
+
+class VelocityModel(nn.Module):
+    """Any diffusers flow backbone as v(x_t, t, text states, pooled text), t in [0, 1] (x_t = (1 - t) x0 + t eps,
+    v = eps - x0). This is the only place that knows the backbone's call signature."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        if isinstance(self.backbone, UNet2DConditionModel):
+            return self.backbone(x, t * 1000, encoder_hidden_states=states, class_labels=pooled).sample
+        return self.backbone(hidden_states=x, timestep=t * 1000, encoder_hidden_states=states,
+                             pooled_projections=pooled).sample

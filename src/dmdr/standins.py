@@ -1,0 +1,281 @@
+"""The learned stand-ins of the embedded world, trained by the `world` stage: the tiny CLIP (text encoder of the
+teachers, CLIP reward), an independently seeded CLIP for the clip_score metric, the VAE, and the flow teacher."""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from . import flow
+from .config import TeacherParams
+from .files import write_csv, write_json
+from .models import (ClipConfig, TinyClip, VelocityModel, build_backbone, build_vae, decode_latents, encode_latents,
+                     save_diffusers)
+from .world import grammar, parse, render
+from .world.score import geneval_correct
+
+CAPTION_TAGS = grammar.GENEVAL_TAGS + ("dense",)
+
+
+def world_batch(rng: np.random.Generator, n: int, tags=CAPTION_TAGS) -> tuple[np.ndarray, list[str]]:
+    """n random (render, caption) pairs: a spec of a random template, then a scene that satisfies it exactly."""
+    images, captions = [], []
+    for _ in range(n):
+        spec = grammar.sample_spec(rng, tags[int(rng.integers(len(tags)))])
+        images.append(render(grammar.scene_for(spec, rng)))
+        captions.append(grammar.text(spec))
+    return np.stack(images), captions
+
+
+def to_tensor(images: np.ndarray, device="cpu") -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3)."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def train_loop(model: torch.nn.Module, loss_fn, steps: int, lr: float, desc: str, warmup: int = 100,
+               weight_decay: float = 0.0, on_log=None, log_every: int = 100, mixed_precision: str = "no",
+               ema: EMAModel | None = None) -> list[dict]:
+    """The stand-ins' training loop on accelerate: AdamW, linear warm-up then cosine decay, grad clip 1.0, progress
+    bar. `loss_fn(step)` returns the loss; `on_log(step)` may return extra numbers to record."""
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    # autocast here rather than Accelerator(mixed_precision=...): accelerate fixes that once per process
+    autocast = torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
+    model, opt, sched = acc.prepare(model, opt, sched)
+    history, t0 = [], time.time()
+    bar = tqdm(range(steps), desc=desc, mininterval=5)
+    for step in bar:
+        model.train()
+        with autocast:
+            loss = loss_fn(step)
+        acc.backward(loss)
+        acc.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(model.parameters())
+        if step % log_every == 0 or step == steps - 1:
+            row = {"step": step, "loss": float(loss.detach()), "seconds": time.time() - t0}
+            if on_log is not None and (extra := on_log(step)):
+                row |= extra
+                tqdm.write(f"{desc} step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in extra.items()))
+            history.append(row)
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+    return history
+
+
+# --- CLIP -----------------------------------------------------------------------------------------------------
+
+
+def clip_loss(clip: TinyClip, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    """Symmetric InfoNCE; identical captions in a batch are all positives."""
+    img = clip.encode_image(images)
+    txt = clip.encode_text(captions)
+    logits = clip.clip.logit_scale.exp().clamp(max=100) * img @ txt.T
+    same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32, device=logits.device)
+    target = same / same.sum(1, keepdim=True)
+    return 0.5 * (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target))
+
+
+@torch.no_grad()
+def retrieval_accuracy(clip: TinyClip, seed: int, n: int = 500, candidates: int = 50) -> dict:
+    """Image -> text top-1 accuracy among `candidates` dense captions (held-out renders), and text -> image."""
+    rng = np.random.default_rng(seed)
+    images, captions = world_batch(rng, n, tags=("dense",))
+    clip.eval()
+    img = clip.encode_image(to_tensor(images, device_of(clip)))
+    txt = clip.encode_text(captions)
+    i2t = t2i = 0
+    for s in range(0, n, candidates):
+        sim = img[s:s + candidates] @ txt[s:s + candidates].T
+        ok = torch.arange(sim.shape[0])
+        caps = captions[s:s + candidates]
+        i2t += sum(caps[j] == caps[i] for i, j in zip(ok.tolist(), sim.argmax(1).tolist()))
+        t2i += sum(caps[j] == caps[i] for i, j in zip(ok.tolist(), sim.argmax(0).tolist()))
+    return {"image_to_text_top1": i2t / n, "text_to_image_top1": t2i / n, "candidates": candidates}
+
+
+def train_clip(cfg: ClipConfig, seed: int, steps: int, batch: int, lr: float,
+               mixed_precision: str = "bf16") -> tuple[TinyClip, dict]:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    clip = TinyClip(cfg)
+
+    def loss_fn(step):
+        images, captions = world_batch(rng, batch)
+        return clip_loss(clip, to_tensor(images, device_of(clip)), captions)
+
+    history = train_loop(clip, loss_fn, steps, lr, desc=f"CLIP seed {seed}", weight_decay=0.1,
+                         mixed_precision=mixed_precision)
+    return clip.eval(), {"history": history} | retrieval_accuracy(clip, seed + 1000)
+
+
+# --- VAE ------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def vae_parse_accuracy(vae, seed: int, n: int = 400) -> float:
+    """Fraction of renders whose VAE reconstruction parses to the same objects (shape, colour, size)."""
+    rng = np.random.default_rng(seed)
+    images, captions = world_batch(rng, n)
+    recon = to_uint8(vae.decode(vae.encode(to_tensor(images, device_of(vae))).latent_dist.mean).sample)
+    key = lambda dets: sorted((d.shape, d.color, d.size) for d in dets)
+    return float(np.mean([key(parse(a)) == key(parse(b)) for a, b in zip(images, recon)]))
+
+
+def train_vae(seed: int, steps: int, batch: int, lr: float, kl_weight: float = 1e-6,
+              mixed_precision: str = "bf16") -> tuple[torch.nn.Module, dict]:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    vae = build_vae()
+
+    def loss_fn(step):
+        x = to_tensor(world_batch(rng, batch)[0], device_of(vae))
+        post = vae.encode(x).latent_dist
+        recon = vae.decode(post.sample()).sample
+        return (recon - x).abs().mean() + (recon - x).pow(2).mean() + kl_weight * post.kl().mean()
+
+    history = train_loop(vae, loss_fn, steps, lr, desc="VAE", mixed_precision=mixed_precision)
+    vae.eval()
+    # SD-style latent normalisation, measured on fresh renders
+    with torch.no_grad():
+        z = vae.encode(to_tensor(world_batch(rng, 1024)[0], device_of(vae))).latent_dist.mean
+    vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1 / z.std()))
+    return vae, {"history": history, "reconstruction_parse_exact": vae_parse_accuracy(vae, seed + 1000)}
+
+
+# --- flow teacher ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def latent_pool(vae, seed: int, n: int, chunk: int = 500) -> tuple[torch.Tensor, list[str]]:
+    """n (latent, caption) pairs, encoded once: the teacher's pre-training set."""
+    rng = np.random.default_rng(seed)
+    latents, captions = [], []
+    for s in tqdm(range(0, n, chunk), desc="encode latents", mininterval=5):
+        images, caps = world_batch(rng, min(chunk, n - s))
+        latents.append(encode_latents(vae, to_tensor(images, device_of(vae))))
+        captions += caps
+    return torch.cat(latents), captions
+
+
+@torch.no_grad()
+def geneval_accuracy(model, clip: TinyClip, vae, specs: list, seed: int, steps: int, cfg: float,
+                     batch: int = 128) -> dict:
+    """GenEval-analogue accuracy per tag of one image per spec, sampled with `steps` Euler steps and CFG `cfg`."""
+    g = torch.Generator().manual_seed(seed)
+    uncond = clip.encode([""])
+    hits: dict[str, list[bool]] = {}
+    for s in range(0, len(specs), batch):
+        chunk = specs[s:s + batch]
+        cond = clip.encode([grammar.text(x) for x in chunk])
+        noise = torch.randn(len(chunk), vae.config.latent_channels, 8, 8, generator=g).to(device_of(vae))
+        images = to_uint8(decode_latents(vae, flow.sample_teacher(model, noise, cond, uncond, steps, cfg)))
+        for spec, im in zip(chunk, images):
+            inc, exc = grammar.geneval_clauses(spec)
+            hits.setdefault(spec.tag, []).append(geneval_correct(parse(im), inc, exc, spec.tag))
+    out = {f"geneval_{k}": float(np.mean(v)) for k, v in hits.items()}
+    out["geneval_overall"] = float(np.mean(list(out.values())))
+    return out
+
+
+def train_teacher(cfg: TeacherParams, clip: TinyClip, vae, seed: int, eval_specs: list,
+                  desc: str = "flow teacher") -> tuple[VelocityModel, dict]:
+    """Flow matching on VAE latents, conditioned on the frozen CLIP's text tower, with CFG dropout and EMA.
+    Returns the EMA model and the training history (with GenEval-analogue accuracy against time)."""
+    torch.manual_seed(seed)
+    latents, captions = latent_pool(vae, seed, cfg.pool_size)
+    clip.requires_grad_(False)
+    backbone = build_backbone(cfg.backbone, clip.cfg.width, clip.cfg.embed_dim, vae.config.latent_channels,
+                              channels=cfg.channels, layers=cfg.layers, heads=cfg.heads, head_dim=cfg.head_dim)
+    model = VelocityModel(backbone).to(device_of(vae))
+    ema = EMAModel(model.parameters(), decay=cfg.ema_decay)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        uncond = clip.encode([""])
+
+    def loss_fn(step):
+        idx = torch.randint(len(captions), (cfg.batch,), generator=g)
+        x0 = latents[idx.to(latents.device)]
+        with torch.no_grad():
+            states, pooled = clip.encode([captions[i] for i in idx.tolist()])
+        drop = (torch.rand(cfg.batch, generator=g) < cfg.cfg_dropout).to(x0.device)
+        states = torch.where(drop[:, None, None], uncond[0], states)
+        pooled = torch.where(drop[:, None], uncond[1], pooled)
+        t = flow.sample_train_times(cfg.batch, cfg.timesteps, g).to(x0.device)
+        noise = torch.randn(x0.shape, generator=g).to(x0.device)
+        return flow.flow_matching_loss(model, x0, (states, pooled), t, noise)
+
+    def on_log(step):
+        if step == 0 or step % cfg.eval_every and step != cfg.steps - 1:
+            return {}
+        shadow = copy.deepcopy(model).eval()
+        ema.copy_to(shadow.parameters())
+        return geneval_accuracy(shadow, clip, vae, eval_specs, seed, cfg.eval_steps, cfg.cfg)
+
+    history = train_loop(model, loss_fn, cfg.steps, cfg.lr, desc=desc, warmup=cfg.warmup,
+                         on_log=on_log, log_every=max(1, cfg.eval_every // 10), mixed_precision=cfg.mixed_precision, ema=ema)
+    ema.copy_to(model.parameters())
+    return model.eval(), {"history": history}
+
+
+# --- the world stage ------------------------------------------------------------------------------------------
+
+
+def build_world(p, eval_specs: list, out: Path, metrics_path: Path, curve_path: Path) -> dict:
+    """Train every stand-in of the `world` stage and save them under `out` (clip, clip_eval, vae, teacher).
+    `eval_specs` are the held-out prompts on which the teacher's accuracy is followed during training."""
+    w, seed, timings = p.world, p.seed, {}
+    clip_cfg = ClipConfig(**{k: getattr(w.clip, k) for k in vars(ClipConfig()) if hasattr(w.clip, k)})
+
+    t = time.time()
+    clip, clip_info = train_clip(clip_cfg, seed, w.clip.steps, w.clip.batch, w.clip.lr)
+    clip.save(out / "clip")
+    clip_eval, clip_eval_info = train_clip(clip_cfg, w.clip_eval_seed, w.clip.steps, w.clip.batch, w.clip.lr)
+    clip_eval.save(out / "clip_eval")
+    timings["clip_minutes"] = (time.time() - t) / 60
+
+    t = time.time()
+    vae, vae_info = train_vae(seed, w.vae.steps, w.vae.batch, w.vae.lr, w.vae.kl_weight)
+    save_diffusers(vae, out / "vae")
+    timings["vae_minutes"] = (time.time() - t) / 60
+
+    t = time.time()
+    teacher, teacher_info = train_teacher(w.teacher, clip, vae, seed, eval_specs)
+    save_diffusers(teacher.backbone, out / "teacher")
+    timings["teacher_minutes"] = (time.time() - t) / 60
+
+    rows = [r for r in teacher_info["history"] if "geneval_overall" in r]
+    write_csv(rows, curve_path)
+    metrics = {
+        "clip_image_to_text_top1": clip_info["image_to_text_top1"],
+        "clip_text_to_image_top1": clip_info["text_to_image_top1"],
+        "clip_eval_image_to_text_top1": clip_eval_info["image_to_text_top1"],
+        "retrieval_candidates": clip_info["candidates"],
+        "vae_reconstruction_parse_exact": vae_info["reconstruction_parse_exact"],
+        "teacher_geneval_overall_during_training": rows[-1]["geneval_overall"] if rows else None,
+        "teacher_params_millions": sum(x.numel() for x in teacher.parameters()) / 1e6,
+        "teacher_class": type(teacher.backbone).__name__,
+    } | {k: round(v, 2) for k, v in timings.items()}
+    write_json(metrics, metrics_path)
+    return metrics
+

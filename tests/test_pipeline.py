@@ -1,0 +1,71 @@
+"""End to end: `dvc repro` of the smoke profile in a temporary copy of the repository."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dmdr.config import deep_merge
+
+ROOT = Path(__file__).resolve().parents[1]
+COPY = ["src", "pipeline", "notebooks", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config", ".dvcignore",
+        "README.md"]
+
+
+def smoke_repo(tmp: Path) -> Path:
+    repo = tmp / "repo"
+    repo.mkdir()
+    for name in COPY:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, repo / name)
+    params = deep_merge(yaml.safe_load((ROOT / "params.yaml").read_text()),
+                        yaml.safe_load((ROOT / "tests" / "smoke_params.yaml").read_text()))
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    (repo / ".dvc" / ".gitignore").write_text("/tmp\n/cache\n")
+    return repo
+
+
+def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(repo / "src"), DVC_NO_ANALYTICS="1", TQDM_DISABLE="1")
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    return subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=repo, env=env,
+                          capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    repo = smoke_repo(tmp_path_factory.mktemp("smoke"))
+    r = dvc(repo, "repro")
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    return repo
+
+
+def test_smoke_repro_produces_every_result(smoke):
+    summary = json.loads((smoke / "results" / "summary.json").read_text())
+    assert set(summary) == {"teacher", "teacher-nocfg", "dmd2-4", "dmd2-1"}
+    for model, m in summary.items():
+        for key in ("geneval_overall", "dpg_overall", "clip_score", "gold", "nfe", "sec_per_image"):
+            assert key in m, (model, key)
+        assert 0 <= m["geneval_overall"] <= 1 and 0 <= m["gold"] <= 1
+    assert summary["teacher"]["nfe"] == 8 and summary["dmd2-4"]["nfe"] == 4 and summary["dmd2-1"]["nfe"] == 1
+    assert (smoke / "results" / "tables" / "distill.md").read_text().count("| dmd2-") == 2
+    for f in ["samples_teacher.png", "samples_dmd2-4.png", "teacher_accuracy.png", "distill_curves.png"]:
+        assert (smoke / "results" / "figures" / f).stat().st_size > 1000, f
+    for run in ["prompts", "world", "distill-dmd2-4", "evaluate-dmd2-1", "report"]:
+        assert (smoke / "runs" / f"{run}.ipynb").exists(), run
+    sampler = json.loads((smoke / "models" / "distill" / "dmd2-4" / "sampler.json").read_text())
+    assert sampler["steps"] == 4
+
+
+def test_smoke_repro_is_up_to_date_after_a_run(smoke):
+    r = dvc(smoke, "status")
+    assert r.returncode == 0 and "up to date" in r.stdout, r.stdout
