@@ -33,6 +33,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--generator", default="models/distill/dmd2-4")
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--out", help="also write the printed lines to this file (the README quotes "
+                                  "results/benchmarks/sampling_speed.txt)")
     a = ap.parse_args()
     torch.manual_seed(0)
     world = World.load()
@@ -44,10 +46,14 @@ def main():
     generator, shift = load_model(world, gen_m)
     t_teacher = timed(world, teacher, teacher_m, texts, noise, 1.0, a.repeats)
     t_gen = timed(world, generator, gen_m, texts, noise, shift, a.repeats)
-    print(f"batch {a.batch}, best of {a.repeats}, {torch.get_num_threads()} threads, device cpu")
-    print(f"teacher 50 steps CFG (NFE {nfe(teacher_m)}): {t_teacher:.3f} s  ({t_teacher / a.batch * 1e3:.2f} ms/image)")
-    print(f"generator {a.steps} steps (NFE {nfe(gen_m)}):     {t_gen:.3f} s  ({t_gen / a.batch * 1e3:.2f} ms/image)")
-    print(f"speed-up: {t_teacher / t_gen:.1f}x (NFE bound {nfe(teacher_m) / nfe(gen_m):.0f}x)")
+    lines = [f"batch {a.batch}, best of {a.repeats}, {torch.get_num_threads()} threads, device cpu",
+             f"teacher 50 steps CFG (NFE {nfe(teacher_m)}): {t_teacher:.3f} s  ({t_teacher / a.batch * 1e3:.2f} ms/image)",
+             f"generator {a.steps} steps (NFE {nfe(gen_m)}):     {t_gen:.3f} s  ({t_gen / a.batch * 1e3:.2f} ms/image)",
+             f"speed-up: {t_teacher / t_gen:.1f}x (NFE bound {nfe(teacher_m) / nfe(gen_m):.0f}x)"]
+    print("\n".join(lines))
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

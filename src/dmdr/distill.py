@@ -80,7 +80,6 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
     f_opt = torch.optim.AdamW(models.fake.parameters(), lr=cfg.fake_lr, weight_decay=0.0)
     generator, fake, g_opt, f_opt = acc.prepare(models.generator, models.fake, g_opt, f_opt)
     times = flow.generator_times(cfg.generator_steps, cfg.shift)
-    latent_shape = None
 
     def batch():
         texts = [prompts[i] for i in prng.integers(len(prompts), size=cfg.batch)]
@@ -91,8 +90,8 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
     def noise_like(cond):
         return torch.randn((cond[0].shape[0], *latent_shape), generator=rng)
 
-    latent_shape = (generator.backbone.config.in_channels, generator.backbone.config.sample_size,
-                    generator.backbone.config.sample_size)
+    c = models.generator.backbone.config
+    latent_shape = (c.in_channels, c.sample_size, c.sample_size)
     rows, t0 = [], time.time()
     fake_loss = torch.tensor(0.0)
     bar = tqdm(range(cfg.steps + 1), desc="DMD", mininterval=5)

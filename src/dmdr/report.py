@@ -160,10 +160,28 @@ def readme_results(results: Path = RESULTS) -> str:
     table = results / "tables" / "distill.md"
     if table.exists():
         parts.append(table.read_text().strip())
+    timings = stage_timings()
+    if timings:
+        after_world = sum(v for k, v in timings.items() if k not in ("prompts", "world"))
+        parts.append("Stage wall times on this machine (minutes, from the executed notebooks in `runs/`): " + ", ".join(
+            f"{k} {v:.1f}" for k, v in timings.items()) + f"; everything after the world: {after_world:.1f}.")
+    bench = results / "benchmarks" / "sampling_speed.txt"
+    if bench.exists():
+        parts.append("Sampling benchmark (`benchmarks/sampling_speed.py`, last run):\n\n```\n" + bench.read_text().strip() + "\n```")
     for fig in ["teacher_accuracy.png", "distill_curves.png"] + [f"samples_{m}.png" for m in TABLE_DISTILL]:
         if (results / "figures" / fig).exists():
             parts.append(f"![{fig[:-4]}](results/figures/{fig})")
     return "\n\n".join(parts) if parts else "_No results yet: run the main command._"
+
+
+def stage_timings(runs: Path = Path("runs")) -> dict[str, float]:
+    """Wall minutes of each executed stage notebook, from papermill's metadata."""
+    out = {}
+    for nb in sorted(runs.glob("*.ipynb")):
+        meta = json.loads(nb.read_text()).get("metadata", {}).get("papermill", {})
+        if meta.get("duration") is not None:
+            out[nb.stem] = meta["duration"] / 60
+    return out
 
 
 def update_readme(readme: Path = Path("README.md"), results: Path = RESULTS) -> None:
