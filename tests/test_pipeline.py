@@ -51,7 +51,7 @@ def smoke(tmp_path_factory):
 
 def test_smoke_repro_produces_every_result(smoke):
     summary = json.loads((smoke / "results" / "summary.json").read_text())
-    assert set(summary) == {"teacher", "teacher-nocfg", "dmd2-4", "dmd2-1"}
+    assert set(summary) == {"teacher", "teacher-nocfg", "teacher-4", "dmd2-4", "dmd2-1"}
     for model, m in summary.items():
         for key in ("geneval_overall", "dpg_overall", "clip_score", "gold", "nfe", "sec_per_image"):
             assert key in m, (model, key)

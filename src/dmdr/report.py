@@ -17,7 +17,7 @@ from .files import read_csv, write_json  # noqa: E402
 from .world.grammar import GENEVAL_TAGS  # noqa: E402
 
 RESULTS = Path("results")
-TABLE_DISTILL = ["teacher", "teacher-nocfg", "dmd2-4", "dmd2-1"]
+TABLE_DISTILL = ["teacher", "teacher-nocfg", "teacher-4", "dmd2-4", "dmd2-1"]
 COLUMNS = ["nfe", "geneval_overall"] + [f"geneval_{t}" for t in GENEVAL_TAGS] + \
           ["dpg_overall", "clip_score", "gold", "sec_per_image"]
 
@@ -119,7 +119,7 @@ def build(p, results: Path = RESULTS) -> dict:
     write_json(summ, results / "summary.json")
 
     tables = [write_table({m: summ[m] for m in TABLE_DISTILL if m in summ}, COLUMNS, results / "tables" / "distill",
-                          "Teacher (50 steps, CFG) vs DMD2 4-step and 1-step generators (embedded world, test prompts)")]
+                          "Teacher (50 steps, CFG) vs DMD2 4-step and 1-step generators (embedded world, test prompts; teacher-4: the undistilled teacher in the 4-step sampler)")]
     figs = results / "figures"
     figs.mkdir(parents=True, exist_ok=True)
     figures = []
