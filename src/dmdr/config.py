@@ -27,14 +27,20 @@ class PromptsParams:
 
 
 @dataclass
-class ClipParams:
+class ClipConfig:
+    """The tiny CLIP's architecture (saved with its weights)."""
     embed_dim: int = 64
     width: int = 64
     vision_layers: int = 3
     text_layers: int = 2
     heads: int = 4
     patch_size: int = 4
+    image_size: int = 32
     context_length: int = 24
+
+
+@dataclass
+class ClipParams(ClipConfig):
     steps: int = 600
     batch: int = 128
     lr: float = 2e-3

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
@@ -19,6 +18,7 @@ from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .config import ClipConfig
 from .world.grammar import NUMBERS, WORD_NUMBERS
 from .world.scene import COLORS, RELATIONS, SHAPES, SIZES
 
@@ -82,18 +82,6 @@ def world_vocabulary() -> list[str]:
     for r in RELATIONS:
         words |= set(r.split())
     return sorted(words)
-
-
-@dataclass
-class ClipConfig:
-    embed_dim: int = 64
-    width: int = 64
-    vision_layers: int = 3
-    text_layers: int = 2
-    heads: int = 4
-    patch_size: int = 4
-    image_size: int = 32
-    context_length: int = 24
 
 
 class TinyClip(nn.Module):

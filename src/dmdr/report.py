@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -50,20 +51,21 @@ def write_table(rows: dict, columns: list[str], path: Path, title: str) -> Path:
     return path.with_suffix(".md")
 
 
-def sample_grid(npz: str | Path, title: str = "", per_tag: int = 8, out: Path | None = None):
-    """The first image of the first `per_tag` prompts of each test set row, with prompts as titles."""
+def sample_grid(npz: str | Path, title: str = "", out: Path | None = None):
+    """The first image of 48 test prompts spread evenly over the test set, with their prompts as titles."""
     data = np.load(npz)
     images, texts = data["images"], data["texts"]
     firsts = [i for i in range(len(texts)) if i == 0 or texts[i] != texts[i - 1]]
     pick = firsts[:: max(1, len(firsts) // 48)][:48]
     cols = 8
     rows = (len(pick) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.9), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 2.0), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, pick):
         ax.imshow(images[i], interpolation="nearest")
-        ax.set_title(str(texts[i]).replace("a photo of ", "").replace("a picture of ", ""), fontsize=5, wrap=True)
+        caption = str(texts[i]).replace("a photo of ", "").replace("a picture of ", "")
+        ax.set_title(textwrap.fill(caption, 28), fontsize=5)
     fig.suptitle(title)
     fig.tight_layout()
     if out:

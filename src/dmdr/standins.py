@@ -3,6 +3,7 @@ teachers, CLIP reward), an independently seeded CLIP for the clip_score metric, 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -14,9 +15,9 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from . import flow
-from .config import TeacherParams
+from .config import ClipConfig, TeacherParams
 from .files import write_csv, write_json
-from .models import (ClipConfig, TinyClip, VelocityModel, build_backbone, build_vae, decode_latents, encode_latents,
+from .models import (TinyClip, VelocityModel, build_backbone, build_vae, decode_latents, encode_latents,
                      save_diffusers)
 from .world import grammar, parse, render
 from .world.score import geneval_correct
@@ -245,7 +246,7 @@ def build_world(p, eval_specs: list, out: Path, metrics_path: Path, curve_path: 
     """Train every stand-in of the `world` stage and save them under `out` (clip, clip_eval, vae, teacher).
     `eval_specs` are the held-out prompts on which the teacher's accuracy is followed during training."""
     w, seed, timings = p.world, p.seed, {}
-    clip_cfg = ClipConfig(**{k: getattr(w.clip, k) for k in vars(ClipConfig()) if hasattr(w.clip, k)})
+    clip_cfg = ClipConfig(**{f.name: getattr(w.clip, f.name) for f in dataclasses.fields(ClipConfig)})
 
     t = time.time()
     clip, clip_info = train_clip(clip_cfg, seed, w.clip.steps, w.clip.batch, w.clip.lr)
