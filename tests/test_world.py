@@ -158,3 +158,9 @@ def test_gold_prefers_faithful_clean_images():
     assert gold(extra, prompt) < g
     assert gold(off_centre, prompt) < g
     assert gold(render([]), prompt) < 0.3
+
+
+def test_geneval_overall_is_the_unweighted_mean_of_tag_accuracies():
+    from dmdr.world.score import geneval_summary
+    out = geneval_summary([("counting", True)] + [("colors", False)] * 3)
+    assert out == {"geneval_colors": 0.0, "geneval_counting": 1.0, "geneval_overall": 0.5}

@@ -23,7 +23,7 @@ from .models import TinyClip, VelocityModel, decode_latents, load_backbone, requ
 from .prompts import load_records
 from .standins import to_tensor, to_uint8
 from .world import grammar, parse
-from .world.score import dpg_question_scores, geneval_correct, gold
+from .world.score import dpg_question_scores, geneval_correct, geneval_summary, gold
 
 
 @dataclass
@@ -80,14 +80,8 @@ def generate(world: World, model, m: EvalModel, texts: list[str], seed: int, bat
 
 
 def geneval_scores(records: list[dict], images: np.ndarray, per_prompt: int) -> dict:
-    hits: dict[str, list[bool]] = {}
-    for i, r in enumerate(records):
-        for im in images[i * per_prompt:(i + 1) * per_prompt]:
-            hits.setdefault(r["tag"], []).append(
-                geneval_correct(parse(im), r["include"], r.get("exclude", []), r["tag"]))
-    out = {f"geneval_{k}": float(np.mean(v)) for k, v in sorted(hits.items())}
-    out["geneval_overall"] = float(np.mean(list(out.values())))  # unweighted mean of the tag accuracies
-    return out
+    return geneval_summary((r["tag"], geneval_correct(parse(im), r["include"], r.get("exclude", []), r["tag"]))
+                           for i, r in enumerate(records) for im in images[i * per_prompt:(i + 1) * per_prompt])
 
 
 def dpg_scores(records: list[dict], images: np.ndarray, per_prompt: int) -> dict:
@@ -148,11 +142,8 @@ def curve_metrics(world: World, generator, steps: int, shift: float, specs: list
     m = EvalModel(checkpoint="", steps=steps)
     texts = [grammar.text(s) for s in specs]
     images, _ = generate(world, generator, m, texts, seed, 256, shift)
-    hits = {}
-    for s, im in zip(specs, images):
-        inc, exc = grammar.geneval_clauses(s)
-        hits.setdefault(s.tag, []).append(geneval_correct(parse(im), inc, exc, s.tag))
-    row = {"geneval_overall": float(np.mean([np.mean(v) for v in hits.values()])),
+    verdicts = [(s.tag, geneval_correct(parse(im), *grammar.geneval_clauses(s), s.tag)) for s, im in zip(specs, images)]
+    row = {"geneval_overall": geneval_summary(verdicts)["geneval_overall"],
            "gold": float(np.mean([gold(im, s) for im, s in zip(images, specs)]))}
     if dense_specs:
         dtexts = [grammar.text(s) for s in dense_specs]

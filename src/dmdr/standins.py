@@ -20,7 +20,7 @@ from .files import write_csv, write_json
 from .models import (TinyClip, VelocityModel, build_backbone, build_vae, decode_latents, encode_latents,
                      save_diffusers)
 from .world import grammar, parse, render
-from .world.score import geneval_correct
+from .world.score import geneval_correct, geneval_summary
 
 CAPTION_TAGS = grammar.GENEVAL_TAGS + ("dense",)
 
@@ -185,18 +185,15 @@ def geneval_accuracy(model, clip: TinyClip, vae, specs: list, seed: int, steps: 
     """GenEval-analogue accuracy per tag of one image per spec, sampled with `steps` Euler steps and CFG `cfg`."""
     g = torch.Generator().manual_seed(seed)
     uncond = clip.encode([""])
-    hits: dict[str, list[bool]] = {}
+    verdicts = []
     for s in range(0, len(specs), batch):
         chunk = specs[s:s + batch]
         cond = clip.encode([grammar.text(x) for x in chunk])
         noise = torch.randn(len(chunk), vae.config.latent_channels, 8, 8, generator=g).to(device_of(vae))
         images = to_uint8(decode_latents(vae, flow.sample_teacher(model, noise, cond, uncond, steps, cfg)))
-        for spec, im in zip(chunk, images):
-            inc, exc = grammar.geneval_clauses(spec)
-            hits.setdefault(spec.tag, []).append(geneval_correct(parse(im), inc, exc, spec.tag))
-    out = {f"geneval_{k}": float(np.mean(v)) for k, v in hits.items()}
-    out["geneval_overall"] = float(np.mean(list(out.values())))
-    return out
+        verdicts += [(spec.tag, geneval_correct(parse(im), *grammar.geneval_clauses(spec), spec.tag))
+                     for spec, im in zip(chunk, images)]
+    return geneval_summary(verdicts)
 
 
 def train_teacher(cfg: TeacherParams, clip: TinyClip, vae, seed: int, eval_specs: list,

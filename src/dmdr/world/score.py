@@ -71,6 +71,16 @@ def geneval_correct(dets: list[Detection], include: list[dict], exclude: list[di
     return all(len(found.get(c["class"], [])) < c["count"] for c in exclude)
 
 
+def geneval_summary(verdicts) -> dict:
+    """From (tag, correct) pairs: geneval_<tag> accuracies and geneval_overall, their unweighted mean."""
+    hits: dict[str, list[bool]] = {}
+    for tag, ok in verdicts:
+        hits.setdefault(tag, []).append(ok)
+    out = {f"geneval_{k}": float(np.mean(v)) for k, v in sorted(hits.items())}
+    out["geneval_overall"] = float(np.mean(list(out.values())))
+    return out
+
+
 _TUPLE = re.compile(r"^(\w+) - (\w+) \((.*)\)$")
 
 
