@@ -19,8 +19,11 @@ def with_change(tmp_path, change: dict) -> Path:
 
 def test_repository_params_are_valid():
     p = load(ROOT / "params.yaml")
-    assert set(p.recipes) >= {"dmd2-4", "dmd2-1"}
+    assert set(p.recipes) >= {"dmd2-4", "dmd2-1", "dmdr-stage1-4", "dmdr-4", "dmdr-1", "dmd-then-rl-4",
+                              "dmd-then-joint-4", "rtdm-only-4", "teacher-refl", "teacher-refl-then-dmd-4",
+                              "dmdr-4-no-dynadg", "dmdr-4-no-dynars"}
     assert recipe(p, "dmd2-1").generator_steps == 1
+    assert recipe(p, "dmdr-4").init == "models/distill/dmdr-stage1-4" and recipe(p, "dmdr-4").rl.weight > 0
 
 
 @pytest.mark.parametrize("change, key", [
@@ -38,6 +41,23 @@ def test_repository_params_are_valid():
     ({"evaluate": {"models": {"teacher": {"kind": "oracle"}}}}, "evaluate.models.teacher.kind: must be one of"),
     ({"prompts": {"extra_files": "a.txt"}}, "prompts.extra_files: expected list"),
     ({"world": []}, "world: expected a mapping"),
+    ({"recipes": {"x": {"steps": 3}}}, "recipes.x.init: required"),
+    ({"recipes": {"x": {"init": "models/distill/nope"}}}, "recipes.x.init: 'models/distill/nope' is neither"),
+    ({"recipes": {"a": {"init": "models/distill/b"}, "b": {"init": "models/distill/a"}}},
+     "recipes.a.init: a cycle of recipes: a -> b -> a"),
+    ({"recipes": {"x": {"init": "models/distill/x"}}}, "recipes.x.init: a cycle of recipes: x -> x"),
+    ({"recipes": {"dmdr-4": {"rl": {"reward": "hps+beauty"}}}}, "recipes.dmdr-4.rl.reward: unknown reward 'beauty'"),
+    ({"recipes": {"dmdr-4": {"rl": {"reward": "x*hps"}}}}, "recipes.dmdr-4.rl.reward: bad weight"),
+    ({"recipes": {"dmdr-4": {"rl": {"loss": "ppo"}}}}, "recipes.dmdr-4.rl.loss: must be one of"),
+    ({"recipes": {"dmdr-4": {"rl": {"weight": -0.5}}}}, "recipes.dmdr-4.rl.weight: must be >= 0"),
+    ({"distill": {"rtdm": {"form": "released"}}}, "distill.rtdm.form: must be one of \\('exp', 'reward'\\)"),
+    ({"distill": {"rtdm": {"beta": 0.0}}}, "distill.rtdm.beta: must be positive"),
+    ({"distill": {"dynadg": {"form": "on"}}}, "distill.dynadg.form: must be one of"),
+    ({"distill": {"dynars": {"enabled": "yes"}}}, "distill.dynars.enabled: expected bool"),
+    ({"distill": {"real": "student"}}, "distill.real: must be one of"),
+    ({"rewards": {"hps_label_noise": 2.0}}, "rewards.hps_label_noise: must lie in"),
+    ({"evaluate": {"models": {"dmdr-4": {"checkpoint": "models/distill/dmdr-5"}}}},
+     "evaluate.models.dmdr-4.checkpoint: 'models/distill/dmdr-5' names no recipe"),
 ])
 def test_bad_params_name_the_key(tmp_path, change, key):
     with pytest.raises(ParamsError, match=key.replace(".", r"\.")):

@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from dmdr import flow
-from dmdr.config import DistillParams
+from dmdr.config import DistillParams, build, deep_merge
 from dmdr.distill import backward_simulate, init_models, train
-from dmdr.models import ClipConfig, TinyClip, VelocityModel, build_backbone
+from dmdr.models import ClipConfig, TinyClip, VelocityModel, build_backbone, build_vae, decode_latents
+from dmdr.rewards import ClipReward
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def test_dmd_training_step_updates_both_networks(clip, kind):
     cfg = DistillParams(steps=2, batch=4, ttur=2, log_every=1, mixed_precision="no", generator_steps=2)
     rows = train(cfg, models, ["a photo of a circle", "a photo of two squares"], seed=0,
                  curve_fn=lambda g, step: {"probe": float(step)})
-    assert [r["step"] for r in rows] == [0, 1, 2] and "loss_dmd" in rows[0]
+    assert [r["step"] for r in rows] == [0, 1, 2] and "loss_dmd" in rows[1]
     assert any(not torch.equal(a, b) for a, b in zip(before_g, models.generator.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(before_f, models.fake.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(before_t, teacher.parameters()))  # the real score stays frozen
@@ -37,8 +38,9 @@ def test_backward_simulation_gradient_reaches_one_call_only(clip):
     torch.manual_seed(0)
     g = VelocityModel(build_backbone("unet", 16, 16, channels=(16, 16), head_dim=8))
     cond = tuple(x.detach() for x in clip.encode(["a photo of a circle"] * 2))
-    x0 = backward_simulate(g, torch.randn(2, 4, 8, 8), cond, flow.generator_times(4), torch.Generator().manual_seed(1))
-    assert x0.shape == (2, 4, 8, 8) and x0.requires_grad
+    x0, final = backward_simulate(g, torch.randn(2, 4, 8, 8), cond, flow.generator_times(4),
+                                  torch.Generator().manual_seed(1), need_final=True)
+    assert x0.shape == (2, 4, 8, 8) and x0.requires_grad and not final.requires_grad
 
 
 def test_generator_times_and_sampler():
@@ -51,3 +53,46 @@ def test_generator_times_and_sampler():
     for steps in (1, 2, 4):
         out = flow.sample_generator(oracle, torch.randn(3, 4, 8, 8), (None, None), flow.generator_times(steps))
         assert torch.allclose(out, target, atol=1e-5)
+
+
+def tiny_models(clip, kind, overrides: dict):
+    torch.manual_seed(0)
+    kw = dict(channels=(16, 16), head_dim=8) if kind == "unet" else dict(layers=1, heads=2, head_dim=8)
+    teacher = VelocityModel(build_backbone(kind, 16, 16, **kw)).eval()
+    encode = lambda texts: tuple(x.detach() for x in clip.encode(texts))
+    vae = build_vae((16, 16, 16)).eval().requires_grad_(False)
+    cfg = build(DistillParams, deep_merge(dict(steps=2, batch=4, ttur=1, log_every=1, mixed_precision="no",
+                                               generator_steps=2), overrides))
+    models = init_models(teacher, encode, encode([""]), cfg=cfg, decode=lambda z: decode_latents(vae, z),
+                         reward=ClipReward(clip).requires_grad_(False))
+    return cfg, teacher, models
+
+
+@pytest.mark.parametrize("kind,overrides", [
+    ("unet", {"rtdm": {"enabled": True, "tilt_fake": True}, "dynadg": {"form": "paper", "steps": 1},
+              "dynars": {"enabled": True}, "rl": {"weight": 1.0}}),
+    ("sd3", {"rtdm": {"enabled": True, "form": "reward"}, "dynadg": {"form": "released", "scale": 0.5},
+             "rl": {"weight": 0.5, "loss": "hinge"}}),
+])
+def test_dmdr_step_with_every_stage1_tool_and_rl(clip, kind, overrides):
+    cfg, teacher, models = tiny_models(clip, kind, overrides)
+    before_g = [p.clone() for p in models.generator.parameters()]
+    rows = train(cfg, models, ["a photo of a circle", "a photo of two squares"], seed=0)
+    assert {"loss_dmd", "reward_rollout", "reward_x0", "dynadg_scale"} <= set(rows[1])
+    assert rows[-1]["dynadg_scale"] <= rows[1]["dynadg_scale"]
+    assert any(not torch.equal(a, b) for a, b in zip(before_g, models.generator.parameters()))
+    lora = [p for n, p in models.real.named_parameters() if "lora_" in n]
+    assert lora and any(p.abs().sum() > 0 for n, p in models.real.named_parameters() if "lora_B" in n)
+    base = dict(teacher.named_parameters())
+    assert all(torch.equal(p, base[n.replace(".base_layer", "")]) for n, p in models.real.named_parameters()
+               if "lora_" not in n)  # only the LoRA of the real score learns
+
+
+def test_rl_alone_on_the_guided_teacher_trajectory(clip):
+    cfg, teacher, models = tiny_models(clip, "unet", {"dmd_weight": 0.0, "generator_cfg": 3.0, "generator_steps": 4,
+                                                      "rollout": "trajectory", "rl": {"weight": 1.0}})
+    assert models.fake is None and isinstance(models.generator, flow.Guided)
+    before = [p.clone() for p in models.generator.parameters()]
+    rows = train(cfg, models, ["a photo of a circle"], seed=0)
+    assert "loss_dmd" not in rows[1] and "reward_x0" in rows[1]
+    assert any(not torch.equal(a, b) for a, b in zip(before, models.generator.parameters()))

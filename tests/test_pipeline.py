@@ -26,8 +26,10 @@ def smoke_repo(tmp: Path) -> Path:
         elif src.exists():
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, repo / name)
-    params = deep_merge(yaml.safe_load((ROOT / "params.yaml").read_text()),
-                        yaml.safe_load((ROOT / "tests" / "smoke_params.yaml").read_text()))
+    smoke = yaml.safe_load((ROOT / "tests" / "smoke_params.yaml").read_text())
+    params = deep_merge(yaml.safe_load((ROOT / "params.yaml").read_text()), smoke)
+    params["recipes"] = {k: params["recipes"][k] for k in smoke["recipes"]}
+    params["evaluate"]["models"] = {k: params["evaluate"]["models"][k] for k in smoke["evaluate"]["models"]}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     (repo / ".dvc" / ".gitignore").write_text("/tmp\n/cache\n")
@@ -51,17 +53,23 @@ def smoke(tmp_path_factory):
 
 def test_smoke_repro_produces_every_result(smoke):
     summary = json.loads((smoke / "results" / "summary.json").read_text())
-    assert set(summary) == {"teacher", "teacher-nocfg", "teacher-4", "dmd2-4", "dmd2-1"}
+    assert set(summary) == {"teacher", "teacher-4", "dmd2-4", "dmdr-4", "dmd-then-rl-4", "teacher-refl",
+                            "teacher-refl-then-dmd-4"}
     for model, m in summary.items():
-        for key in ("geneval_overall", "dpg_overall", "clip_score", "gold", "nfe", "sec_per_image"):
+        for key in ("geneval_overall", "dpg_overall", "clip_score", "aesthetic", "pick", "hps", "gold", "nfe",
+                    "sec_per_image"):
             assert key in m, (model, key)
         assert 0 <= m["geneval_overall"] <= 1 and 0 <= m["gold"] <= 1
-    assert summary["teacher"]["nfe"] == 8 and summary["dmd2-4"]["nfe"] == 4 and summary["dmd2-1"]["nfe"] == 1
-    assert (smoke / "results" / "tables" / "distill.md").read_text().count("| dmd2-") == 2
+    assert summary["teacher"]["nfe"] == 8 and summary["dmd2-4"]["nfe"] == 4 and summary["teacher-refl"]["nfe"] == 8
+    assert (smoke / "results" / "tables" / "distill.md").read_text().count("| dmd2-") == 1
     for f in ["samples_teacher.png", "samples_dmd2-4.png", "teacher_accuracy.png", "distill_curves.png"]:
         assert (smoke / "results" / "figures" / f).stat().st_size > 1000, f
-    for run in ["prompts", "world", "distill-dmd2-4", "evaluate-dmd2-1", "report"]:
+    for run in ["prompts", "world", "rewards", "distill-dmdr-4", "evaluate-teacher-refl", "report"]:
         assert (smoke / "runs" / f"{run}.ipynb").exists(), run
+    assert json.loads((smoke / "results" / "metrics" / "rewards.json").read_text())["held_out_pairs"] > 0
+    curve = (smoke / "results" / "curves" / "dmdr-4.csv").read_text().splitlines()
+    assert {"reward_train", "reward_test", "gold", "dpg_overall", "loss_dmd", "reward_x0"} <= set(curve[0].split(","))
+    assert (smoke / "models" / "distill" / "dmdr-stage1-4" / "fake" / "config.json").exists()  # a continuation's start
     sampler = json.loads((smoke / "models" / "distill" / "dmd2-4" / "sampler.json").read_text())
     assert sampler["steps"] == 4
 

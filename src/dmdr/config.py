@@ -85,8 +85,68 @@ class WorldParams:
 
 
 @dataclass
+class RewardsParams:
+    """The reward models' training (the `rewards` stage): gold-labelled pairs with label noise."""
+    prompts: int = 800  # train prompts whose candidates make the pairs (first half: hps, second half: pick)
+    steps: int = 300
+    batch: int = 64  # pairs per step
+    lr: float = 1e-4
+    hps_label_noise: float = 0.1
+    pick_label_noise: float = 0.2
+    aesthetic_label_noise: float = 0.1
+
+
+@dataclass
+class RtdmParams:
+    """RT-DM (Eq. 4): per-sample DMD weights from the reward of the sample's full few-step output."""
+    enabled: bool = False
+    beta: float = 0.05  # temperature of the tilt p_real(x) exp(r(x) / beta)
+    form: str = "exp"  # exp: w = B softmax(r / beta) | reward: w = r / mean(r) (the paper's "reward as weight")
+    tilt_fake: bool = False  # also train the fake score on exp(-r / beta)-weighted samples: the exact tilted optimum
+
+
+@dataclass
+class DynaDGParams:
+    """DynaDG: a LoRA in the real-score estimator, trained on generator samples, its scale annealed to 0."""
+    form: str = "off"  # off | paper (own LoRA on the real score; full-copy fake) | released (one shared LoRA copy)
+    rank: int = 8
+    scale: float = 1.0  # the real score's LoRA scale at step 0 (released: 0.5)
+    fake_scale: float = 2.0  # released form: the fake score is the same model at this LoRA scale
+    lr: float = 1.0e-4
+    steps: int = 100  # K: scale = scale * 0.5 (1 + cos(pi step / K)), 0 after K
+
+
+@dataclass
+class DynaRSParams:
+    """DynaRS: renoise levels t ~ Beta(a, b) (biased to high noise), annealed to uniform over K steps."""
+    enabled: bool = False
+    a: float = 4.0
+    b: float = 1.5
+    steps: int = 100
+
+
+@dataclass
+class RLParams:
+    """Stage 2 (Eq. 3): L = dmd_weight * L_DMD + weight * L_RL, ReFL through the generator's one-step x0."""
+    weight: float = 0.0  # lambda; 0: no RL
+    loss: str = "refl"  # refl: -r (the paper) | hinge: relu(margin - r) (released code)
+    margin: float = 0.7
+    reward: str = "hps"  # a reward or weighted sum: clip | hps | pick | aesthetic | clip+hps | 0.5*clip+hps
+
+
+@dataclass
 class DistillParams:
-    """One DMD training run; recipes override these."""
+    """One training run; recipes override these."""
+    init: str = "models/world/teacher"  # where the generator (and fake score) start: the teacher or models/distill/<recipe>
+    real: str = "teacher"  # the real score: teacher (the world's) | init (the init checkpoint, e.g. an RL-tuned teacher)
+    seed: int = 0  # added to the global seed (repeat a recipe over seeds)
+    dmd_weight: float = 1.0  # 0: RL alone (no fake score, no distillation loss)
+    generator_cfg: float = 1.0  # > 1: the generator itself samples with CFG (multi-step RL on the teacher)
+    rollout: str = "renoise"  # renoise: DMD2 backward simulation | trajectory: ReFL, stop at a late step of the ODE
+    rtdm: RtdmParams = field(default_factory=RtdmParams)
+    dynadg: DynaDGParams = field(default_factory=DynaDGParams)
+    dynars: DynaRSParams = field(default_factory=DynaRSParams)
+    rl: RLParams = field(default_factory=RLParams)
     generator_steps: int = 4
     steps: int = 200  # generator updates
     batch: int = 32
@@ -124,6 +184,7 @@ class Params:
     prompts: PromptsParams = field(default_factory=PromptsParams)
     world: WorldParams = field(default_factory=WorldParams)
     distill: DistillParams = field(default_factory=DistillParams)
+    rewards: RewardsParams = field(default_factory=RewardsParams)
     recipes: dict = field(default_factory=dict)  # name -> DistillParams overrides
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
 
@@ -131,8 +192,13 @@ class Params:
 POSITIVE = {"steps", "batch", "lr", "n_train", "test_per_tag", "generator_lr", "fake_lr", "ttur", "generator_steps",
             "images_per_prompt", "log_every", "eval_every", "pool_size", "width", "embed_dim", "heads", "layers"}
 CHOICES = {"backbone": ("unet", "sd3"), "timesteps": ("logit_normal", "uniform"), "mixed_precision": ("bf16", "no"),
-           "kind": ("generator", "teacher")}
-UNIT_INTERVAL = {"cfg_dropout", "ema_decay", "t_min", "t_max"}
+           "kind": ("generator", "teacher"), "form": ("exp", "reward", "off", "paper", "released"),
+           "loss": ("refl", "hinge"), "real": ("teacher", "init"), "rollout": ("renoise", "trajectory")}
+UNIT_INTERVAL = {"cfg_dropout", "ema_decay", "t_min", "t_max", "hps_label_noise", "pick_label_noise",
+                 "aesthetic_label_noise"}
+NON_NEGATIVE = {"weight", "dmd_weight", "scale", "fake_scale", "seed"}
+POSITIVE |= {"beta", "rank", "a", "b", "prompts"}
+FORMS = {"rtdm": ("exp", "reward"), "dynadg": ("off", "paper", "released")}
 
 
 def _check_value(key: str, name: str, value):
@@ -142,6 +208,11 @@ def _check_value(key: str, name: str, value):
         raise ParamsError(f"{key}: must be one of {CHOICES[name]}, got {value!r}")
     if name in UNIT_INTERVAL and not 0 <= value <= 1:
         raise ParamsError(f"{key}: must lie in [0, 1], got {value!r}")
+    if name in NON_NEGATIVE and value < 0:
+        raise ParamsError(f"{key}: must be >= 0, got {value!r}")
+    parent = key.rsplit(".", 2)[-2] if key.count(".") else ""
+    if name == "form" and parent in FORMS and value not in FORMS[parent]:
+        raise ParamsError(f"{key}: must be one of {FORMS[parent]}, got {value!r}")
 
 
 def build(cls, data, key: str = ""):
@@ -180,16 +251,58 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+TEACHER = "models/world/teacher"
+DISTILL_DIR = "models/distill/"
+REWARD_NAMES = ("clip", "hps", "pick", "aesthetic")
+
+
+def check_reward_spec(spec: str, key: str) -> None:
+    """'hps', 'clip+hps' or '0.5*clip+hps': every term a known reward with a non-negative weight."""
+    for term in spec.split("+"):
+        w, _, name = term.strip().rpartition("*")
+        if name not in REWARD_NAMES:
+            raise ParamsError(f"{key}: unknown reward {name!r} in {spec!r} (known: {', '.join(REWARD_NAMES)})")
+        try:
+            if w and float(w) < 0:
+                raise ValueError
+        except ValueError:
+            raise ParamsError(f"{key}: bad weight {w!r} in {spec!r}") from None
+
+
+def parent(p: Params, name: str) -> str | None:
+    """The recipe whose checkpoint recipe `name` starts from (None: the world's teacher)."""
+    init = (p.recipes[name] or {}).get("init", TEACHER)
+    if init == TEACHER:
+        return None
+    if not init.startswith(DISTILL_DIR) or init[len(DISTILL_DIR):] not in p.recipes:
+        raise ParamsError(f"recipes.{name}.init: {init!r} is neither {TEACHER} nor {DISTILL_DIR}<recipe> of a "
+                          f"recipe in params.yaml")
+    return init[len(DISTILL_DIR):]
+
+
 def recipe(p: Params, name: str) -> DistillParams:
     if name not in p.recipes:
         raise ParamsError(f"recipes.{name}: no such recipe (known: {', '.join(sorted(p.recipes))})")
-    return build(DistillParams, deep_merge(dataclasses.asdict(p.distill), p.recipes[name] or {}), f"recipes.{name}")
+    if not isinstance(p.recipes[name], dict) or "init" not in p.recipes[name]:
+        raise ParamsError(f"recipes.{name}.init: required (the checkpoint it starts from: {TEACHER} or "
+                          f"{DISTILL_DIR}<recipe>; dvc.yaml makes it a dependency)")
+    seen = [name]
+    while (up := parent(p, seen[-1])) is not None:
+        if up in seen:
+            raise ParamsError(f"recipes.{name}.init: a cycle of recipes: {' -> '.join(seen + [up])}")
+        seen.append(up)
+    cfg = build(DistillParams, deep_merge(dataclasses.asdict(p.distill), p.recipes[name]), f"recipes.{name}")
+    check_reward_spec(cfg.rl.reward, f"recipes.{name}.rl.reward")
+    return cfg
 
 
 def eval_model(p: Params, name: str) -> EvalModel:
     if name not in p.evaluate.models:
         raise ParamsError(f"evaluate.models.{name}: no such model (known: {', '.join(sorted(p.evaluate.models))})")
-    return build(EvalModel, p.evaluate.models[name], f"evaluate.models.{name}")
+    m = build(EvalModel, p.evaluate.models[name], f"evaluate.models.{name}")
+    if m.checkpoint.startswith(DISTILL_DIR) and m.checkpoint[len(DISTILL_DIR):] not in p.recipes:
+        raise ParamsError(f"evaluate.models.{name}.checkpoint: {m.checkpoint!r} names no recipe of params.yaml")
+    return m
 
 
 def load(path: str | Path = "params.yaml") -> Params:

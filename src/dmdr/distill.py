@@ -1,6 +1,7 @@
-"""Distribution Matching Distillation (DMD2) of a flow teacher into a few-step generator.
+"""DMDR: distribution matching distillation (Eq. 1) joined with reinforcement learning (Eq. 3), with the stage-1
+tools RT-DM (Eq. 4), DynaDG and DynaRS. One training loop; recipes in params.yaml configure it.
 
-Eq. 1 of the paper: the generator's gradient is the difference of the fake and real scores at a renoised sample,
+Eq. 1 (DMD): the generator's gradient is the difference of the fake and real scores at a renoised sample,
     grad_theta KL = E_t,x [ w_t (s_fake(x_t, t) - s_real(x_t, t)) dG/dtheta ],
 written, as in the released code, with the scores' clean-sample predictions and DMD's per-sample normaliser.
 The fake score is trained with the diffusion loss on generator samples (two time-scale: `ttur` fake updates per
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,11 @@ from tqdm.auto import tqdm
 from . import flow
 from .config import DistillParams
 from .files import write_csv
+
+LORA = "dynadg"
+
+
+# --- the equations --------------------------------------------------------------------------------------------
 
 
 def dmd_gradient(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
@@ -42,44 +49,173 @@ def dmd_loss(x0: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor | None =
     return (per_sample if weight is None else per_sample * weight).mean()
 
 
-def backward_simulate(generator, noise: torch.Tensor, cond, times: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
-    """DMD2's backward simulation (released form): run the few-step ODE without gradient, pick one of its levels
-    uniformly, renoise the final sample to it, and make one generator call there, with gradient. Returns x0."""
+def rtdm_weights(reward: torch.Tensor, beta: float, form: str = "exp") -> torch.Tensor:
+    """Eq. 4, RT-DM: per-sample weights of the DMD loss from the reward of each sample's full few-step output (no
+    reward gradient). `exp`: w_i = B softmax(r / beta)_i, self-normalised importance weights of the tilted target
+    p_beta(x) = p_real(x) exp(r(x) / beta) / Z. `reward`: w_i = r_i / mean(r), the reward itself as the weight.
+
+    Derivation, and what weighting alone does: KL(p_fake || p_beta) = KL(p_fake || p_real) - E_fake[r] / beta + c,
+    whose gradient needs grad r. Without it, weighting the generator's DMD gradient re-weights which samples learn
+    (high-reward ones faster) but keeps p_fake = p_real a fixed point: there s_fake - s_real = 0 for every sample.
+    The tilted optimum itself follows when the fake score also learns the down-weighted generator distribution
+    p_fake(x) exp(-r(x) / beta) (`fake_weights`): DMD then drives p_fake exp(-r / beta) to p_real, i.e. p_fake to
+    p_beta. Both are tested on a one-dimensional Gaussian (tests/test_dmdr_math.py)."""
+    r = reward.detach().float()
+    if form == "exp":
+        return len(r) * torch.softmax(r / beta, dim=0)
+    if form == "reward":
+        r = r.clamp_min(0)
+        return r / r.mean().clamp_min(1e-8)
+    raise ValueError(f"unknown RT-DM weight form {form!r}")
+
+
+def fake_weights(reward: torch.Tensor, beta: float) -> torch.Tensor:
+    """Weights of the fake score's diffusion loss that make it model p_fake(x) exp(-r(x) / beta) (see rtdm_weights):
+    w_i = B softmax(-r / beta)_i."""
+    return len(reward) * torch.softmax(-reward.detach().float() / beta, dim=0)
+
+
+def cosine_anneal(step: int, steps: int) -> float:
+    """c = 0.5 (1 + cos(pi min(step / K, 1))): 1 at step 0, 0 from step K on."""
+    return 0.5 * (1 + math.cos(math.pi * min(step / steps, 1.0)))
+
+
+def dynadg_scale(step: int, steps: int, scale: float) -> float:
+    """DynaDG: the real score's LoRA scale, `scale` at step 0 annealed to 0 at step K (released: scale 0.5)."""
+    return scale * cosine_anneal(step, steps)
+
+
+def dynars_beta(step: int, steps: int, a: float, b: float) -> tuple[float, float]:
+    """DynaRS: Beta(a, b) renoise levels (a > b: high noise) annealed to Beta(1, 1), uniform, at step K:
+    a <- 1 + (a - 1) c, b <- 1 + (b - 1) c with c = cosine_anneal(step, K)."""
+    c = cosine_anneal(step, steps)
+    return 1 + (a - 1) * c, 1 + (b - 1) * c
+
+
+def rl_loss(reward: torch.Tensor, form: str = "refl", margin: float = 0.7) -> torch.Tensor:
+    """ReFL on the generator's x0: -r (the paper), or the released code's hinge relu(margin - r)."""
+    if form == "refl":
+        return -reward.mean()
+    if form == "hinge":
+        return torch.relu(margin - reward).mean()
+    raise ValueError(f"unknown RL loss {form!r}")
+
+
+def joint_loss(loss_dmd: torch.Tensor, loss_rl: torch.Tensor, rl_weight: float, dmd_weight: float = 1.0):
+    """Eq. 3: L = L_DMD + lambda L_RL (dmd_weight 0: RL alone, e.g. RL after distillation)."""
+    return dmd_weight * loss_dmd + rl_weight * loss_rl
+
+
+# --- rollouts -------------------------------------------------------------------------------------------------
+
+
+def backward_simulate(generator, noise: torch.Tensor, cond, times: torch.Tensor, rng: torch.Generator,
+                      mode: str = "renoise", need_final: bool = False):
+    """A generator sample with gradient through one call. `renoise` (DMD2's backward simulation, released form):
+    run the few-step ODE without gradient, pick one of its levels uniformly, renoise the final sample to it, and
+    call the generator there. `trajectory` (ReFL): stop the ODE at a level in its second half and call there.
+    Returns x0 and the full no-gradient ODE output (RT-DM's reward is taken on it; None unless computed anyway or
+    `need_final`)."""
     n = len(times) - 1
-    k = int(torch.randint(n, (1,), generator=rng))
-    if k == 0:
-        x_t = noise
+    final = None
+    if mode == "trajectory":
+        k = int(torch.randint(n // 2, n, (1,), generator=rng))
+        with torch.no_grad():
+            x_t = flow.sample_generator(generator, noise, cond, times, upto=k) if k else noise
     else:
+        k = int(torch.randint(n, (1,), generator=rng))
+        eps = torch.randn(noise.shape, generator=rng).to(noise.device)
+        if k or need_final:
+            with torch.no_grad():
+                final = flow.sample_generator(generator, noise, cond, times)
+        x_t = noise if k == 0 else flow.renoise(final, eps, times[k].expand(noise.shape[0]).to(noise.device))
+    x0 = flow.generator_step(generator, x_t, float(times[k]), cond)
+    if need_final and final is None:
         with torch.no_grad():
             final = flow.sample_generator(generator, noise, cond, times)
-        x_t = flow.renoise(final, torch.randn(noise.shape, generator=rng), times[k].expand(noise.shape[0]))
-    return flow.generator_step(generator, x_t, float(times[k]), cond)
+    return x0, final
+
+
+# --- LoRA of DynaDG (peft through diffusers) ------------------------------------------------------------------
+
+
+def add_lora(model, rank: int):
+    """A peft LoRA adapter on the backbone's attention and feed-forward projections (once); only it is trainable."""
+    from peft import LoraConfig
+    backbone = model.backbone
+    backbone.requires_grad_(False)
+    if LORA not in (getattr(backbone, "peft_config", None) or {}):
+        backbone.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
+                                        target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]),
+                             adapter_name=LORA)
+    params = [p for n, p in backbone.named_parameters() if "lora_" in n]
+    for q in params:
+        q.requires_grad_(True)
+    return params
+
+
+def set_lora_scale(model, scale: float) -> None:
+    model.backbone.set_adapters([LORA], weights=[scale])
+
+
+def fused_copy(model, scale: float):
+    """A plain copy of a LoRA'd model with the adapter merged in at `scale` (what a checkpoint stores)."""
+    out = copy.deepcopy(model)
+    set_lora_scale(out, 1.0)
+    out.backbone.fuse_lora(lora_scale=scale)
+    out.backbone.unload_lora()
+    return out
+
+
+# --- the loop -------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class Models:
-    """What a DMD run trains and consults: generator G, fake score, frozen real score (teacher), text encoder."""
+    """What a run trains and consults: generator G, fake score, real score, text encoder, and for RT-DM and RL the
+    VAE decoder (latents -> images in [-1, 1]) and the reward (images, texts -> scores)."""
     generator: torch.nn.Module
-    fake: torch.nn.Module
+    fake: torch.nn.Module | None  # None: RL alone, or DynaDG's released form (the fake is the real at fake_scale)
     real: torch.nn.Module
     encode: callable  # list[str] -> cond
     uncond: tuple
+    decode: callable = None
+    reward: torch.nn.Module | None = None
 
 
 def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, curve_fn=None,
           curve_path: Path | None = None) -> list[dict]:
-    """The one DMD training loop. `curve_fn(generator, step)` returns held-out numbers logged every `log_every`
-    generator steps, written to `curve_path` as CSV. Returns the logged rows."""
+    """The one training loop: fake-score updates (TTUR) then one generator update with
+    L = dmd_weight * L_DMD(RT-DM weights) + lambda * L_RL. `curve_fn(generator, step)` returns held-out numbers
+    logged every `log_every` generator steps, written to `curve_path` as CSV. Returns the logged rows."""
     torch.manual_seed(seed)
     rng = torch.Generator().manual_seed(seed)
     prng = np.random.default_rng(seed)
     acc = Accelerator(cpu=not torch.cuda.is_available())
     autocast = torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
-    models.real.requires_grad_(False).eval()
+    distill, rl = cfg.dmd_weight > 0, cfg.rl.weight > 0
+    dynadg, shared = cfg.dynadg.form != "off", cfg.dynadg.form == "released"
+    real = models.real.requires_grad_(False).eval()
+    lora = add_lora(real, cfg.dynadg.rank) if dynadg else []
+    fake = real if shared else models.fake
+    if distill and fake is None:
+        raise ValueError("DMD needs a fake score (Models.fake) unless DynaDG's released form shares the real's LoRA")
+    needs_reward = rl or cfg.rtdm.enabled
+    if needs_reward and (models.reward is None or models.decode is None):
+        raise ValueError("RT-DM and RL need Models.reward and Models.decode")
     g_opt = torch.optim.AdamW(models.generator.parameters(), lr=cfg.generator_lr, weight_decay=0.0)
-    f_opt = torch.optim.AdamW(models.fake.parameters(), lr=cfg.fake_lr, weight_decay=0.0)
-    generator, fake, g_opt, f_opt = acc.prepare(models.generator, models.fake, g_opt, f_opt)
+    generator, g_opt = acc.prepare(models.generator, g_opt)
+    if distill:
+        f_params = lora if shared else fake.parameters()
+        f_opt = acc.prepare(torch.optim.AdamW(f_params, lr=cfg.fake_lr, weight_decay=0.0))
+        if not shared:
+            fake = acc.prepare(fake)
+    if dynadg and not shared:
+        d_opt = acc.prepare(torch.optim.AdamW(lora, lr=cfg.dynadg.lr, weight_decay=0.0))
     times = flow.generator_times(cfg.generator_steps, cfg.shift)
+    c = (models.generator.model if isinstance(models.generator, flow.Guided) else models.generator).backbone.config
+    latent_shape = (c.in_channels, c.sample_size, c.sample_size)
+    dev = acc.device
 
     def batch():
         texts = [prompts[i] for i in prng.integers(len(prompts), size=cfg.batch)]
@@ -88,93 +224,174 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
         return texts, cond
 
     def noise_like(cond):
-        return torch.randn((cond[0].shape[0], *latent_shape), generator=rng)
+        return torch.randn((cond[0].shape[0], *latent_shape), generator=rng).to(dev)
 
-    c = models.generator.backbone.config
-    latent_shape = (c.in_channels, c.sample_size, c.sample_size)
-    rows, t0 = [], time.time()
-    fake_loss = torch.tensor(0.0)
-    bar = tqdm(range(cfg.steps + 1), desc="DMD", mininterval=5)
+    def reward_of(latents, texts):
+        return models.reward(models.decode(latents.float()), texts)
+
+    def fake_x0(x_t, t, cond):
+        if shared:
+            set_lora_scale(fake, cfg.dynadg.fake_scale)
+        return flow.x0_from_velocity(x_t, fake(x_t, t, *cond), t)
+
+    rows, t0, last = [], time.time(), {}
+    bar = tqdm(range(cfg.steps + 1), desc=f"{'DMD' if distill else ''}{'+RL' if rl else ''}", mininterval=5)
     for step in bar:
         if step % cfg.log_every == 0 or step == cfg.steps:
             row = {"step": step, "seconds": round(time.time() - t0, 2)}
             if curve_fn is not None:
                 generator.eval()
                 row |= curve_fn(generator, step)
-            rows.append(row)
+            rows.append(row | last)
             if curve_path is not None:
                 write_csv(rows, curve_path)
         if step == cfg.steps:
             break
+        last = {}
         # fake score: diffusion loss on generator samples (two time-scale update rule)
-        generator.eval()
-        fake.train()
-        for _ in range(cfg.ttur):
-            _, cond = batch()
-            with torch.no_grad(), autocast:
-                x0 = backward_simulate(generator, noise_like(cond), cond, times, rng)
-            t = torch.rand(cfg.batch, generator=rng)
-            with autocast:
-                fake_loss = flow.flow_matching_loss(fake, x0.float(), cond, t, torch.randn(x0.shape, generator=rng))
-            acc.backward(fake_loss)
-            acc.clip_grad_norm_(fake.parameters(), 1.0)
-            f_opt.step()
-            f_opt.zero_grad(set_to_none=True)
-        # generator: Eq. 1
+        if distill:
+            generator.eval()
+            fake.train()
+            for _ in range(cfg.ttur):
+                texts, cond = batch()
+                with torch.no_grad(), autocast:
+                    x0, final = backward_simulate(generator, noise_like(cond), cond, times, rng, cfg.rollout,
+                                                  need_final=cfg.rtdm.tilt_fake)
+                    w = fake_weights(reward_of(final, texts), cfg.rtdm.beta) if cfg.rtdm.tilt_fake else None
+                if shared:
+                    set_lora_scale(fake, cfg.dynadg.fake_scale)
+                with autocast:
+                    fake_loss = flow.flow_matching_loss(fake, x0.float(), cond, torch.rand(cfg.batch, generator=rng).to(dev),
+                                                        torch.randn(x0.shape, generator=rng).to(dev), w)
+                acc.backward(fake_loss)
+                acc.clip_grad_norm_(lora if shared else fake.parameters(), 1.0)
+                f_opt.step()
+                f_opt.zero_grad(set_to_none=True)
+            last["loss_fake"] = float(fake_loss.detach())
+            scale = dynadg_scale(step, cfg.dynadg.steps, cfg.dynadg.scale) if dynadg else 0.0
+            if dynadg and not shared and scale > 0:
+                # DynaDG (paper): the real score's own LoRA learns the generator's samples, so p_real overlaps p_fake
+                set_lora_scale(real, 1.0)
+                with autocast:
+                    lora_loss = flow.flow_matching_loss(real, x0.float(), cond, torch.rand(cfg.batch, generator=rng).to(dev),
+                                                        torch.randn(x0.shape, generator=rng).to(dev))
+                acc.backward(lora_loss)
+                acc.clip_grad_norm_(lora, 1.0)
+                d_opt.step()
+                d_opt.zero_grad(set_to_none=True)
+            if dynadg:
+                last["dynadg_scale"] = scale
+        # generator: Eq. 3 with Eq. 1 (RT-DM-weighted, Eq. 4) as its distillation term
         generator.train()
-        fake.eval()
-        _, cond = batch()
+        texts, cond = batch()
+        loss_dmd = loss_rl = torch.zeros((), device=dev)
         with autocast:
-            x0 = backward_simulate(generator, noise_like(cond), cond, times, rng)
-            t = cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand(cfg.batch, generator=rng)
-            x_t = flow.renoise(x0.detach(), torch.randn(x0.shape, generator=rng), t)
-            with torch.no_grad():
-                w = cfg.real_cfg + cfg.cfg_jitter * (2 * torch.rand(cfg.batch, generator=rng) - 1)
-                x0_real = flow.x0_from_velocity(x_t, flow.guided_velocity(models.real, x_t, t, cond, models.uncond, w), t)
-                x0_fake = flow.x0_from_velocity(x_t, fake(x_t, t, *cond), t)
-            loss = dmd_loss(x0, dmd_gradient(x0.detach().float(), x0_real.float(), x0_fake.float()))
+            x0, final = backward_simulate(generator, noise_like(cond), cond, times, rng, cfg.rollout,
+                                          need_final=cfg.rtdm.enabled)
+            if distill:
+                weight = None
+                if cfg.rtdm.enabled:
+                    with torch.no_grad():
+                        r_final = reward_of(final, texts)
+                    weight = rtdm_weights(r_final, cfg.rtdm.beta, cfg.rtdm.form)
+                    last["reward_rollout"] = float(r_final.mean())
+                if cfg.dynars.enabled:
+                    a, b = dynars_beta(step, cfg.dynars.steps, cfg.dynars.a, cfg.dynars.b)
+                    u = torch.from_numpy(prng.beta(a, b, size=cfg.batch)).float()
+                else:
+                    u = torch.rand(cfg.batch, generator=rng)
+                t = (cfg.t_min + (cfg.t_max - cfg.t_min) * u).to(dev)
+                x_t = flow.renoise(x0.detach(), torch.randn(x0.shape, generator=rng).to(dev), t)
+                with torch.no_grad():
+                    fake.eval()
+                    x0_fake = fake_x0(x_t, t, cond)
+                    if dynadg:
+                        set_lora_scale(real, scale)
+                    w = cfg.real_cfg + cfg.cfg_jitter * (2 * torch.rand(cfg.batch, generator=rng).to(dev) - 1)
+                    x0_real = flow.x0_from_velocity(x_t, flow.guided_velocity(real, x_t, t, cond, models.uncond, w), t)
+                loss_dmd = dmd_loss(x0, dmd_gradient(x0.detach().float(), x0_real.float(), x0_fake.float()), weight)
+                last["loss_dmd"] = float(loss_dmd.detach())
+            if rl:
+                r = reward_of(x0, texts)
+                loss_rl = rl_loss(r, cfg.rl.loss, cfg.rl.margin)
+                last["reward_x0"] = float(r.detach().mean())
+            loss = joint_loss(loss_dmd, loss_rl, cfg.rl.weight, cfg.dmd_weight)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite generator loss at step {step}: {float(loss)}")
         acc.backward(loss)
         acc.clip_grad_norm_(generator.parameters(), 1.0)
         g_opt.step()
         g_opt.zero_grad(set_to_none=True)
-        if rows:
-            rows[-1].setdefault("loss_dmd", float(loss.detach()))
-            rows[-1].setdefault("loss_fake", float(fake_loss.detach()))
-        bar.set_postfix(dmd=f"{float(loss.detach()):.4f}", fake=f"{float(fake_loss.detach()):.4f}")
+        bar.set_postfix({k: f"{v:.4f}" for k, v in last.items() if k.startswith("loss")})
+    if dynadg:
+        set_lora_scale(real, 0.0)
     return rows
 
 
-def init_models(teacher, encode, uncond) -> Models:
-    """Generator and fake score both start as copies of the teacher (DMD2)."""
-    return Models(generator=copy.deepcopy(teacher).train(), fake=copy.deepcopy(teacher).train(),
-                  real=teacher, encode=encode, uncond=uncond)
+# --- recipes --------------------------------------------------------------------------------------------------
+
+
+def init_models(teacher, encode, uncond, start=None, start_fake=None, cfg: DistillParams | None = None,
+                decode=None, reward=None) -> Models:
+    """Generator and fake score start as copies of `start` (default: the teacher, DMD2) or of a parent recipe's
+    generator and fake score; the real score is the teacher, or `start` itself when cfg.real == 'init'."""
+    cfg = cfg or DistillParams()
+    start = teacher if start is None else start
+    real = start if cfg.real == "init" else teacher
+    generator = copy.deepcopy(start).train()
+    if cfg.generator_cfg > 1:
+        generator = flow.Guided(generator, uncond, cfg.generator_cfg)
+    fake = None
+    if cfg.dmd_weight > 0 and cfg.dynadg.form != "released":
+        fake = copy.deepcopy(start_fake if start_fake is not None else start).train()
+    return Models(generator=generator, fake=fake, real=copy.deepcopy(real), encode=encode, uncond=uncond,
+                  decode=decode, reward=reward)
 
 
 def run_recipe(p, name: str, prompt_dir: Path = Path("data/prompts"), out: Path = Path("models/distill"),
                curves: Path = Path("results/curves")) -> list[dict]:
-    """The `distill` stage for one recipe: DMD from the world's teacher on the train prompts, curves on held-out
-    prompts, the generator saved as a diffusers model directory with its sampler settings (sampler.json)."""
-    from .config import recipe
+    """The `distill` stage for one recipe: train from its init checkpoint on the train prompts, curves on held-out
+    and train prompts, the generator (and fake score) saved as diffusers model directories with the sampler
+    settings (sampler.json)."""
+    from .config import TEACHER, recipe
     from .evaluation import World, curve_metrics
-    from .models import atomic_dir
+    from .models import VelocityModel, atomic_dir, decode_latents, load_backbone, require_dir
     from .prompts import load_prompts, load_records, test_specs
+    from .rewards import load_reward
     from .world import grammar
 
     cfg = recipe(p, name)
     world = World.load()
-    models = init_models(world.teacher, world.encode, world.encode([""]))
+    start = start_fake = None
+    if cfg.init != TEACHER:
+        init = require_dir(Path(cfg.init), f"recipe {name}'s init")
+        start = VelocityModel(load_backbone(init))
+        if (init / "fake").is_dir():
+            start_fake = VelocityModel(load_backbone(init / "fake"))
+    reward = load_reward(cfg.rl.reward)
+    models = init_models(world.teacher, world.encode, world.encode([""]), start, start_fake, cfg,
+                         decode=lambda z: decode_latents(world.vae, z), reward=reward)
+    world.vae.requires_grad_(False)
     specs = test_specs(prompt_dir, cfg.curve_prompts_per_tag)
     dense = [grammar.read(r["prompt"]) for r in load_records(prompt_dir / "test_dpg.csv")][: 6 * cfg.curve_prompts_per_tag]
+    train_prompts = load_prompts(prompt_dir / "train.txt")
+    seed = p.seed + cfg.seed
 
     def curve_fn(generator, step):
-        return curve_metrics(world, generator, cfg.generator_steps, cfg.shift, specs, p.seed, dense)
+        return curve_metrics(world, generator, cfg.generator_steps, cfg.shift, specs, seed, dense, reward,
+                             train_prompts[: len(specs)])
 
-    rows = train(cfg, models, load_prompts(prompt_dir / "train.txt"), p.seed, curve_fn, curves / f"{name}.csv")
+    rows = train(cfg, models, train_prompts, seed, curve_fn, curves / f"{name}.csv")
 
     def write(d: Path):
-        models.generator.backbone.save_pretrained(d, safe_serialization=True)
+        g = models.generator.model if isinstance(models.generator, flow.Guided) else models.generator
+        g.backbone.save_pretrained(d, safe_serialization=True)
+        fake = fused_copy(models.real, cfg.dynadg.fake_scale) if cfg.dynadg.form == "released" else models.fake
+        if fake is not None:
+            fake.backbone.save_pretrained(d / "fake", safe_serialization=True)
         (d / "sampler.json").write_text(json.dumps({"steps": cfg.generator_steps, "shift": cfg.shift,
                                                     "times": flow.generator_times(cfg.generator_steps, cfg.shift).tolist(),
-                                                    "prediction": "velocity", "recipe": name}, indent=1))
+                                                    "cfg": cfg.generator_cfg, "prediction": "velocity", "recipe": name},
+                                                   indent=1))
     atomic_dir(out / name, write)
     return rows

@@ -2,8 +2,9 @@
 
 Metrics (DESIGN.md section 4): geneval_overall and geneval_<tag> (GenEval rules on `parse`), dpg_overall and
 dpg_<category> (DPG-Bench rules; categories before dependencies), clip_score (100 * cosine in the independently
-trained CLIP), gold (the world's gold preference), nfe (network evaluations per image) and sec_per_image (wall
-time of sampling, latents to pixels, at the evaluation batch on this machine).
+trained CLIP), the reward models' mean scores aesthetic, pick and hps (hps is the training reward), gold (the
+world's gold preference), nfe (network evaluations per image) and sec_per_image (wall time of sampling, latents to
+pixels, at the evaluation batch on this machine).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .config import EvalModel, Params, eval_model
 from .files import write_json
 from .models import TinyClip, VelocityModel, decode_latents, load_backbone, require_dir
 from .prompts import load_records
+from .rewards import load_reward
 from .standins import to_tensor, to_uint8
 from .world import grammar, parse
 from .world.score import dpg_question_scores, geneval_correct, geneval_summary, gold
@@ -79,17 +81,17 @@ def generate(world: World, model, m: EvalModel, texts: list[str], seed: int, bat
     return np.concatenate(images), seconds / len(texts)
 
 
-def geneval_scores(records: list[dict], images: np.ndarray, per_prompt: int) -> dict:
-    return geneval_summary((r["tag"], geneval_correct(parse(im), r["include"], r.get("exclude", []), r["tag"]))
-                           for i, r in enumerate(records) for im in images[i * per_prompt:(i + 1) * per_prompt])
+def geneval_scores(records: list[dict], detections: list, per_prompt: int) -> dict:
+    return geneval_summary((r["tag"], geneval_correct(d, r["include"], r.get("exclude", []), r["tag"]))
+                           for i, r in enumerate(records) for d in detections[i * per_prompt:(i + 1) * per_prompt])
 
 
-def dpg_scores(records: list[dict], images: np.ndarray, per_prompt: int) -> dict:
+def dpg_scores(records: list[dict], detections: list, per_prompt: int) -> dict:
     prompt_scores, by_category = [], {}
     for i, r in enumerate(records):
         per_image = []
-        for im in images[i * per_prompt:(i + 1) * per_prompt]:
-            raw, post = dpg_question_scores(r["questions"], parse(im))
+        for dets in detections[i * per_prompt:(i + 1) * per_prompt]:
+            raw, post = dpg_question_scores(r["questions"], dets)
             per_image.append(np.mean(post))
             for q, s in zip(r["questions"], raw):
                 by_category.setdefault(q["category_broad"], []).append(s)
@@ -102,6 +104,13 @@ def dpg_scores(records: list[dict], images: np.ndarray, per_prompt: int) -> dict
 def clip_score(clip: TinyClip, images: np.ndarray, texts: list[str], batch: int = 512) -> float:
     scores = [clip.score(to_tensor(images[s:s + batch]), texts[s:s + batch]) for s in range(0, len(texts), batch)]
     return float(torch.cat(scores).mean())
+
+
+@torch.no_grad()
+def reward_score(reward, images: np.ndarray, texts: list[str], batch: int = 512) -> float:
+    """Mean of a reward model over uint8 images."""
+    return float(torch.cat([reward(to_tensor(images[s:s + batch]), texts[s:s + batch])
+                            for s in range(0, len(texts), batch)]).mean())
 
 
 def load_model(world: World, m: EvalModel):
@@ -125,9 +134,12 @@ def evaluate(p: Params, name: str, prompt_dir: Path = Path("data/prompts"), worl
     torch.manual_seed(p.seed)
     images, sec = generate(world, model, m, texts, p.seed, p.evaluate.batch, shift)
     n_gen = len(gen_records) * k
-    metrics = geneval_scores(gen_records, images[:n_gen], k) | dpg_scores(dpg_records, images[n_gen:], k)
-    metrics |= {"clip_score": clip_score(world.clip_eval, images, texts),
-                "gold": float(np.mean([gold(im, t) for im, t in zip(images, texts)])),
+    detections = [parse(im) for im in images]  # parsed once for every scorer
+    metrics = geneval_scores(gen_records, detections[:n_gen], k) | dpg_scores(dpg_records, detections[n_gen:], k)
+    metrics |= {"clip_score": clip_score(world.clip_eval, images, texts)}
+    metrics |= {k: reward_score(load_reward(k), images, texts) for k in ("aesthetic", "pick", "hps")}
+    metrics |= {
+                "gold": float(np.mean([gold(im, t, d) for im, t, d in zip(images, texts, detections)])),
                 "nfe": nfe(m), "sec_per_image": sec}
     write_json(metrics, out / "metrics" / f"{name}.json")
     (out / "samples").mkdir(parents=True, exist_ok=True)
@@ -136,18 +148,23 @@ def evaluate(p: Params, name: str, prompt_dir: Path = Path("data/prompts"), worl
 
 
 def curve_metrics(world: World, generator, steps: int, shift: float, specs: list, seed: int,
-                  dense_specs: list = ()) -> dict:
-    """Held-out numbers for training curves: GenEval-analogue overall, gold and DPG-analogue overall on a fixed
-    subset of the test prompts, one image each."""
+                  dense_specs: list = (), reward=None, train_prompts: list[str] = ()) -> dict:
+    """Numbers for training curves, one image per prompt: on a fixed subset of the test prompts GenEval-analogue
+    overall, gold, DPG-analogue overall and the training reward (reward_test); the reward on fixed train prompts
+    (reward_train)."""
     m = EvalModel(checkpoint="", steps=steps)
-    texts = [grammar.text(s) for s in specs]
+    texts = [grammar.text(s) for s in specs] + [grammar.text(s) for s in dense_specs]
     images, _ = generate(world, generator, m, texts, seed, 256, shift)
-    verdicts = [(s.tag, geneval_correct(parse(im), *grammar.geneval_clauses(s), s.tag)) for s, im in zip(specs, images)]
+    gen_images, dense_images = images[:len(specs)], images[len(specs):]
+    verdicts = [(s.tag, geneval_correct(parse(im), *grammar.geneval_clauses(s), s.tag)) for s, im in zip(specs, gen_images)]
     row = {"geneval_overall": geneval_summary(verdicts)["geneval_overall"],
-           "gold": float(np.mean([gold(im, s) for im, s in zip(images, specs)]))}
+           "gold": float(np.mean([gold(im, s) for im, s in zip(images, list(specs) + list(dense_specs))]))}
     if dense_specs:
-        dtexts = [grammar.text(s) for s in dense_specs]
-        dimages, _ = generate(world, generator, m, dtexts, seed, 256, shift)
         row["dpg_overall"] = 100 * float(np.mean([np.mean(dpg_question_scores(grammar.questions(s), parse(im))[1])
-                                                  for s, im in zip(dense_specs, dimages)]))
+                                                  for s, im in zip(dense_specs, dense_images)]))
+    if reward is not None:
+        row["reward_test"] = reward_score(reward, images, texts)
+        if train_prompts:
+            train_images, _ = generate(world, generator, m, list(train_prompts), seed + 1, 256, shift)
+            row["reward_train"] = reward_score(reward, train_images, list(train_prompts))
     return row

@@ -36,10 +36,13 @@ def sample_train_times(n: int, kind: str, generator: torch.Generator | None = No
     raise ValueError(f"unknown timestep sampling {kind!r}")
 
 
-def flow_matching_loss(model, x0: torch.Tensor, cond: Cond, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """The diffusion loss of a flow model: || v(x_t, t) - (eps - x0) ||^2."""
+def flow_matching_loss(model, x0: torch.Tensor, cond: Cond, t: torch.Tensor, noise: torch.Tensor,
+                       weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The diffusion loss of a flow model: || v(x_t, t) - (eps - x0) ||^2, optionally weighted per sample."""
     v = model(renoise(x0, noise, t), t, *cond)
-    return torch.nn.functional.mse_loss(v.float(), (noise - x0).float())
+    if weight is None:
+        return torch.nn.functional.mse_loss(v.float(), (noise - x0).float())
+    return (((v.float() - (noise - x0).float()) ** 2).flatten(1).mean(1) * weight).mean()
 
 
 def expand(cond: Cond, n: int) -> Cond:
@@ -55,6 +58,18 @@ def guided_velocity(model, x: torch.Tensor, t: torch.Tensor, cond: Cond, uncond:
     v_c, v_u = v.chunk(2)
     w = torch.as_tensor(scale, dtype=v.dtype, device=v.device).view(-1, *[1] * (x.dim() - 1))
     return v_u + w * (v_c - v_u)
+
+
+class Guided(torch.nn.Module):
+    """A velocity model under classifier-free guidance, itself a velocity model (multi-step RL tunes the teacher
+    as it samples, with CFG)."""
+
+    def __init__(self, model, uncond: Cond, scale: float):
+        super().__init__()
+        self.model, self.uncond, self.scale = model, uncond, scale
+
+    def forward(self, x, t, *cond):
+        return guided_velocity(self.model, x, t, cond, self.uncond, self.scale)
 
 
 @torch.no_grad()

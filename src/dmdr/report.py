@@ -21,6 +21,15 @@ RESULTS = Path("results")
 TABLE_DISTILL = ["teacher", "teacher-nocfg", "teacher-4", "dmd2-4", "dmd2-1"]
 COLUMNS = ["nfe", "geneval_overall"] + [f"geneval_{t}" for t in GENEVAL_TAGS] + \
           ["dpg_overall", "clip_score", "gold", "sec_per_image"]
+# Table 1 of the paper: rewards and held-out quality of teacher, DMD and DMDR at each NFE
+TABLE1 = ["teacher", "teacher-4", "dmd2-4", "dmd2-4-long", "dmdr-stage1-4", "dmdr-4", "dmd2-1", "dmdr-stage1-1", "dmdr-1"]
+TABLE1_COLUMNS = ["nfe", "clip_score", "aesthetic", "pick", "hps", "gold", "geneval_overall", "dpg_overall"]
+# Table 2: multi-step RL, multi-step RL then distillation, joint
+TABLE2 = ["teacher", "teacher-refl", "teacher-refl-then-dmd-4", "dmdr-4"]
+TABLE2_COLUMNS = ["nfe", "hps", "dpg_overall", "gold", "geneval_overall", "sec_per_image"]
+ALL_COLUMNS = ["nfe", "hps", "pick", "aesthetic", "clip_score", "gold", "geneval_overall", "dpg_overall", "sec_per_image"]
+CURVE_METRICS = ["reward_train", "reward_test", "dpg_overall", "gold"]
+EARLY = (10, 50)  # the cold-start window of C3 and C4, generator steps (DynaDG and DynaRS anneal away by step 50)
 
 
 def summary(models: list[str], results: Path = RESULTS) -> dict:
@@ -114,14 +123,181 @@ def plot_curves(curves: dict[str, str | Path], out: Path | None = None):
     return fig
 
 
+def plot_reward_agreement(metrics_path: str | Path, out: Path | None = None):
+    """Held-out pairwise agreement of each reward model with the gold preference (0.5: chance)."""
+    m = json.loads(Path(metrics_path).read_text())
+    names = [k for k in ("clip", "hps", "pick", "aesthetic") if f"{k}_agreement" in m]
+    fig, ax = plt.subplots(figsize=(4.2, 3))
+    ax.bar(names, [m[f"{k}_agreement"] for k in names], color=["0.6", "C0", "C1", "C2"][:len(names)])
+    ax.axhline(0.5, color="k", lw=0.8, ls="--")
+    ax.set_ylim(0.4, 1)
+    ax.set_ylabel("agreement with gold")
+    ax.set_title(f"rewards on {m['held_out_pairs']} held-out pairs", fontsize=9)
+    fig.tight_layout()
+    if out:
+        fig.savefig(out, dpi=130)
+    return fig
+
+
+# --- curves across continued recipes ----------------------------------------------------------------------------
+
+
+def lineage(p, name: str) -> list[str]:
+    """The recipes a recipe continues, root first, ending with itself."""
+    from .config import parent
+    chain = [name]
+    while (up := parent(p, chain[0])) is not None:
+        chain.insert(0, up)
+    return chain
+
+
+def stitched_curve(p, name: str, results: Path = RESULTS) -> list[dict]:
+    """A recipe's curve with its ancestors' in front, steps counted from the teacher."""
+    rows, offset = [], 0
+    for r in lineage(p, name):
+        path = results / "curves" / f"{r}.csv"
+        if not path.exists():
+            return []
+        part = read_csv(path)
+        rows += [row | {"step": row["step"] + offset, "recipe": r} for row in (part[1:] if rows else part)]
+        offset += part[-1]["step"]
+    return rows
+
+
+def seeds_of(p, base: str) -> list[str]:
+    """`base` and its seed repeats `base-s<k>` among the recipes."""
+    return [base] + sorted(r for r in p.recipes if re.fullmatch(re.escape(base) + r"-s\d+", r))
+
+
+def plot_paradigms(p, groups: dict[str, list[str]], title: str, out: Path | None = None, metrics=CURVE_METRICS,
+                   xlim=None, mark: float | None = None):
+    """Curves of several training paradigms against generator steps from the teacher; a paradigm run over several
+    seeds is drawn as its mean with the min-max band."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.1))
+    for color, (label, names) in zip(["C0", "C3", "C2", "C1", "C4", "C5"], groups.items()):
+        curves = [c for c in (stitched_curve(p, n) for n in names) if c]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        steps = [r["step"] for r in curves[0][:n]]
+        for ax, m in zip(axes, metrics):
+            if m not in curves[0][0]:
+                continue
+            ys = np.array([[r[m] for r in c[:n]] for c in curves], dtype=float)
+            ax.plot(steps, ys.mean(0), "o-", ms=2.5, color=color, label=label + (f" ({len(curves)} seeds)" if len(curves) > 1 else ""))
+            if len(curves) > 1:
+                ax.fill_between(steps, ys.min(0), ys.max(0), color=color, alpha=0.2)
+    for ax, m in zip(axes, metrics):
+        ax.set_title(m, fontsize=9)
+        ax.set_xlabel("generator step")
+        if xlim:
+            ax.set_xlim(*xlim)
+        if mark is not None:
+            ax.axvline(mark, color="k", lw=0.6, ls=":")
+    axes[0].legend(fontsize=6)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    if out:
+        fig.savefig(out, dpi=130)
+    return fig
+
+
+# --- claims -----------------------------------------------------------------------------------------------------
+
+
+def _early_mean(p, name: str, metric: str) -> float | None:
+    rows = [r for r in stitched_curve(p, name) if EARLY[0] <= r["step"] <= EARLY[1] and metric in r]
+    return float(np.mean([r[metric] for r in rows])) if rows else None
+
+
+def _stats(values: list[float]) -> dict:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
+
+
+def claims(p, summ: dict, results: Path = RESULTS) -> list[dict]:
+    """The paper's claims C1-C4 checked against this run's numbers. Each: id, claim, numbers, holds (None when a
+    run is missing). The metrics and windows are fixed here, before looking at results (see the README)."""
+    out = []
+    have = lambda *ms: all(m in summ for m in ms)
+
+    if have("dmdr-4", "teacher", "dmd2-4"):
+        rivals = [m for m in ("teacher", "dmd2-4", "dmd2-4-long") if m in summ]
+        nums = {k: {m: summ[m][k] for m in ["dmdr-4"] + rivals} for k in ("hps", "gold", "geneval_overall", "dpg_overall")}
+        verdict = {k: all(v["dmdr-4"] > v[r] for r in rivals) for k, v in nums.items()}
+        out.append({"id": "C1", "claim": "dmdr-4 beats the teacher and DMD (dmd2-4, and dmd2-4-long: DMD for as many "
+                    "steps) on hps and on the held-out metrics gold, geneval_overall, dpg_overall",
+                    "numbers": nums, "per_metric": verdict, "holds": all(verdict.values())})
+
+    rl, joint = seeds_of(p, "dmd-then-rl-4"), seeds_of(p, "dmd-then-joint-4")
+    if all(m in summ for m in rl + joint) and "dmd2-4" in summ:
+        final = lambda n: stitched_curve(p, n)[-1].get("reward_train")
+        nums = {
+            "reward_train": {"dmd-then-rl-4": _stats([final(n) for n in rl]),
+                             "dmd-then-joint-4": _stats([final(n) for n in joint])},
+            **{k: {"dmd-then-rl-4": _stats([summ[n][k] for n in rl]), "dmd-then-joint-4": _stats([summ[n][k] for n in joint]),
+                   "dmd2-4": summ["dmd2-4"][k]} for k in ("hps", "gold", "dpg_overall")}}
+        others = [final(n) for n in ("dmd2-4-long", "dmdr-4", "rtdm-only-4") if n in p.recipes and stitched_curve(p, n)]
+        highest = nums["reward_train"]["dmd-then-rl-4"]["mean"] > max(
+            [nums["reward_train"]["dmd-then-joint-4"]["mean"]] + others)
+        hacked = any(nums[k]["dmd-then-rl-4"]["mean"] < nums[k]["dmd-then-joint-4"]["mean"] for k in ("gold", "dpg_overall"))
+        kept = nums["dpg_overall"]["dmd-then-joint-4"]["mean"] >= summ["dmd2-4"]["dpg_overall"]
+        out.append({"id": "C2", "claim": "RL after DMD reaches the highest train reward while its gold or dpg_overall "
+                    "falls below DMD then joint DMD+RL (reward hacking); the joint run keeps dpg_overall at least at "
+                    "dmd2-4's level", "numbers": nums,
+                    "per_metric": {"highest_train_reward": highest, "gold_or_dpg_below_joint": hacked,
+                                   "joint_keeps_dpg": kept}, "holds": highest and hacked and kept})
+
+    if stitched_curve(p, "dmdr-stage1-4") and stitched_curve(p, "dmd2-4"):
+        nums = {k: {m: _early_mean(p, m, k) for m in ("dmdr-stage1-4", "dmd2-4")} for k in ("reward_test", "reward_train")}
+        verdict = {k: v["dmdr-stage1-4"] > v["dmd2-4"] for k, v in nums.items()}
+        out.append({"id": "C3", "claim": f"RT-DM (stage 1, with DynaDG and DynaRS) raises the reward earlier than DMD "
+                    f"only: mean reward over curve steps {EARLY[0]}-{EARLY[1]}", "numbers": nums, "per_metric": verdict,
+                    "holds": all(verdict.values())})
+
+    ablations = [m for m in ("dmdr-4-no-dynadg", "dmdr-4-no-dynars") if stitched_curve(p, m)]
+    if stitched_curve(p, "dmdr-stage1-4") and ablations:
+        nums = {k: {m: _early_mean(p, m, k) for m in ["dmdr-stage1-4"] + ablations}
+                for k in ("reward_test", "geneval_overall", "gold")}
+        verdict = {f"{k}_vs_{a}": nums[k]["dmdr-stage1-4"] > nums[k][a] for k in ("reward_test",) for a in ablations}
+        out.append({"id": "C4", "claim": f"DynaDG and DynaRS improve early training: stage 1 with both beats it without "
+                    f"either, mean test reward over curve steps {EARLY[0]}-{EARLY[1]}", "numbers": nums,
+                    "per_metric": verdict, "holds": all(verdict.values())})
+    return out
+
+
+def claims_markdown(items: list[dict]) -> str:
+    def show(v):
+        if isinstance(v, dict) and "mean" in v:
+            return f"{v['mean']:.3f} ± {v['std']:.3f} (n={v['n']})"
+        return "-" if v is None else fmt(v)
+    parts = []
+    for c in items:
+        verdict = {True: "**holds**", False: "**does not hold**", None: "not run"}[c["holds"]]
+        lines = [f"**{c['id']}** {c['claim']}: {verdict} in the embedded world."]
+        models = list(dict.fromkeys(m for v in c["numbers"].values() for m in v))
+        lines += ["", "| metric | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+        lines += [f"| {k} | " + " | ".join(show(v.get(m)) for m in models) + " |" for k, v in c["numbers"].items()]
+        lines += ["", "Checks: " + ", ".join(f"{k} {'yes' if ok else 'no'}" for k, ok in c["per_metric"].items()) + "."]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) if parts else "_No claims checked yet: run the main command._"
+
+
 def build(p, results: Path = RESULTS) -> dict:
-    """summary.json, tables and figures from whatever has been evaluated."""
+    """summary.json, tables, figures and claims from whatever has been evaluated."""
     models = list(p.evaluate.models)
     summ = summary(models, results)
     write_json(summ, results / "summary.json")
 
     tables = [write_table({m: summ[m] for m in TABLE_DISTILL if m in summ}, COLUMNS, results / "tables" / "distill",
-                          "Teacher (50 steps, CFG) vs DMD2 4-step and 1-step generators (embedded world, test prompts; teacher-4: the undistilled teacher in the 4-step sampler)")]
+                          "Teacher (50 steps, CFG) vs DMD2 4-step and 1-step generators (embedded world, test prompts; teacher-4: the undistilled teacher in the 4-step sampler)"),
+              write_table({m: summ[m] for m in TABLE1 if m in summ}, TABLE1_COLUMNS, results / "tables" / "table1",
+                          "Table 1 analogue: rewards (hps is the training reward) and held-out quality"),
+              write_table({m: summ[m] for m in TABLE2 if m in summ}, TABLE2_COLUMNS, results / "tables" / "table2",
+                          "Table 2 analogue: multi-step RL on the teacher (teacher-refl), then distilled, vs joint DMDR"),
+              write_table(summ, ALL_COLUMNS, results / "tables" / "all_models", "Every evaluated model")]
+    items = claims(p, summ, results)
+    write_json(items, results / "claims.json")
+    (results / "claims.md").write_text(claims_markdown(items) + "\n")
     figs = results / "figures"
     figs.mkdir(parents=True, exist_ok=True)
     figures = []
@@ -133,9 +309,29 @@ def build(p, results: Path = RESULTS) -> dict:
         plot_teacher_curve(results / "curves" / "teacher.csv", out=figs / "teacher_accuracy.png")
         figures.append(figs / "teacher_accuracy.png")
     recipes = sorted(f.stem for f in (results / "curves").glob("*.csv") if f.stem != "teacher")
-    if recipes:
-        plot_curves({r: results / "curves" / f"{r}.csv" for r in recipes}, out=figs / "distill_curves.png")
+    roots = [r for r in recipes if r in p.recipes and len(lineage(p, r)) == 1 and r.startswith("dmd2")]
+    if roots:
+        plot_curves({r: results / "curves" / f"{r}.csv" for r in roots}, out=figs / "distill_curves.png")
         figures.append(figs / "distill_curves.png")
+    panels = {
+        "figure3_paradigms.png": ({"DMD only": ["dmd2-4-long"], "DMD then RL": seeds_of(p, "dmd-then-rl-4"),
+                                   "DMD then DMD+RL": seeds_of(p, "dmd-then-joint-4")},
+                                  "Figure 3 analogue: RL after DMD vs joint DMD+RL (hps reward)", {}),
+        "figure4_rtdm.png": ({"DMD only": ["dmd2-4-long"], "RT-DM only": ["rtdm-only-4"],
+                              "RT-DM then DMD+RL (DMDR)": ["dmdr-4"]}, "Figure 4 analogue: RT-DM and joint training", {}),
+        "cold_start.png": ({"DMD (neither)": ["dmd2-4"], "stage 1 without DynaDG": ["dmdr-4-no-dynadg"],
+                            "stage 1 without DynaRS": ["dmdr-4-no-dynars"], "stage 1 (RT-DM + DynaDG + DynaRS)": ["dmdr-stage1-4"]},
+                           "Cold start: DynaDG and DynaRS (annealed away by the dotted line)",
+                           {"metrics": ["reward_test", "geneval_overall", "dpg_overall", "gold"], "xlim": (0, 100),
+                            "mark": 50}),
+    }
+    for fname, (groups, title, kw) in panels.items():
+        if any(n in p.recipes and stitched_curve(p, n) for names in groups.values() for n in names):
+            plot_paradigms(p, groups, title, out=figs / fname, **kw)
+            figures.append(figs / fname)
+    if (results / "metrics" / "rewards.json").exists():
+        plot_reward_agreement(results / "metrics" / "rewards.json", out=figs / "reward_agreement.png")
+        figures.append(figs / "reward_agreement.png")
     plt.close("all")
     return {"tables": [str(t) for t in tables], "figures": [str(f) for f in figures]}
 
@@ -159,9 +355,18 @@ def readme_results(results: Path = RESULTS) -> str:
         parts.append(f"Parser (`results/metrics/parser.json`): {q['clean_scene_exact']:.3f} of {q['scenes']} random clean "
                      f"renders parsed scene-exact; {q['mild_corruption_scene_exact']:.3f} under mild blur, noise and colour "
                      "jitter (`dmdr.world.parse.mild_corruption`).")
-    table = results / "tables" / "distill.md"
-    if table.exists():
-        parts.append(table.read_text().strip())
+    rewards = results / "metrics" / "rewards.json"
+    if rewards.exists():
+        r = json.loads(rewards.read_text())
+        parts.append(f"Rewards stage (`results/metrics/rewards.json`): pairwise agreement with gold on {r['held_out_pairs']} "
+                     f"held-out pairs (test prompts): clip {r['clip_agreement']:.3f}, hps {r['hps_agreement']:.3f}, pick "
+                     f"{r['pick_agreement']:.3f}, aesthetic {r['aesthetic_agreement']:.3f} (with gold's aesthetic half: "
+                     f"{r['aesthetic_agreement_with_gold_aesthetics']:.3f}); trained on {r['train_pairs']} noisy pairs in "
+                     f"{r['minutes']:.1f} min.")
+    for name in ("table1", "table2", "distill", "all_models"):
+        table = results / "tables" / f"{name}.md"
+        if table.exists():
+            parts.append(table.read_text().strip())
     timings = stage_timings()
     if timings:
         after_world = sum(v for k, v in timings.items() if k not in ("prompts", "world"))
@@ -170,7 +375,9 @@ def readme_results(results: Path = RESULTS) -> str:
     bench = results / "benchmarks" / "sampling_speed.txt"
     if bench.exists():
         parts.append("Sampling benchmark (`benchmarks/sampling_speed.py`, last run):\n\n```\n" + bench.read_text().strip() + "\n```")
-    for fig in ["teacher_accuracy.png", "distill_curves.png"] + [f"samples_{m}.png" for m in TABLE_DISTILL]:
+    for fig in ["figure3_paradigms.png", "figure4_rtdm.png", "cold_start.png", "reward_agreement.png",
+                "teacher_accuracy.png", "distill_curves.png"] + [f"samples_{m}.png" for m in ("teacher", "dmd2-4", "dmdr-4",
+                                                                                             "dmd-then-rl-4", "dmdr-1")]:
         if (results / "figures" / fig).exists():
             parts.append(f"![{fig[:-4]}](results/figures/{fig})")
     return "\n\n".join(parts) if parts else "_No results yet: run the main command._"
@@ -187,10 +394,15 @@ def stage_timings(runs: Path = Path("runs")) -> dict[str, float]:
 
 
 def update_readme(readme: Path = Path("README.md"), results: Path = RESULTS) -> None:
-    """Replace the text between the README's results markers with `readme_results`."""
+    """Replace the text between the README's results markers with `readme_results`, and between its claims
+    markers with results/claims.md."""
     text = readme.read_text()
+    claims_md = (results / "claims.md").read_text().strip() if (results / "claims.md").exists() else \
+        "_No claims checked yet: run the main command._"
     new = re.sub(r"(<!-- results:begin -->\n).*?(<!-- results:end -->)",
                  lambda m: m[1] + readme_results(results) + "\n" + m[2], text, flags=re.S)
+    new = re.sub(r"(<!-- claims:begin -->\n).*?(<!-- claims:end -->)", lambda m: m[1] + claims_md + "\n" + m[2],
+                 new, flags=re.S)
     if new != text:
         readme.write_text(new)
 

@@ -153,11 +153,12 @@ def aesthetics(image: np.ndarray, dets: list[Detection]) -> float:
     return float(np.mean([crisp, clean, pure, balance]))
 
 
-def gold(image: np.ndarray, prompt: str | Spec) -> float:
+def gold(image: np.ndarray, prompt: str | Spec, dets: list[Detection] | None = None) -> float:
     """The gold preference, "what people like": 0.5 * faithfulness + 0.5 * aesthetics, in [0, 1].
 
-    Never used in training: it is the truth against which learned rewards are measured.
+    Never used in training: it is the truth against which learned rewards are measured. `dets`: the image's
+    `parse`, when the caller has it already.
     """
     spec = read(prompt) if isinstance(prompt, str) else prompt
-    dets = parse(image)
+    dets = parse(image) if dets is None else dets
     return 0.5 * faithfulness(spec, dets) + 0.5 * aesthetics(image, dets)

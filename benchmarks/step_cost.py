@@ -1,0 +1,75 @@
+"""Cost of a training step of each DMDR phase relative to a DMD-only step, measured side by side in one run on the
+world's teacher and rewards (`dmdr.distill.train`, the recipe defaults of params.yaml):
+
+    RT-DM step  / DMD step   (goal <= 1.15x: the reward of the full few-step output, no reward gradient)
+    stage-2 step / DMD step  (goal <= 1.3x: + ReFL through the VAE decoder and the reward model)
+
+The phases take turns, `--rounds` times, and each reports its median seconds per generator step, so drift of the
+machine's speed hits all of them alike.
+
+    python benchmarks/step_cost.py [--steps 4] [--rounds 3] [--batch 16] [--out FILE]
+"""
+import argparse
+import copy
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from dmdr import config, distill  # noqa: E402
+from dmdr.evaluation import World  # noqa: E402
+from dmdr.models import decode_latents  # noqa: E402
+from dmdr.prompts import load_prompts  # noqa: E402
+from dmdr.rewards import load_reward  # noqa: E402
+
+PHASES = {
+    "DMD": {},
+    "RT-DM": {"rtdm": {"enabled": True}},
+    "stage 1 (RT-DM + DynaDG + DynaRS)": {"rtdm": {"enabled": True}, "dynadg": {"form": "paper"},
+                                          "dynars": {"enabled": True}},
+    "stage 2 (DMD + ReFL)": {"rl": {"weight": 0.5}},
+}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=4, help="generator steps per timing")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=int, help="default: distill.batch of params.yaml")
+    ap.add_argument("--out", help="also write the printed lines to this file")
+    a = ap.parse_args()
+    p = config.load("params.yaml")
+    world = World.load()
+    world.vae.requires_grad_(False)
+    reward = load_reward(p.distill.rl.reward)
+    prompts = load_prompts("data/prompts/train.txt")
+    base = dataclasses.asdict(p.distill) | {"steps": a.steps, "log_every": 10 ** 9}
+    if a.batch:
+        base["batch"] = a.batch
+    times = {k: [] for k in PHASES}
+    for r in range(a.rounds):
+        for name, over in PHASES.items():
+            cfg = config.build(config.DistillParams, config.deep_merge(base, over))
+            models = distill.init_models(copy.deepcopy(world.teacher), world.encode, world.encode([""]), cfg=cfg,
+                                         decode=lambda z: decode_latents(world.vae, z), reward=reward)
+            distill.train(dataclasses.replace(cfg, steps=1), models, prompts, seed=r)  # warm-up: allocator, LoRA, threads
+            t = time.perf_counter()
+            distill.train(cfg, models, prompts, seed=r)
+            times[name].append((time.perf_counter() - t) / a.steps)
+    dmd = statistics.median(times["DMD"])
+    lines = [f"batch {base['batch']}, {a.steps} generator steps x {a.rounds} rounds, ttur {base['ttur']}, "
+             f"{base['generator_steps']}-step generator, CPU threads {torch.get_num_threads()}"]
+    for name, ts in times.items():
+        lines.append(f"{name:36s} {statistics.median(ts):6.2f} s/step   {statistics.median(ts) / dmd:5.2f}x DMD")
+    print("\n".join(lines))
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""Reward models: images and prompts in, differentiable scores out.
+
+One interface for every reward, embedded or real: `reward(images, texts) -> (B,)` with images (B, 3, H, W) in
+[-1, 1], differentiable in the images so ReFL can push its gradient through the VAE decoder into the generator.
+
+Embedded analogues of the paper's rewards (trained by the `rewards` stage, the world's second half):
+- clip: cosine of the world's CLIP (the teachers' text encoder), as DFN-CLIP is used in the paper.
+- hps / pick: a copy of that CLIP fine-tuned on preference pairs with the Bradley-Terry loss, as HPSv2 and PickScore
+  fine-tune CLIP on human choices. Score = cosine(image, text), the unit HPSv2 reports.
+- aesthetic: an MLP on the frozen CLIP image embedding, as the LAION aesthetic predictor; prompt-blind.
+Pairs are labelled by the gold preference (world.score.gold), with label noise, from a finite pool of teacher
+samples and (degraded) renders: proxies of gold that can be gamed, so reward hacking is visible.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+
+from .config import REWARD_NAMES, check_reward_spec
+from .models import TinyClip, atomic_dir, require_dir
+from .world import grammar, render
+from .world.scene import COLORS
+
+class PreferenceModel(nn.Module):
+    """HPS / Pick analogue: a CLIP whose image-text cosine is trained to rank preferred images higher."""
+
+    def __init__(self, clip: TinyClip):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        return (self.clip.encode_image(images) * self.clip.encode_text(texts)).sum(-1)
+
+
+class AestheticModel(nn.Module):
+    """Aesthetic analogue: an MLP on the frozen CLIP image embedding (prompt-blind), as LAION's predictor."""
+
+    def __init__(self, clip: TinyClip, hidden: int = 64):
+        super().__init__()
+        self.clip = clip.requires_grad_(False)
+        self.head = nn.Sequential(nn.Linear(clip.cfg.embed_dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+    def forward(self, images: torch.Tensor, texts: list[str] | None = None) -> torch.Tensor:
+        return self.head(self.clip.encode_image(images)).squeeze(-1)
+
+
+class ClipReward(nn.Module):
+    def __init__(self, clip: TinyClip):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        return (self.clip.encode_image(images) * self.clip.encode_text(texts)).sum(-1)
+
+
+class Combined(nn.Module):
+    """A weighted sum of rewards, e.g. `clip+hps` (equal weights, as the released code's CLIP + HPS)."""
+
+    def __init__(self, rewards: dict[str, nn.Module], weights: dict[str, float]):
+        super().__init__()
+        self.rewards = nn.ModuleDict(rewards)
+        self.weights = weights
+
+    def forward(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        return sum(self.weights[k] * r(images, texts) for k, r in self.rewards.items())
+
+
+def parse_spec(spec: str) -> dict[str, float]:
+    """'hps' -> {hps: 1}; 'clip+hps' -> {clip: 1, hps: 1}; '0.5*clip+hps' -> {clip: 0.5, hps: 1}."""
+    check_reward_spec(spec, "reward")
+    out = {}
+    for term in spec.split("+"):
+        w, _, name = term.strip().rpartition("*")
+        out[name] = float(w) if w else 1.0
+    return out
+
+
+def load_reward(spec: str, world: Path = Path("models/world"), root: Path = Path("models/rewards")) -> nn.Module:
+    """The reward a spec names, frozen, from the world's CLIP (clip) and the rewards stage's checkpoints (the rest)."""
+    weights = parse_spec(spec)
+    models = {}
+    for name in weights:
+        if name == "clip":
+            models[name] = ClipReward(TinyClip.load(world / "clip"))
+        elif name == "aesthetic":
+            models[name] = load_aesthetic(root / name)
+        else:
+            models[name] = PreferenceModel(TinyClip.load(root / name))
+    model = models[spec] if spec in models else Combined(models, weights)
+    return model.requires_grad_(False).eval()
+
+
+def save_aesthetic(model: AestheticModel, path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    def write(d: Path):
+        model.clip.save(d / "clip")
+        save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, d / "head.safetensors")
+        (d / "config.json").write_text(json.dumps({"hidden": model.head[0].out_features}))
+    return atomic_dir(path, write)
+
+
+def load_aesthetic(path: Path) -> AestheticModel:
+    from safetensors.torch import load_file
+    path = require_dir(path, "aesthetic reward")
+    m = AestheticModel(TinyClip.load(path / "clip"), json.loads((path / "config.json").read_text())["hidden"])
+    m.head.load_state_dict(load_file(path / "head.safetensors"))
+    return m.eval()
+
+
+# --- preference data ------------------------------------------------------------------------------------------
+
+
+def degrade(spec: grammar.Spec, objs: list, rng: np.random.Generator) -> np.ndarray:
+    """A render of the prompt's scene with one flaw people dislike: an object missing or recoloured, an extra
+    object, blur, or noise."""
+    from .world.scene import place
+    kind = rng.integers(5)
+    objs = list(objs)
+    if kind == 0 and len(objs) > 1:
+        objs.pop(int(rng.integers(len(objs))))
+    elif kind == 1:
+        i = int(rng.integers(len(objs)))
+        others = [c for c in COLORS if c != objs[i].color]
+        objs[i] = dataclasses.replace(objs[i], color=str(rng.choice(others)))
+    elif kind == 2:
+        extra = place(rng, str(rng.choice(["circle", "square", "triangle"])), str(rng.choice(list(COLORS))),
+                      "small", objs)
+        objs += [extra] if extra is not None else []
+    image = render(objs).astype(np.float64)
+    if kind == 3:
+        image = ndimage.gaussian_filter(image, sigma=(rng.uniform(0.8, 1.5),) * 2 + (0,))
+    if kind == 4:
+        image = image + rng.normal(0, rng.uniform(10, 25), image.shape)
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+@dataclass
+class Pairs:
+    """Preference pairs: images[a] preferred to images[b] for texts[i], with gold scores of every image."""
+    images: np.ndarray  # (N, H, W, 3) uint8
+    texts: list[str]    # per image
+    gold: np.ndarray    # per image
+    aesthetic: np.ndarray  # per image: the gold's prompt-blind half
+    pairs: np.ndarray   # (P, 2) indices into images, same prompt
+
+    def labels(self, key: str, noise: float, rng: np.random.Generator) -> np.ndarray:
+        """(P, 2) index pairs ordered (winner, loser) by `key` (gold | aesthetic), each flipped with prob `noise`."""
+        score = getattr(self, key)
+        win_first = score[self.pairs[:, 0]] > score[self.pairs[:, 1]]
+        win_first ^= rng.random(len(self.pairs)) < noise
+        return np.where(win_first[:, None], self.pairs, self.pairs[:, ::-1])
+
+
+def build_pairs(specs: list, samples: np.ndarray, rng: np.random.Generator, min_gap: float = 0.02) -> Pairs:
+    """Candidates per prompt: its model samples (`samples`, (n_prompts, k, H, W, 3)), an exact render and a degraded
+    render; every pair of candidates whose gold differs by more than `min_gap`."""
+    from .world import parse
+    from .world.score import aesthetics, gold
+
+    images, texts, golds, aes, pairs = [], [], [], [], []
+    for spec, own in zip(specs, samples):
+        objs = grammar.scene_for(spec, rng)
+        cands = list(own) + [render(objs), degrade(spec, objs, rng)]
+        base = len(images)
+        text = grammar.text(spec)
+        for im in cands:
+            images.append(im)
+            texts.append(text)
+            dets = parse(im)
+            golds.append(gold(im, spec, dets))
+            aes.append(aesthetics(im, dets))
+        for i in range(len(cands)):
+            for j in range(i + 1, len(cands)):
+                if abs(golds[base + i] - golds[base + j]) > min_gap:
+                    pairs.append((base + i, base + j))
+    return Pairs(np.stack(images), texts, np.array(golds), np.array(aes), np.array(pairs, dtype=np.int64))
+
+
+def bradley_terry_loss(score_win: torch.Tensor, score_lose: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """-log sigmoid(scale (r_w - r_l)): the pairwise loss of HPSv2 / PickScore (a softmax over the two images)."""
+    return nn.functional.softplus(-scale * (score_win - score_lose)).mean()
+
+
+@torch.no_grad()
+def agreement(model: nn.Module, pairs: Pairs, key: str = "gold", batch: int = 512) -> float:
+    """Held-out pairwise agreement with the gold preference: how often the reward ranks a pair as gold does."""
+    from .standins import to_tensor
+    scores = torch.cat([model(to_tensor(pairs.images[s:s + batch]), pairs.texts[s:s + batch])
+                        for s in range(0, len(pairs.texts), batch)]).numpy()
+    truth = getattr(pairs, key)
+    a, b = pairs.pairs[:, 0], pairs.pairs[:, 1]
+    return float(np.mean((scores[a] > scores[b]) == (truth[a] > truth[b])))
+
+
+def train_reward(kind: str, clip: TinyClip, pairs: Pairs, steps: int, batch: int, lr: float, label_noise: float,
+                 seed: int) -> nn.Module:
+    """Fit one reward model to noisy gold-labelled pairs (the Bradley-Terry loss)."""
+    from .standins import to_tensor, train_loop
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = AestheticModel(copy.deepcopy(clip)) if kind == "aesthetic" else PreferenceModel(copy.deepcopy(clip))
+    ordered = pairs.labels("aesthetic" if kind == "aesthetic" else "gold", label_noise, rng)
+    scale = nn.Parameter(torch.tensor(4.0 if kind == "aesthetic" else 20.0).log())
+    model.register_parameter("log_scale", scale)  # learned temperature, like CLIP's logit scale
+
+    def loss_fn(step):
+        idx = ordered[rng.integers(len(ordered), size=batch)]
+        images = to_tensor(pairs.images[idx.reshape(-1)])
+        texts = [pairs.texts[i] for i in idx.reshape(-1)]
+        s = model(images, texts).view(batch, 2)
+        return bradley_terry_loss(s[:, 0], s[:, 1], scale.exp())
+
+    train_loop(model, loss_fn, steps, lr, desc=f"{kind} reward", warmup=20)
+    del model.log_scale
+    return model.requires_grad_(False).eval()
+
+
+# --- the rewards stage ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def teacher_samples(world, specs: list, seed: int, batch: int = 256) -> np.ndarray:
+    """Two samples per prompt from the world's teacher, of unequal quality: 6 Euler steps with CFG 3 and 3 steps
+    without guidance. Returns (n, 2, H, W, 3) uint8."""
+    from . import flow
+    from .models import decode_latents
+    from .standins import to_uint8
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for steps, cfg in ((6, 3.0), (3, 1.0)):
+        images = []
+        for s in range(0, len(specs), batch):
+            texts = [grammar.text(x) for x in specs[s:s + batch]]
+            noise = torch.randn((len(texts), *world.latent_shape), generator=g)
+            z = flow.sample_teacher(world.teacher, noise, world.encode(texts), world.encode([""]), steps, cfg)
+            images.append(to_uint8(decode_latents(world.vae, z)))
+        out.append(np.concatenate(images))
+    return np.stack(out, axis=1)
+
+
+def build_rewards(p, train_specs: list, test_specs: list, out: Path, metrics_path: Path) -> dict:
+    """Train the hps, pick and aesthetic analogues on disjoint halves of the train prompts (as HPSv2 and PickScore
+    come from different collections, with different label noise) and report every reward's pairwise agreement with
+    gold on held-out pairs built from the test prompts."""
+    from .evaluation import World
+    from .files import write_json
+    r, t0 = p.rewards, time.time()
+    world = World.load()
+    rng = np.random.default_rng(p.seed)
+    specs = train_specs[: r.prompts]
+    data = build_pairs(specs, teacher_samples(world, specs, p.seed), rng)
+    held = build_pairs(test_specs, teacher_samples(world, test_specs, p.seed + 1), rng)
+    half = len(specs) * 4 // 2  # 4 candidates per prompt: first half of the prompts for hps, second for pick
+    split = {"hps": data.pairs[:, 0] < half, "pick": data.pairs[:, 0] >= half, "aesthetic": slice(None)}
+    metrics = {"train_pairs": int(len(data.pairs)), "held_out_pairs": int(len(held.pairs))}
+    for i, kind in enumerate(("hps", "pick", "aesthetic")):
+        subset = dataclasses.replace(data, pairs=data.pairs[split[kind]])
+        model = train_reward(kind, world.clip, subset, r.steps, r.batch, r.lr, getattr(r, f"{kind}_label_noise"),
+                             p.seed + 10 + i)
+        save_aesthetic(model, out / kind) if kind == "aesthetic" else model.clip.save(out / kind)
+        metrics[f"{kind}_agreement"] = agreement(model, held)
+    metrics["clip_agreement"] = agreement(ClipReward(world.clip), held)
+    metrics["aesthetic_agreement_with_gold_aesthetics"] = agreement(load_aesthetic(out / "aesthetic"), held, "aesthetic")
+    metrics["minutes"] = round((time.time() - t0) / 60, 2)
+    write_json(metrics, metrics_path)
+    return metrics
