@@ -372,9 +372,10 @@ def readme_results(results: Path = RESULTS) -> str:
         after_world = sum(v for k, v in timings.items() if k not in ("prompts", "world"))
         parts.append("Stage wall times on this machine (minutes, from the executed notebooks in `runs/`): " + ", ".join(
             f"{k} {v:.1f}" for k, v in timings.items()) + f"; everything after the world: {after_world:.1f}.")
-    bench = results / "benchmarks" / "sampling_speed.txt"
-    if bench.exists():
-        parts.append("Sampling benchmark (`benchmarks/sampling_speed.py`, last run):\n\n```\n" + bench.read_text().strip() + "\n```")
+    for name, what in (("sampling_speed", "Sampling benchmark"), ("step_cost", "Training-step benchmark")):
+        bench = results / "benchmarks" / f"{name}.txt"
+        if bench.exists():
+            parts.append(f"{what} (`benchmarks/{name}.py`, last run):\n\n```\n" + bench.read_text().strip() + "\n```")
     for fig in ["figure3_paradigms.png", "figure4_rtdm.png", "cold_start.png", "reward_agreement.png",
                 "teacher_accuracy.png", "distill_curves.png"] + [f"samples_{m}.png" for m in ("teacher", "dmd2-4", "dmdr-4",
                                                                                              "dmd-then-rl-4", "dmdr-1")]:
