@@ -3,16 +3,10 @@ import pytest
 import torch
 
 from dmdr import flow
-from dmdr.config import DistillParams, build, deep_merge
+from dmdr.config import DistillParams
 from dmdr.distill import backward_simulate, init_models, train
-from dmdr.models import ClipConfig, TinyClip, VelocityModel, build_backbone, build_vae, decode_latents
-from dmdr.rewards import ClipReward
-
-
-@pytest.fixture(scope="module")
-def clip():
-    torch.manual_seed(0)
-    return TinyClip(ClipConfig(embed_dim=16, width=16, vision_layers=1, text_layers=1, heads=2)).eval()
+from dmdr.models import VelocityModel, build_backbone
+from tiny import tiny_models
 
 
 @pytest.mark.parametrize("kind", ["unet", "sd3"])
@@ -53,19 +47,6 @@ def test_generator_times_and_sampler():
     for steps in (1, 2, 4):
         out = flow.sample_generator(oracle, torch.randn(3, 4, 8, 8), (None, None), flow.generator_times(steps))
         assert torch.allclose(out, target, atol=1e-5)
-
-
-def tiny_models(clip, kind, overrides: dict):
-    torch.manual_seed(0)
-    kw = dict(channels=(16, 16), head_dim=8) if kind == "unet" else dict(layers=1, heads=2, head_dim=8)
-    teacher = VelocityModel(build_backbone(kind, 16, 16, **kw)).eval()
-    encode = lambda texts: tuple(x.detach() for x in clip.encode(texts))
-    vae = build_vae((16, 16, 16)).eval().requires_grad_(False)
-    cfg = build(DistillParams, deep_merge(dict(steps=2, batch=4, ttur=1, log_every=1, mixed_precision="no",
-                                               generator_steps=2), overrides))
-    models = init_models(teacher, encode, encode([""]), cfg=cfg, decode=lambda z: decode_latents(vae, z),
-                         reward=ClipReward(clip).requires_grad_(False))
-    return cfg, teacher, models
 
 
 @pytest.mark.parametrize("kind,overrides", [

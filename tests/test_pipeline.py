@@ -2,8 +2,10 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,11 +38,20 @@ def smoke_repo(tmp: Path) -> Path:
     return repo
 
 
-def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
+def dvc_env(repo: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=str(repo / "src"), DVC_NO_ANALYTICS="1", TQDM_DISABLE="1")
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
-    return subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=repo, env=env,
+    return env
+
+
+def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=repo, env=dvc_env(repo),
                           capture_output=True, text=True)
+
+
+def without_timing(metrics: dict) -> dict:
+    """Every metric except the wall-clock sec_per_image, which no two runs share."""
+    return {m: {k: v for k, v in vals.items() if k != "sec_per_image"} for m, vals in metrics.items()}
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +88,46 @@ def test_smoke_repro_produces_every_result(smoke):
 def test_smoke_repro_is_up_to_date_after_a_run(smoke):
     r = dvc(smoke, "status")
     assert r.returncode == 0 and "up to date" in r.stdout, r.stdout
+
+
+@pytest.fixture(scope="module")
+def second_smoke(smoke, tmp_path_factory):
+    repo = smoke_repo(tmp_path_factory.mktemp("smoke2"))
+    r = dvc(repo, "repro")
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    return repo
+
+
+def test_two_fresh_runs_give_identical_results(smoke, second_smoke):
+    read = lambda repo: json.loads((repo / "results" / "summary.json").read_text())
+    assert without_timing(read(smoke)) == without_timing(read(second_smoke))
+    lock = lambda repo: {k: v for k, v in yaml.safe_load((repo / "dvc.lock").read_text())["stages"].items()
+                         if k.startswith("distill@")}
+    outs = lambda stage: [(o["path"], o.get("md5")) for o in stage.get("outs", [])]
+    assert {k: outs(v) for k, v in lock(smoke).items()} == {k: outs(v) for k, v in lock(second_smoke).items()}
+
+
+def test_a_killed_repro_resumes_and_ends_identical(second_smoke):
+    """SIGKILL `dvc repro` of a distillation after its first checkpoint; rerun; the generator and every metric match
+    the uninterrupted run."""
+    repo = second_smoke
+    before_lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["distill@dmd2-4"]["outs"]
+    before = json.loads((repo / "results" / "metrics" / "dmd2-4.json").read_text())
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "repro", "-f", "-s", "distill@dmd2-4"],
+                            cwd=repo, env=dvc_env(repo), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    checkpoint = repo / "checkpoints" / "dmd2-4" / "loop.json"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.exists(), "the run ended before its first checkpoint could be interrupted"
+    assert json.loads(checkpoint.read_text())["step"] < 8
+    r = dvc(repo, "repro")
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "resumed from checkpoints/dmd2-4" in (repo / "runs" / "distill-dmd2-4.ipynb").read_text()
+    assert not (repo / "checkpoints" / "dmd2-4").exists()
+    assert yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["distill@dmd2-4"]["outs"] == before_lock
+    after = json.loads((repo / "results" / "metrics" / "dmd2-4.json").read_text())
+    assert without_timing({"m": after}) == without_timing({"m": before})

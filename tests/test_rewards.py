@@ -7,22 +7,15 @@ import pytest
 import torch
 
 from dmdr.config import ParamsError
-from dmdr.models import ClipConfig, TinyClip
-from dmdr.rewards import (AestheticModel, ClipReward, Combined, PreferenceModel, agreement, bradley_terry_loss,
+from dmdr.rewards import (AestheticModel, CosineReward, Combined, agreement, bradley_terry_loss,
                           build_pairs, load_aesthetic, parse_spec, save_aesthetic, train_reward)
 from dmdr.world import grammar, render
-
-
-@pytest.fixture(scope="module")
-def clip():
-    torch.manual_seed(0)
-    return TinyClip(ClipConfig(embed_dim=16, width=16, vision_layers=1, text_layers=1, heads=2)).eval()
 
 
 def test_rewards_are_differentiable_in_the_images(clip):
     images = torch.rand(3, 3, 32, 32, requires_grad=True)
     texts = ["a photo of a circle"] * 3
-    for reward in (ClipReward(clip), PreferenceModel(clip), AestheticModel(copy.deepcopy(clip))):
+    for reward in (CosineReward(clip), AestheticModel(copy.deepcopy(clip))):
         r = reward(images, texts)
         assert r.shape == (3,)
         (g,) = torch.autograd.grad(r.sum(), images)
@@ -31,7 +24,7 @@ def test_rewards_are_differentiable_in_the_images(clip):
 
 def test_weighted_sums(clip):
     images, texts = torch.rand(2, 3, 32, 32), ["a photo of a square"] * 2
-    a, b = ClipReward(clip), PreferenceModel(clip)
+    a, b = CosineReward(clip), CosineReward(clip)
     both = Combined({"clip": a, "hps": b}, parse_spec("0.5*clip+hps"))
     assert torch.allclose(both(images, texts), 0.5 * a(images, texts) + b(images, texts))
     assert parse_spec("clip+hps") == {"clip": 1.0, "hps": 1.0}
@@ -64,7 +57,7 @@ def test_training_learns_the_pairs(clip):
     specs = [grammar.sample_spec(rng, "single_object") for _ in range(16)]
     blank = np.full((16, 1, 32, 32, 3), 245, np.uint8)
     pairs = build_pairs(specs, blank, rng)
-    before = agreement(PreferenceModel(clip), pairs)
+    before = agreement(CosineReward(clip), pairs)
     model = train_reward("hps", clip, pairs, steps=40, batch=16, lr=3e-3, label_noise=0.0, seed=0)
     assert agreement(model, pairs) > max(before, 0.8)
     assert not hasattr(model, "log_scale") and not any(p.requires_grad for p in model.parameters())

@@ -161,6 +161,8 @@ class DistillParams:
     mixed_precision: str = "bf16"
     log_every: int = 25
     curve_prompts_per_tag: int = 4
+    checkpoint_every: int = 20  # generator steps between resumable checkpoints (checkpoints/<recipe>/); 0: none
+    max_nonfinite: int = 5  # abort after this many non-finite losses in a row (each one skips its step)
 
 
 @dataclass
@@ -192,16 +194,21 @@ class Params:
 POSITIVE = {"steps", "batch", "lr", "n_train", "test_per_tag", "generator_lr", "fake_lr", "ttur", "generator_steps",
             "images_per_prompt", "log_every", "eval_every", "pool_size", "width", "embed_dim", "heads", "layers"}
 CHOICES = {"backbone": ("unet", "sd3"), "timesteps": ("logit_normal", "uniform"), "mixed_precision": ("bf16", "no"),
-           "kind": ("generator", "teacher"), "form": ("exp", "reward", "off", "paper", "released"),
+           "kind": ("generator", "teacher"),
            "loss": ("refl", "hinge"), "real": ("teacher", "init"), "rollout": ("renoise", "trajectory")}
 UNIT_INTERVAL = {"cfg_dropout", "ema_decay", "t_min", "t_max", "hps_label_noise", "pick_label_noise",
                  "aesthetic_label_noise"}
-NON_NEGATIVE = {"weight", "dmd_weight", "scale", "fake_scale", "seed"}
-POSITIVE |= {"beta", "rank", "a", "b", "prompts"}
+NON_NEGATIVE = {"weight", "dmd_weight", "scale", "fake_scale", "seed", "checkpoint_every"}
+POSITIVE |= {"beta", "rank", "a", "b", "prompts", "max_nonfinite"}
 FORMS = {"rtdm": ("exp", "reward"), "dynadg": ("off", "paper", "released")}
 
 
 def _check_value(key: str, name: str, value):
+    parent = key.rsplit(".", 2)[-2] if key.count(".") else ""
+    if name == "form" and parent in FORMS:
+        if value not in FORMS[parent]:
+            raise ParamsError(f"{key}: must be one of {FORMS[parent]}, got {value!r}")
+        return
     if name in POSITIVE and value <= 0:
         raise ParamsError(f"{key}: must be positive, got {value!r}")
     if name in CHOICES and value not in CHOICES[name]:
@@ -210,9 +217,6 @@ def _check_value(key: str, name: str, value):
         raise ParamsError(f"{key}: must lie in [0, 1], got {value!r}")
     if name in NON_NEGATIVE and value < 0:
         raise ParamsError(f"{key}: must be >= 0, got {value!r}")
-    parent = key.rsplit(".", 2)[-2] if key.count(".") else ""
-    if name == "form" and parent in FORMS and value not in FORMS[parent]:
-        raise ParamsError(f"{key}: must be one of {FORMS[parent]}, got {value!r}")
 
 
 def build(cls, data, key: str = ""):

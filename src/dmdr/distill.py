@@ -10,8 +10,10 @@ generator update); samples come by backward simulation of the generator's own fe
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from . import flow
+from . import flow, resume
 from .config import DistillParams
 from .files import write_csv
 
@@ -184,10 +186,14 @@ class Models:
 
 
 def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, curve_fn=None,
-          curve_path: Path | None = None) -> list[dict]:
+          curve_path: Path | None = None, checkpoint_dir: Path | None = None) -> list[dict]:
     """The one training loop: fake-score updates (TTUR) then one generator update with
     L = dmd_weight * L_DMD(RT-DM weights) + lambda * L_RL. `curve_fn(generator, step)` returns held-out numbers
-    logged every `log_every` generator steps, written to `curve_path` as CSV. Returns the logged rows."""
+    logged every `log_every` generator steps, written to `curve_path` as CSV. Returns the logged rows.
+
+    With `checkpoint_dir`, the whole state is saved there every `checkpoint_every` steps and a run finding a
+    checkpoint of the same settings resumes from it (dmdr.resume). A non-finite loss skips its update and is counted
+    (`nonfinite_skipped` in the rows); `max_nonfinite` of them in a row stop the run."""
     torch.manual_seed(seed)
     rng = torch.Generator().manual_seed(seed)
     prng = np.random.default_rng(seed)
@@ -212,6 +218,12 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
             fake = acc.prepare(fake)
     if dynadg and not shared:
         d_opt = acc.prepare(torch.optim.AdamW(lora, lr=cfg.dynadg.lr, weight_decay=0.0))
+    if dynadg:
+        real = acc.prepare(real)  # its LoRA is trained state, so it goes into checkpoints
+        if shared:
+            fake = real
+    trained = [m for m in (generator, fake if distill else None, real if dynadg else None) if m is not None]
+    fp = resume.fingerprint(dataclasses.asdict(cfg), seed, len(prompts), prompts[:8])
     times = flow.generator_times(cfg.generator_steps, cfg.shift)
     c = (models.generator.model if isinstance(models.generator, flow.Guided) else models.generator).backbone.config
     latent_shape = (c.in_channels, c.sample_size, c.sample_size)
@@ -234,19 +246,41 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
             set_lora_scale(fake, cfg.dynadg.fake_scale)
         return flow.x0_from_velocity(x_t, fake(x_t, t, *cond), t)
 
-    rows, t0, last = [], time.time(), {}
-    bar = tqdm(range(cfg.steps + 1), desc=f"{'DMD' if distill else ''}{'+RL' if rl else ''}", mininterval=5)
+    rows, t0, last, start, skipped, in_a_row = [], time.time(), {}, 0, 0, 0
+    if (state := resume.load(acc, checkpoint_dir, fp, rng, prng)) is not None:
+        rows, last, start, skipped = state["rows"], state["last"], state["step"], state["skipped"]
+
+    def nonfinite(what: str, value: torch.Tensor, step: int) -> bool:
+        """True (and counted) when a loss is NaN or Inf: its update is skipped; `max_nonfinite` of them without a
+        good generator update in between stop the run."""
+        nonlocal skipped, in_a_row
+        if torch.isfinite(value):
+            return False
+        skipped, in_a_row = skipped + 1, in_a_row + 1
+        print(f"step {step}: non-finite {what} loss ({float(value)}), update skipped ({skipped} so far)")
+        if in_a_row >= cfg.max_nonfinite:
+            raise FloatingPointError(
+                f"{in_a_row} non-finite losses in a row (last: {what} at step {step}); stopping. Lower the learning "
+                f"rates or check the reward. The last good checkpoint stays in {checkpoint_dir}")
+        return True
+
+    bar = tqdm(range(start, cfg.steps + 1), desc=f"{'DMD' if distill else ''}{'+RL' if rl else ''}", mininterval=5)
     for step in bar:
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if (step % cfg.log_every == 0 or step == cfg.steps) and not (state and step == start):
             row = {"step": step, "seconds": round(time.time() - t0, 2)}
             if curve_fn is not None:
                 generator.eval()
                 row |= curve_fn(generator, step)
-            rows.append(row | last)
+            rows.append(row | last | ({"nonfinite_skipped": skipped} if skipped else {}))
             if curve_path is not None:
                 write_csv(rows, curve_path)
         if step == cfg.steps:
             break
+        if step > start and checkpoint_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            if not resume.save(acc, checkpoint_dir, {"step": step, "rows": rows, "last": last, "skipped": skipped,
+                                                     "fingerprint": fp}, rng, prng, trained):
+                raise FloatingPointError(f"non-finite weights at step {step}: not checkpointed; the last good "
+                                         f"checkpoint stays in {checkpoint_dir}")
         last = {}
         # fake score: diffusion loss on generator samples (two time-scale update rule)
         if distill:
@@ -263,6 +297,8 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
                 with autocast:
                     fake_loss = flow.flow_matching_loss(fake, x0.float(), cond, torch.rand(cfg.batch, generator=rng).to(dev),
                                                         torch.randn(x0.shape, generator=rng).to(dev), w)
+                if nonfinite("fake-score", fake_loss.detach(), step):
+                    continue
                 acc.backward(fake_loss)
                 acc.clip_grad_norm_(lora if shared else fake.parameters(), 1.0)
                 f_opt.step()
@@ -275,10 +311,11 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
                 with autocast:
                     lora_loss = flow.flow_matching_loss(real, x0.float(), cond, torch.rand(cfg.batch, generator=rng).to(dev),
                                                         torch.randn(x0.shape, generator=rng).to(dev))
-                acc.backward(lora_loss)
-                acc.clip_grad_norm_(lora, 1.0)
-                d_opt.step()
-                d_opt.zero_grad(set_to_none=True)
+                if not nonfinite("DynaDG", lora_loss.detach(), step):
+                    acc.backward(lora_loss)
+                    acc.clip_grad_norm_(lora, 1.0)
+                    d_opt.step()
+                    d_opt.zero_grad(set_to_none=True)
             if dynadg:
                 last["dynadg_scale"] = scale
         # generator: Eq. 3 with Eq. 1 (RT-DM-weighted, Eq. 4) as its distillation term
@@ -316,8 +353,9 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
                 loss_rl = rl_loss(r, cfg.rl.loss, cfg.rl.margin)
                 last["reward_x0"] = float(r.detach().mean())
             loss = joint_loss(loss_dmd, loss_rl, cfg.rl.weight, cfg.dmd_weight)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite generator loss at step {step}: {float(loss)}")
+        if nonfinite("generator", loss.detach(), step):
+            continue
+        in_a_row = 0
         acc.backward(loss)
         acc.clip_grad_norm_(generator.parameters(), 1.0)
         g_opt.step()
@@ -349,7 +387,7 @@ def init_models(teacher, encode, uncond, start=None, start_fake=None, cfg: Disti
 
 
 def run_recipe(p, name: str, prompt_dir: Path = Path("data/prompts"), out: Path = Path("models/distill"),
-               curves: Path = Path("results/curves")) -> list[dict]:
+               curves: Path = Path("results/curves"), checkpoints: Path = Path("checkpoints")) -> list[dict]:
     """The `distill` stage for one recipe: train from its init checkpoint on the train prompts, curves on held-out
     and train prompts, the generator (and fake score) saved as diffusers model directories with the sampler
     settings (sampler.json)."""
@@ -381,7 +419,8 @@ def run_recipe(p, name: str, prompt_dir: Path = Path("data/prompts"), out: Path 
         return curve_metrics(world, generator, cfg.generator_steps, cfg.shift, specs, seed, dense, reward,
                              train_prompts[: len(specs)])
 
-    rows = train(cfg, models, train_prompts, seed, curve_fn, curves / f"{name}.csv")
+    checkpoint = checkpoints / name
+    rows = train(cfg, models, train_prompts, seed, curve_fn, curves / f"{name}.csv", checkpoint)
 
     def write(d: Path):
         g = models.generator.model if isinstance(models.generator, flow.Guided) else models.generator
@@ -394,4 +433,5 @@ def run_recipe(p, name: str, prompt_dir: Path = Path("data/prompts"), out: Path 
                                                     "cfg": cfg.generator_cfg, "prediction": "velocity", "recipe": name},
                                                    indent=1))
     atomic_dir(out / name, write)
+    shutil.rmtree(checkpoint, ignore_errors=True)  # the run is complete: nothing left to resume
     return rows

@@ -25,13 +25,14 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from .config import REWARD_NAMES, check_reward_spec
+from .config import check_reward_spec
 from .models import TinyClip, atomic_dir, require_dir
 from .world import grammar, render
 from .world.scene import COLORS
 
-class PreferenceModel(nn.Module):
-    """HPS / Pick analogue: a CLIP whose image-text cosine is trained to rank preferred images higher."""
+class CosineReward(nn.Module):
+    """Image-text cosine of a CLIP: the clip reward on the world's CLIP; the HPS / Pick analogues on a CLIP
+    fine-tuned to rank preferred images higher."""
 
     def __init__(self, clip: TinyClip):
         super().__init__()
@@ -51,15 +52,6 @@ class AestheticModel(nn.Module):
 
     def forward(self, images: torch.Tensor, texts: list[str] | None = None) -> torch.Tensor:
         return self.head(self.clip.encode_image(images)).squeeze(-1)
-
-
-class ClipReward(nn.Module):
-    def __init__(self, clip: TinyClip):
-        super().__init__()
-        self.clip = clip
-
-    def forward(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
-        return (self.clip.encode_image(images) * self.clip.encode_text(texts)).sum(-1)
 
 
 class Combined(nn.Module):
@@ -90,11 +82,11 @@ def load_reward(spec: str, world: Path = Path("models/world"), root: Path = Path
     models = {}
     for name in weights:
         if name == "clip":
-            models[name] = ClipReward(TinyClip.load(world / "clip"))
+            models[name] = CosineReward(TinyClip.load(world / "clip"))
         elif name == "aesthetic":
             models[name] = load_aesthetic(root / name)
         else:
-            models[name] = PreferenceModel(TinyClip.load(root / name))
+            models[name] = CosineReward(TinyClip.load(root / name))
     model = models[spec] if spec in models else Combined(models, weights)
     return model.requires_grad_(False).eval()
 
@@ -208,7 +200,8 @@ def train_reward(kind: str, clip: TinyClip, pairs: Pairs, steps: int, batch: int
     from .standins import to_tensor, train_loop
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = AestheticModel(copy.deepcopy(clip)) if kind == "aesthetic" else PreferenceModel(copy.deepcopy(clip))
+    model = AestheticModel(copy.deepcopy(clip)) if kind == "aesthetic" else CosineReward(copy.deepcopy(clip))
+    model.clip.requires_grad_(kind != "aesthetic")  # HPS / Pick fine-tune the whole CLIP; the aesthetic MLP only its head
     ordered = pairs.labels("aesthetic" if kind == "aesthetic" else "gold", label_noise, rng)
     scale = nn.Parameter(torch.tensor(4.0 if kind == "aesthetic" else 20.0).log())
     model.register_parameter("log_scale", scale)  # learned temperature, like CLIP's logit scale
@@ -269,7 +262,7 @@ def build_rewards(p, train_specs: list, test_specs: list, out: Path, metrics_pat
                              p.seed + 10 + i)
         save_aesthetic(model, out / kind) if kind == "aesthetic" else model.clip.save(out / kind)
         metrics[f"{kind}_agreement"] = agreement(model, held)
-    metrics["clip_agreement"] = agreement(ClipReward(world.clip), held)
+    metrics["clip_agreement"] = agreement(CosineReward(world.clip), held)
     metrics["aesthetic_agreement_with_gold_aesthetics"] = agreement(load_aesthetic(out / "aesthetic"), held, "aesthetic")
     metrics["minutes"] = round((time.time() - t0) / 60, 2)
     write_json(metrics, metrics_path)

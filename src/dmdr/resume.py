@@ -1,0 +1,59 @@
+"""Resumable training: a checkpoint every N steps, written atomically, so a run killed at any moment (SIGKILL
+included) continues from its last checkpoint and ends exactly where an uninterrupted run ends (on CPU).
+
+A checkpoint directory holds accelerate's `save_state` (the prepared models as safetensors; optimizer states and
+accelerate's global RNG states, which it loads with torch.load(weights_only=True)) plus `loop.json` (step, logged
+rows, the loop's own numpy generator, the fingerprint of the run's settings) and `generators.safetensors` (the loop's
+torch generator). Nothing is unpickled. A checkpoint whose fingerprint differs (other params, other prompts) is
+ignored rather than resumed; one with non-finite weights is never written.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .models import atomic_dir
+
+
+def fingerprint(*parts) -> str:
+    """A short hash of the JSON of everything that defines a run."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def all_finite(modules) -> bool:
+    return all(torch.isfinite(p).all() for m in modules for p in m.parameters())
+
+
+def save(acc, path: Path, loop: dict, rng: torch.Generator, prng: np.random.Generator, modules) -> bool:
+    """Write a checkpoint atomically (a temporary directory renamed over the old one). Returns False, writing
+    nothing, when any weight is non-finite: a good checkpoint is never replaced by a poisoned one."""
+    if not all_finite(modules):
+        return False
+
+    def write(d: Path):
+        acc.save_state(str(d), safe_serialization=True)
+        save_file({"rng": rng.get_state()}, d / "generators.safetensors")
+        (d / "loop.json").write_text(json.dumps(loop | {"prng": prng.bit_generator.state}))
+    atomic_dir(path, write)
+    return True
+
+
+def load(acc, path: Path | None, fp: str, rng: torch.Generator, prng: np.random.Generator) -> dict | None:
+    """Restore the checkpoint at `path` into the prepared objects and generators; returns the loop state, or None
+    when there is no checkpoint for this run."""
+    if path is None or not (Path(path) / "loop.json").exists():
+        return None
+    loop = json.loads((Path(path) / "loop.json").read_text())
+    if loop.get("fingerprint") != fp:
+        print(f"ignoring checkpoint {path}: it belongs to other settings")
+        return None
+    acc.load_state(str(path))
+    rng.set_state(load_file(Path(path) / "generators.safetensors")["rng"])
+    prng.bit_generator.state = loop.pop("prng")
+    print(f"resumed from {path} at step {loop['step']}")
+    return loop

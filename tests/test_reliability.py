@@ -1,0 +1,114 @@
+"""Reliability of training: resume from a checkpoint ends exactly where an uninterrupted run ends; non-finite losses
+are skipped, counted and, repeated, stop the run; a poisoned model never overwrites a good checkpoint; nothing in
+the library unpickles or runs remote code."""
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from dmdr import resume
+from dmdr.distill import train
+from tiny import tiny_models
+
+PROMPTS = ["a photo of a circle", "a photo of two squares", "a photo of a red triangle"]
+STAGE1_AND_RL = {"steps": 5, "checkpoint_every": 2, "rtdm": {"enabled": True}, "dynadg": {"form": "paper"},
+                 "dynars": {"enabled": True}, "rl": {"weight": 0.5}}
+
+
+def probe(generator, step):
+    return {"weights": float(sum(p.detach().double().sum() for p in generator.parameters()))}
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_ends_exactly_where_an_uninterrupted_run_ends(clip, tmp_path):
+    cfg, _, models = tiny_models(clip, "unet", STAGE1_AND_RL)
+    rows = train(cfg, models, PROMPTS, seed=0, curve_fn=probe, checkpoint_dir=tmp_path / "whole")
+
+    def crash_at_3(generator, step):
+        if step == 3:
+            raise Crash
+        return probe(generator, step)
+    cfg, _, first = tiny_models(clip, "unet", STAGE1_AND_RL)
+    with pytest.raises(Crash):
+        train(cfg, first, PROMPTS, seed=0, curve_fn=crash_at_3, checkpoint_dir=tmp_path / "cut")
+    assert (tmp_path / "cut" / "loop.json").exists() and (tmp_path / "cut" / "model.safetensors").exists()
+    cfg, _, again = tiny_models(clip, "unet", STAGE1_AND_RL)  # a new process: fresh models, then resume
+    resumed = train(cfg, again, PROMPTS, seed=0, curve_fn=probe, checkpoint_dir=tmp_path / "cut")
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
+    assert strip(resumed) == strip(rows)
+    for a, b in [(models.generator, again.generator), (models.fake, again.fake), (models.real, again.real)]:
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_a_checkpoint_of_other_settings_is_not_resumed(clip, tmp_path):
+    cfg, _, models = tiny_models(clip, "unet", {"steps": 2, "checkpoint_every": 1})
+    train(cfg, models, PROMPTS, seed=0, checkpoint_dir=tmp_path)
+    cfg, _, models = tiny_models(clip, "unet", {"steps": 2, "checkpoint_every": 1, "generator_lr": 0.5})
+    rows = train(cfg, models, PROMPTS, seed=0, checkpoint_dir=tmp_path)
+    assert [r["step"] for r in rows] == [0, 1, 2]  # started over
+
+
+class NanReward(torch.nn.Module):
+    """A reward that is NaN on the calls listed in `bad` (or always)."""
+
+    def __init__(self, bad=None):
+        super().__init__()
+        self.calls, self.bad = 0, bad
+
+    def forward(self, images, texts):
+        self.calls += 1
+        r = images.mean(dim=(1, 2, 3))
+        return r * float("nan") if self.bad is None or self.calls in self.bad else r
+
+
+def test_a_nonfinite_loss_skips_its_step_and_is_counted(clip):
+    cfg, _, models = tiny_models(clip, "unet", {"steps": 3, "rl": {"weight": 1.0}}, reward=NanReward(bad={1}))
+    rows = train(cfg, models, PROMPTS, seed=0)
+    assert [r.get("nonfinite_skipped", 0) for r in rows] == [0, 1, 1, 1]
+    assert all(torch.isfinite(p).all() for p in models.generator.parameters())
+
+
+def test_repeated_nonfinite_losses_stop_the_run_and_keep_the_checkpoint(clip, tmp_path):
+    cfg, _, models = tiny_models(clip, "unet", {"steps": 2, "checkpoint_every": 1})
+    train(cfg, models, PROMPTS, seed=0, checkpoint_dir=tmp_path)
+    before = (tmp_path / "loop.json").read_text()
+    cfg, _, models = tiny_models(clip, "unet", {"steps": 10, "max_nonfinite": 3, "rl": {"weight": 1.0}},
+                                 reward=NanReward())
+    with pytest.raises(FloatingPointError, match="3 non-finite losses in a row"):
+        train(cfg, models, PROMPTS, seed=0, checkpoint_dir=tmp_path)
+    assert (tmp_path / "loop.json").read_text() == before
+
+
+def test_poisoned_weights_are_never_checkpointed(tmp_path):
+    acc = Accelerator(cpu=True)
+    good, bad = acc.prepare(torch.nn.Linear(2, 2)), torch.nn.Linear(2, 2)
+    rng, prng = torch.Generator().manual_seed(0), __import__("numpy").random.default_rng(0)
+    assert resume.save(acc, tmp_path / "ckpt", {"step": 1, "fingerprint": "x"}, rng, prng, [good])
+    with torch.no_grad():
+        bad.weight[0, 0] = float("inf")
+    assert not resume.save(acc, tmp_path / "ckpt", {"step": 2, "fingerprint": "x"}, rng, prng, [good, bad])
+    assert '"step": 1' in (tmp_path / "ckpt" / "loop.json").read_text()
+
+
+def test_the_library_never_unpickles_or_runs_remote_code():
+    src = Path(__file__).resolve().parents[1] / "src" / "dmdr"
+    for f in src.rglob("*.py"):
+        text = f.read_text()
+        assert not re.search(r"\bpickle\b|trust_remote_code\s*=\s*True", text), f
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, (f, call)
+        assert "use_safetensors=False" not in text and "safe_serialization=False" not in text, f
+
+
+def test_a_missing_checkpoint_names_the_directory(tmp_path):
+    from dmdr.evaluation import World
+    from dmdr.models import load_backbone
+    with pytest.raises(FileNotFoundError, match=r"world checkpoint directory .*nowhere does not exist \(run the stage"):
+        World.load(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="backbone checkpoint directory"):
+        load_backbone(tmp_path / "gone")
