@@ -2,10 +2,8 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -64,23 +62,25 @@ def smoke(tmp_path_factory):
 
 def test_smoke_repro_produces_every_result(smoke):
     summary = json.loads((smoke / "results" / "summary.json").read_text())
-    assert set(summary) == {"teacher", "teacher-4", "dmd2-4", "dmdr-4", "dmd-then-rl-4", "teacher-refl",
-                            "teacher-refl-then-dmd-4"}
+    assert set(summary) == {"teacher", "dmd2-4", "dmdr-4", "teacher-refl-then-dmd-4"}
     for model, m in summary.items():
         for key in ("geneval_overall", "dpg_overall", "clip_score", "aesthetic", "pick", "hps", "gold", "nfe",
                     "sec_per_image"):
             assert key in m, (model, key)
         assert 0 <= m["geneval_overall"] <= 1 and 0 <= m["gold"] <= 1
-    assert summary["teacher"]["nfe"] == 8 and summary["dmd2-4"]["nfe"] == 4 and summary["teacher-refl"]["nfe"] == 8
+    assert summary["teacher"]["nfe"] == 8 and summary["dmd2-4"]["nfe"] == 4
     assert (smoke / "results" / "tables" / "distill.md").read_text().count("| dmd2-") == 1
     for f in ["samples_teacher.png", "samples_dmd2-4.png", "teacher_accuracy.png", "distill_curves.png"]:
         assert (smoke / "results" / "figures" / f).stat().st_size > 1000, f
-    for run in ["prompts", "world", "rewards", "distill-dmdr-4", "evaluate-teacher-refl", "report"]:
+    for run in ["prompts", "world", "rewards", "distill-dmdr-4", "evaluate-teacher-refl-then-dmd-4", "report"]:
         assert (smoke / "runs" / f"{run}.ipynb").exists(), run
     assert json.loads((smoke / "results" / "metrics" / "rewards.json").read_text())["held_out_pairs"] > 0
     curve = (smoke / "results" / "curves" / "dmdr-4.csv").read_text().splitlines()
     assert {"reward_train", "reward_test", "gold", "dpg_overall", "loss_dmd", "reward_x0"} <= set(curve[0].split(","))
     assert (smoke / "models" / "distill" / "dmdr-stage1-4" / "fake" / "config.json").exists()  # a continuation's start
+    claims = {c["id"]: c for c in json.loads((smoke / "results" / "claims.json").read_text())}
+    assert claims["C1"]["holds"] in (True, False) and claims["C3"]["holds"] is None  # smoke curves end before step 10
+    assert "Table 1 analogue" in (smoke / "runs" / "report.ipynb").read_text()
     sampler = json.loads((smoke / "models" / "distill" / "dmd2-4" / "sampler.json").read_text())
     assert sampler["steps"] == 4
 
@@ -103,31 +103,5 @@ def test_two_fresh_runs_give_identical_results(smoke, second_smoke):
     assert without_timing(read(smoke)) == without_timing(read(second_smoke))
     lock = lambda repo: {k: v for k, v in yaml.safe_load((repo / "dvc.lock").read_text())["stages"].items()
                          if k.startswith("distill@")}
-    outs = lambda stage: [(o["path"], o.get("md5")) for o in stage.get("outs", [])]
+    outs = lambda stage: [(o["path"], o["md5"]) for o in stage["outs"] if o["path"].startswith("models/")]
     assert {k: outs(v) for k, v in lock(smoke).items()} == {k: outs(v) for k, v in lock(second_smoke).items()}
-
-
-def test_a_killed_repro_resumes_and_ends_identical(second_smoke):
-    """SIGKILL `dvc repro` of a distillation after its first checkpoint; rerun; the generator and every metric match
-    the uninterrupted run."""
-    repo = second_smoke
-    before_lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["distill@dmd2-4"]["outs"]
-    before = json.loads((repo / "results" / "metrics" / "dmd2-4.json").read_text())
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "repro", "-f", "-s", "distill@dmd2-4"],
-                            cwd=repo, env=dvc_env(repo), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    checkpoint = repo / "checkpoints" / "dmd2-4" / "loop.json"
-    deadline = time.time() + 300
-    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert checkpoint.exists(), "the run ended before its first checkpoint could be interrupted"
-    assert json.loads(checkpoint.read_text())["step"] < 8
-    r = dvc(repo, "repro")
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    assert "resumed from checkpoints/dmd2-4" in (repo / "runs" / "distill-dmd2-4.ipynb").read_text()
-    assert not (repo / "checkpoints" / "dmd2-4").exists()
-    assert yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["distill@dmd2-4"]["outs"] == before_lock
-    after = json.loads((repo / "results" / "metrics" / "dmd2-4.json").read_text())
-    assert without_timing({"m": after}) == without_timing({"m": before})

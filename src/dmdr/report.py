@@ -152,7 +152,9 @@ def lineage(p, name: str) -> list[str]:
 
 
 def stitched_curve(p, name: str, results: Path = RESULTS) -> list[dict]:
-    """A recipe's curve with its ancestors' in front, steps counted from the teacher."""
+    """A recipe's curve with its ancestors' in front, steps counted from the teacher ([] if it was not run)."""
+    if name not in p.recipes:
+        return []
     rows, offset = [], 0
     for r in lineage(p, name):
         path = results / "curves" / f"{r}.csv"
@@ -210,6 +212,15 @@ def _early_mean(p, name: str, metric: str) -> float | None:
     return float(np.mean([r[metric] for r in rows])) if rows else None
 
 
+def _beats(a, b) -> bool | None:
+    """a > b, or None when either was not measured (e.g. a curve shorter than the window)."""
+    return None if a is None or b is None else a > b
+
+
+def _verdict(checks: dict) -> bool | None:
+    return None if any(v is None for v in checks.values()) else all(checks.values())
+
+
 def _stats(values: list[float]) -> dict:
     return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
 
@@ -249,19 +260,20 @@ def claims(p, summ: dict, results: Path = RESULTS) -> list[dict]:
 
     if stitched_curve(p, "dmdr-stage1-4") and stitched_curve(p, "dmd2-4"):
         nums = {k: {m: _early_mean(p, m, k) for m in ("dmdr-stage1-4", "dmd2-4")} for k in ("reward_test", "reward_train")}
-        verdict = {k: v["dmdr-stage1-4"] > v["dmd2-4"] for k, v in nums.items()}
+        verdict = {k: _beats(v["dmdr-stage1-4"], v["dmd2-4"]) for k, v in nums.items()}
         out.append({"id": "C3", "claim": f"RT-DM (stage 1, with DynaDG and DynaRS) raises the reward earlier than DMD "
                     f"only: mean reward over curve steps {EARLY[0]}-{EARLY[1]}", "numbers": nums, "per_metric": verdict,
-                    "holds": all(verdict.values())})
+                    "holds": _verdict(verdict)})
 
     ablations = [m for m in ("dmdr-4-no-dynadg", "dmdr-4-no-dynars") if stitched_curve(p, m)]
     if stitched_curve(p, "dmdr-stage1-4") and ablations:
         nums = {k: {m: _early_mean(p, m, k) for m in ["dmdr-stage1-4"] + ablations}
                 for k in ("reward_test", "geneval_overall", "gold")}
-        verdict = {f"{k}_vs_{a}": nums[k]["dmdr-stage1-4"] > nums[k][a] for k in ("reward_test",) for a in ablations}
+        verdict = {f"reward_test_vs_{a}": _beats(nums["reward_test"]["dmdr-stage1-4"], nums["reward_test"][a])
+                   for a in ablations}
         out.append({"id": "C4", "claim": f"DynaDG and DynaRS improve early training: stage 1 with both beats it without "
                     f"either, mean test reward over curve steps {EARLY[0]}-{EARLY[1]}", "numbers": nums,
-                    "per_metric": verdict, "holds": all(verdict.values())})
+                    "per_metric": verdict, "holds": _verdict(verdict)})
     return out
 
 
@@ -272,12 +284,13 @@ def claims_markdown(items: list[dict]) -> str:
         return "-" if v is None else fmt(v)
     parts = []
     for c in items:
-        verdict = {True: "**holds**", False: "**does not hold**", None: "not run"}[c["holds"]]
+        verdict = {True: "**holds**", False: "**does not hold**", None: "**not measured**"}[c["holds"]]
         lines = [f"**{c['id']}** {c['claim']}: {verdict} in the embedded world."]
         models = list(dict.fromkeys(m for v in c["numbers"].values() for m in v))
         lines += ["", "| metric | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
         lines += [f"| {k} | " + " | ".join(show(v.get(m)) for m in models) + " |" for k, v in c["numbers"].items()]
-        lines += ["", "Checks: " + ", ".join(f"{k} {'yes' if ok else 'no'}" for k, ok in c["per_metric"].items()) + "."]
+        lines += ["", "Checks: " + ", ".join(f"{k} {({True: 'yes', False: 'no'}).get(ok, 'not measured')}"
+                                             for k, ok in c["per_metric"].items()) + "."]
         parts.append("\n".join(lines))
     return "\n\n".join(parts) if parts else "_No claims checked yet: run the main command._"
 
@@ -303,7 +316,7 @@ def build(p, results: Path = RESULTS) -> dict:
     figures = []
     for m in models:
         if (results / "samples" / f"{m}.npz").exists():
-            sample_grid(results / "samples" / f"{m}.npz", m, out=figs / f"samples_{m}.png")
+            plt.close(sample_grid(results / "samples" / f"{m}.npz", m, out=figs / f"samples_{m}.png"))
             figures.append(figs / f"samples_{m}.png")
     if (results / "curves" / "teacher.csv").exists():
         plot_teacher_curve(results / "curves" / "teacher.csv", out=figs / "teacher_accuracy.png")
