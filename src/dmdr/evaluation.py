@@ -155,13 +155,14 @@ def curve_metrics(world: World, generator, steps: int, shift: float, specs: list
     m = EvalModel(checkpoint="", steps=steps)
     texts = [grammar.text(s) for s in specs] + [grammar.text(s) for s in dense_specs]
     images, _ = generate(world, generator, m, texts, seed, 256, shift)
-    gen_images, dense_images = images[:len(specs)], images[len(specs):]
-    verdicts = [(s.tag, geneval_correct(parse(im), *grammar.geneval_clauses(s), s.tag)) for s, im in zip(specs, gen_images)]
+    detections = [parse(im) for im in images]  # parsed once for every scorer
+    verdicts = [(s.tag, geneval_correct(d, *grammar.geneval_clauses(s), s.tag)) for s, d in zip(specs, detections)]
     row = {"geneval_overall": geneval_summary(verdicts)["geneval_overall"],
-           "gold": float(np.mean([gold(im, s) for im, s in zip(images, list(specs) + list(dense_specs))]))}
+           "gold": float(np.mean([gold(im, s, d) for im, s, d in zip(images, list(specs) + list(dense_specs),
+                                                                      detections)]))}
     if dense_specs:
-        row["dpg_overall"] = 100 * float(np.mean([np.mean(dpg_question_scores(grammar.questions(s), parse(im))[1])
-                                                  for s, im in zip(dense_specs, dense_images)]))
+        row["dpg_overall"] = 100 * float(np.mean([np.mean(dpg_question_scores(grammar.questions(s), d)[1])
+                                                  for s, d in zip(dense_specs, detections[len(specs):])]))
     if reward is not None:
         row["reward_test"] = reward_score(reward, images, texts)
         if train_prompts:
