@@ -1,9 +1,12 @@
-"""End to end: `dvc repro` of the smoke profile in a temporary copy of the repository."""
+"""End to end: `dvc repro` of the smoke profile in a temporary copy of the repository; a second copy is killed in the
+middle of training, resumed, and must end where the first ended."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,17 +94,34 @@ def test_smoke_repro_is_up_to_date_after_a_run(smoke):
 
 
 @pytest.fixture(scope="module")
-def second_smoke(smoke, tmp_path_factory):
+def killed_smoke(smoke, tmp_path_factory):
+    """A second fresh smoke run, killed with SIGKILL (the whole `dvc repro` process group) in the middle of dmd2-4's
+    training, right after its first checkpoint, then rerun with a plain `dvc repro`."""
     repo = smoke_repo(tmp_path_factory.mktemp("smoke2"))
+    run = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "repro"], cwd=repo, env=dvc_env(repo),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoint = repo / "checkpoints" / "dmd2-4" / "loop.json"
+    while not checkpoint.exists():
+        assert run.poll() is None, "dvc repro ended before dmd2-4 wrote a checkpoint"
+        time.sleep(0.05)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    step = json.loads(checkpoint.read_text())["step"]
+    assert step < 8 and not (repo / "models" / "distill" / "dmd2-4").exists(), "killed too late"
     r = dvc(repo, "repro")
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    return repo
+    return repo, step
 
 
-def test_two_fresh_runs_give_identical_results(smoke, second_smoke):
+def test_a_killed_run_resumes_and_two_fresh_runs_give_identical_results(smoke, killed_smoke):
+    """Resume after SIGKILL and determinism at once: the killed-and-resumed fresh run ends with the uninterrupted
+    run's metrics and the same trained generators (bit for bit: same DVC hashes)."""
+    killed, step = killed_smoke
+    assert f"resumed from checkpoints/dmd2-4 at step {step}" in (killed / "runs" / "distill-dmd2-4.ipynb").read_text()
+    assert not (killed / "checkpoints" / "dmd2-4").exists()  # a finished run removes its checkpoint
     read = lambda repo: json.loads((repo / "results" / "summary.json").read_text())
-    assert without_timing(read(smoke)) == without_timing(read(second_smoke))
+    assert without_timing(read(smoke)) == without_timing(read(killed))
     lock = lambda repo: {k: v for k, v in yaml.safe_load((repo / "dvc.lock").read_text())["stages"].items()
                          if k.startswith("distill@")}
     outs = lambda stage: [(o["path"], o["md5"]) for o in stage["outs"] if o["path"].startswith("models/")]
-    assert {k: outs(v) for k, v in lock(smoke).items()} == {k: outs(v) for k, v in lock(second_smoke).items()}
+    assert {k: outs(v) for k, v in lock(smoke).items()} == {k: outs(v) for k, v in lock(killed).items()}

@@ -8,8 +8,11 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from dmdr import resume
+from dmdr import flow, resume, standins
+from dmdr.config import TeacherParams
 from dmdr.distill import train
+from dmdr.models import build_vae
+from dmdr.world import grammar
 from tiny import tiny_models
 
 PROMPTS = ["a photo of a circle", "a photo of two squares", "a photo of a red triangle"]
@@ -43,6 +46,53 @@ def test_resume_ends_exactly_where_an_uninterrupted_run_ends(clip, tmp_path):
     assert strip(resumed) == strip(rows)
     for a, b in [(models.generator, again.generator), (models.fake, again.fake), (models.real, again.real)]:
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def crash_on_call(monkeypatch, owner, name: str, n: int):
+    """Make `owner.name` raise Crash on its n-th call (a kill in the middle of a loop)."""
+    real, calls = getattr(owner, name), []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise Crash
+        return real(*args, **kwargs)
+    monkeypatch.setattr(owner, name, wrapper)
+
+
+def world_part(kind: str, clip, checkpoint_dir: Path):
+    """One stand-in of the world stage, trained for 5 steps with checkpoints every 2: the VAE (numpy generator and
+    torch's global one) or the flow teacher (its own torch generator, EMA, accuracy logged on the way)."""
+    if kind == "vae":
+        vae, info = standins.train_vae(0, 5, 2, 1e-3, mixed_precision="no", check_renders=2,
+                                       checkpoint_dir=checkpoint_dir, checkpoint_every=2)
+        return vae, info["history"]
+    cfg = TeacherParams(channels=[16, 16], head_dim=8, steps=5, batch=2, warmup=2, pool_size=8, eval_every=4,
+                        eval_steps=1, mixed_precision="no")
+    specs = [grammar.sample_spec(__import__("numpy").random.default_rng(0), "single_object")]
+    torch.manual_seed(0)
+    model, info = standins.train_teacher(cfg, clip.requires_grad_(False), build_vae((16, 16, 16)).eval(), 0, specs,
+                                         checkpoint_dir=checkpoint_dir, checkpoint_every=2)
+    return model, info["history"]
+
+
+@pytest.mark.parametrize("kind,owner,name,n", [("vae", standins, "world_batch", 4),
+                                               ("teacher", flow, "flow_matching_loss", 4)])
+def test_a_world_stand_in_resumes_exactly_and_a_finished_one_is_not_retrained(kind, owner, name, n, clip, tmp_path,
+                                                                               monkeypatch):
+    whole, rows = world_part(kind, clip, tmp_path / "whole")
+    with monkeypatch.context() as m:
+        crash_on_call(m, owner, name, n)
+        with pytest.raises(Crash):
+            world_part(kind, clip, tmp_path / "cut")
+    assert (tmp_path / "cut" / "loop.json").exists()
+    resumed, resumed_rows = world_part(kind, clip, tmp_path / "cut")
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
+    assert strip(resumed_rows) == strip(rows) and len(rows) > 1
+    assert all(torch.equal(x, y) for x, y in zip(whole.state_dict().values(), resumed.state_dict().values()))
+    crash_on_call(monkeypatch, Accelerator, "backward", 1)  # the finished checkpoint is loaded, nothing trains
+    again, _ = world_part(kind, clip, tmp_path / "cut")
+    assert all(torch.equal(x, y) for x, y in zip(whole.state_dict().values(), again.state_dict().values()))
 
 
 def test_a_checkpoint_of_other_settings_is_not_resumed(clip, tmp_path):
@@ -112,3 +162,11 @@ def test_a_missing_checkpoint_names_the_directory(tmp_path):
         World.load(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="backbone checkpoint directory"):
         load_backbone(tmp_path / "gone")
+
+
+def test_a_generator_of_the_wrong_latent_size_is_refused_before_sampling(tmp_path):
+    from dmdr.models import build_backbone, load_backbone, save_diffusers
+    save_diffusers(build_backbone("unet", 16, 16, 4, channels=(16, 16), head_dim=8, latent_size=16), tmp_path / "g")
+    with pytest.raises(ValueError, match=r"g/config.json: in_channels 4 and sample_size 16 .* expects \(4, 8, 8\)"):
+        load_backbone(tmp_path / "g", (4, 8, 8))
+    assert load_backbone(tmp_path / "g", (4, 16, 16)).config.sample_size == 16

@@ -27,9 +27,10 @@ def test_parse_reports_boxes_and_confidence():
     assert d["confidence"] > 0.95
 
 
-def test_parse_rejects_bad_shapes():
-    with pytest.raises(ValueError, match="HxWx3"):
-        parse(np.zeros((32, 32), np.uint8))
+@pytest.mark.parametrize("shape", [(32, 32), (64, 64, 3), (32, 32, 4)])
+def test_parse_rejects_images_of_the_wrong_size(shape):
+    with pytest.raises(ValueError, match=rf"32x32x3 image \(the world's size\), got shape \{shape}"[:-1]):
+        parse(np.zeros(shape, np.uint8))
 
 
 def test_blank_and_noise_images_have_no_confident_objects():

@@ -52,6 +52,7 @@ class VaeParams:
     batch: int = 64
     lr: float = 1e-3
     kl_weight: float = 1e-6
+    check_renders: int = 400  # renders whose reconstruction is parsed (vae_reconstruction_parse_exact)
 
 
 @dataclass
@@ -82,6 +83,7 @@ class WorldParams:
     clip_eval_seed: int = 1  # the independent CLIP of the clip_score metric
     vae: VaeParams = field(default_factory=VaeParams)
     teacher: TeacherParams = field(default_factory=TeacherParams)
+    checkpoint_every: int = 500  # steps between resumable checkpoints of each stand-in (checkpoints/world/); 0: none
 
 
 @dataclass

@@ -403,9 +403,9 @@ def run_recipe(p, name: str, prompt_dir: Path = Path("data/prompts"), out: Path 
     start = start_fake = None
     if cfg.init != TEACHER:
         init = require_dir(Path(cfg.init), f"recipe {name}'s init")
-        start = VelocityModel(load_backbone(init))
+        start = VelocityModel(load_backbone(init, world.latent_shape))
         if (init / "fake").is_dir():
-            start_fake = VelocityModel(load_backbone(init / "fake"))
+            start_fake = VelocityModel(load_backbone(init / "fake", world.latent_shape))
     reward = load_reward(cfg.rl.reward)
     models = init_models(world.teacher, world.encode, world.encode([""]), start, start_fake, cfg,
                          decode=lambda z: decode_latents(world.vae, z), reward=reward)

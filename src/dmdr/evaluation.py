@@ -119,7 +119,7 @@ def load_model(world: World, m: EvalModel):
         return world.teacher, 1.0
     path = require_dir(Path(m.checkpoint), "generator")
     settings = json.loads((path / "sampler.json").read_text()) if (path / "sampler.json").exists() else {}
-    return VelocityModel(load_backbone(path)).eval(), settings.get("shift", 1.0)
+    return VelocityModel(load_backbone(path, world.latent_shape)).eval(), settings.get("shift", 1.0)
 
 
 def evaluate(p: Params, name: str, prompt_dir: Path = Path("data/prompts"), world: World | None = None,

@@ -184,12 +184,20 @@ def build_backbone(kind: str, text_width: int, pooled_dim: int, latent_channels:
     raise ValueError(f"unknown backbone kind {kind!r}; expected 'unet' or 'sd3'")
 
 
-def load_backbone(path: Path):
+def load_backbone(path: Path, latent_shape: tuple[int, int, int] | None = None):
+    """A diffusers backbone saved with save_pretrained; with `latent_shape` (channels, height, width) its config
+    must produce latents of that shape, the world's, else the images it makes would be of the wrong size."""
     path = require_dir(path, "backbone")
-    cls_name = json.loads((path / "config.json").read_text()).get("_class_name")
+    config = json.loads((path / "config.json").read_text())
+    cls_name = config.get("_class_name")
     cls = {"UNet2DConditionModel": UNet2DConditionModel, "SD3Transformer2DModel": SD3Transformer2DModel}.get(cls_name)
     if cls is None:
         raise ValueError(f"{path}/config.json: unsupported backbone class {cls_name!r}")
+    if latent_shape is not None:
+        found = (config.get("in_channels"), config.get("sample_size"), config.get("sample_size"))
+        if found != tuple(latent_shape):
+            raise ValueError(f"{path}/config.json: in_channels {found[0]} and sample_size {found[1]} make latents "
+                             f"of shape {found}, the world's VAE expects {tuple(latent_shape)}")
     return cls.from_pretrained(path, use_safetensors=True)
 
 

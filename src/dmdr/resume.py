@@ -4,13 +4,14 @@ included) continues from its last checkpoint and ends exactly where an uninterru
 A checkpoint directory holds accelerate's `save_state` (the prepared models as safetensors; optimizer states and
 accelerate's global RNG states, which it loads with torch.load(weights_only=True)) plus `loop.json` (step, logged
 rows, the loop's own numpy generator, the fingerprint of the run's settings) and `generators.safetensors` (the loop's
-torch generator). Nothing is unpickled. A checkpoint whose fingerprint differs (other params, other prompts) is
+torch generator and any other tensors of the loop's state, such as an EMA's shadow weights). Nothing is unpickled. A checkpoint whose fingerprint differs (other params, other prompts) is
 ignored rather than resumed; one with non-finite weights is never written.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .models import atomic_dir
+
+
+@dataclass
+class Checkpoint:
+    """Where and how often a loop checkpoints, what identifies its run, and the random generators it draws from
+    besides the global ones (which accelerate saves)."""
+    path: Path
+    every: int
+    fingerprint: str
+    rng: torch.Generator | None = None
+    prng: np.random.Generator | None = None
 
 
 def fingerprint(*parts) -> str:
@@ -29,23 +41,27 @@ def all_finite(modules) -> bool:
     return all(torch.isfinite(p).all() for m in modules for p in m.parameters())
 
 
-def save(acc, path: Path, loop: dict, rng: torch.Generator, prng: np.random.Generator, modules) -> bool:
+def save(acc, path: Path, loop: dict, rng: torch.Generator | None, prng: np.random.Generator | None, modules,
+         tensors: dict[str, torch.Tensor] | None = None) -> bool:
     """Write a checkpoint atomically (a temporary directory renamed over the old one). Returns False, writing
-    nothing, when any weight is non-finite: a good checkpoint is never replaced by a poisoned one."""
+    nothing, when any weight is non-finite: a good checkpoint is never replaced by a poisoned one. `tensors` are
+    saved by name and copied back in place by `load`."""
     if not all_finite(modules):
         return False
 
     def write(d: Path):
         acc.save_state(str(d), safe_serialization=True)
-        save_file({"rng": rng.get_state()}, d / "generators.safetensors")
-        (d / "loop.json").write_text(json.dumps(loop | {"prng": prng.bit_generator.state}))
+        state = {k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()}
+        save_file(state | ({"rng": rng.get_state()} if rng is not None else {}), d / "generators.safetensors")
+        (d / "loop.json").write_text(json.dumps(loop | ({"prng": prng.bit_generator.state} if prng else {})))
     atomic_dir(path, write)
     return True
 
 
-def load(acc, path: Path | None, fp: str, rng: torch.Generator, prng: np.random.Generator) -> dict | None:
-    """Restore the checkpoint at `path` into the prepared objects and generators; returns the loop state, or None
-    when there is no checkpoint for this run."""
+def load(acc, path: Path | None, fp: str, rng: torch.Generator | None, prng: np.random.Generator | None,
+         tensors: dict[str, torch.Tensor] | None = None) -> dict | None:
+    """Restore the checkpoint at `path` into the prepared objects, generators and `tensors` (in place); returns the
+    loop state, or None when there is no checkpoint for this run."""
     if path is None or not (Path(path) / "loop.json").exists():
         return None
     loop = json.loads((Path(path) / "loop.json").read_text())
@@ -53,7 +69,14 @@ def load(acc, path: Path | None, fp: str, rng: torch.Generator, prng: np.random.
         print(f"ignoring checkpoint {path}: it belongs to other settings")
         return None
     acc.load_state(str(path))
-    rng.set_state(load_file(Path(path) / "generators.safetensors")["rng"])
-    prng.bit_generator.state = loop.pop("prng")
+    saved = load_file(Path(path) / "generators.safetensors")
+    if rng is not None:
+        rng.set_state(saved["rng"])
+    for name, t in (tensors or {}).items():
+        with torch.no_grad():
+            t.copy_(saved[name])
+    if prng is not None:
+        prng.bit_generator.state = loop["prng"]
+    loop.pop("prng", None)
     print(f"resumed from {path} at step {loop['step']}")
     return loop

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from . import flow
+from . import flow, resume
 from .config import ClipConfig, TeacherParams
 from .files import write_csv, write_json
 from .models import (TinyClip, VelocityModel, build_backbone, build_vae, decode_latents, encode_latents,
@@ -51,9 +52,13 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 def train_loop(model: torch.nn.Module, loss_fn, steps: int, lr: float, desc: str, warmup: int = 100,
                weight_decay: float = 0.0, on_log=None, log_every: int = 100, mixed_precision: str = "no",
-               ema: EMAModel | None = None) -> list[dict]:
+               ema: EMAModel | None = None, checkpoint: resume.Checkpoint | None = None) -> list[dict]:
     """The stand-ins' training loop on accelerate: AdamW, linear warm-up then cosine decay, grad clip 1.0, progress
-    bar. `loss_fn(step)` returns the loss; `on_log(step)` may return extra numbers to record."""
+    bar. `loss_fn(step)` returns the loss; `on_log(step)` may return extra numbers to record.
+
+    With `checkpoint`, the whole state (model, optimizer, schedule, EMA, global RNGs and the loss's own generators)
+    is saved every `checkpoint.every` steps and once more at the end, and a run finding a checkpoint of the same
+    settings continues from it: a finished loop is not run again."""
     acc = Accelerator(cpu=not torch.cuda.is_available())
     # autocast here rather than Accelerator(mixed_precision=...): accelerate fixes that once per process
     autocast = torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
@@ -61,9 +66,26 @@ def train_loop(model: torch.nn.Module, loss_fn, steps: int, lr: float, desc: str
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
     model, opt, sched = acc.prepare(model, opt, sched)
-    history, t0 = [], time.time()
-    bar = tqdm(range(steps), desc=desc, mininterval=5)
+    history, start, t0 = [], 0, time.time()
+    ema_tensors = {f"ema.{i}": t for i, t in enumerate(ema.shadow_params)} if ema is not None else {}
+
+    def save(step: int):
+        if not resume.save(acc, checkpoint.path, {"step": step, "history": history, "seconds": time.time() - t0,
+                                                  "ema_step": ema.optimization_step if ema else 0,
+                                                  "fingerprint": checkpoint.fingerprint},
+                           checkpoint.rng, checkpoint.prng, [model], ema_tensors):
+            raise FloatingPointError(f"{desc}: non-finite weights at step {step}; the last good checkpoint stays "
+                                     f"in {checkpoint.path}")
+
+    if checkpoint is not None and (state := resume.load(acc, checkpoint.path, checkpoint.fingerprint, checkpoint.rng,
+                                                        checkpoint.prng, ema_tensors)) is not None:
+        history, start, t0 = state["history"], state["step"], time.time() - state["seconds"]
+        if ema is not None:
+            ema.optimization_step = state["ema_step"]
+    bar = tqdm(range(start, steps), desc=desc, mininterval=5, initial=start, total=steps)
     for step in bar:
+        if checkpoint is not None and step > start and step % checkpoint.every == 0:
+            save(step)
         model.train()
         with autocast:
             loss = loss_fn(step)
@@ -81,6 +103,8 @@ def train_loop(model: torch.nn.Module, loss_fn, steps: int, lr: float, desc: str
                 tqdm.write(f"{desc} step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in extra.items()))
             history.append(row)
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+    if checkpoint is not None and start < steps:
+        save(steps)  # the finished loop: a later part of the stage that crashes does not retrain this one
     return history
 
 
@@ -115,18 +139,25 @@ def retrieval_accuracy(clip: TinyClip, seed: int, n: int = 500, candidates: int 
     return {"image_to_text_top1": i2t / n, "text_to_image_top1": t2i / n, "candidates": candidates}
 
 
-def train_clip(cfg: ClipConfig, seed: int, steps: int, batch: int, lr: float,
-               mixed_precision: str = "bf16") -> tuple[TinyClip, dict]:
+def checkpointing(path: Path | None, every: int, *settings, rng=None, prng=None) -> resume.Checkpoint | None:
+    """Checkpoints of one stand-in's training under `path`, identified by its settings (None: no checkpoints)."""
+    return None if path is None or every <= 0 else resume.Checkpoint(path, every, resume.fingerprint(*settings), rng, prng)
+
+
+def train_clip(cfg: ClipConfig, seed: int, steps: int, batch: int, lr: float, mixed_precision: str = "bf16",
+               checkpoint_dir: Path | None = None, checkpoint_every: int = 500) -> tuple[TinyClip, dict]:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     clip = TinyClip(cfg)
+    ckpt = checkpointing(checkpoint_dir, checkpoint_every, "clip", dataclasses.asdict(cfg), seed, steps, batch, lr,
+                         mixed_precision, prng=rng)
 
     def loss_fn(step):
         images, captions = world_batch(rng, batch)
         return clip_loss(clip, to_tensor(images, device_of(clip)), captions)
 
     history = train_loop(clip, loss_fn, steps, lr, desc=f"CLIP seed {seed}", weight_decay=0.1,
-                         mixed_precision=mixed_precision)
+                         mixed_precision=mixed_precision, checkpoint=ckpt)
     return clip.eval(), {"history": history} | retrieval_accuracy(clip, seed + 1000)
 
 
@@ -143,11 +174,13 @@ def vae_parse_accuracy(vae, seed: int, n: int = 400) -> float:
     return float(np.mean([key(parse(a)) == key(parse(b)) for a, b in zip(images, recon)]))
 
 
-def train_vae(seed: int, steps: int, batch: int, lr: float, kl_weight: float = 1e-6,
-              mixed_precision: str = "bf16") -> tuple[torch.nn.Module, dict]:
+def train_vae(seed: int, steps: int, batch: int, lr: float, kl_weight: float = 1e-6, mixed_precision: str = "bf16",
+              check_renders: int = 400, checkpoint_dir: Path | None = None, checkpoint_every: int = 500) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     vae = build_vae()
+    ckpt = checkpointing(checkpoint_dir, checkpoint_every, "vae", seed, steps, batch, lr, kl_weight, mixed_precision,
+                         prng=rng)
 
     def loss_fn(step):
         x = to_tensor(world_batch(rng, batch)[0], device_of(vae))
@@ -155,13 +188,13 @@ def train_vae(seed: int, steps: int, batch: int, lr: float, kl_weight: float = 1
         recon = vae.decode(post.sample()).sample
         return (recon - x).abs().mean() + (recon - x).pow(2).mean() + kl_weight * post.kl().mean()
 
-    history = train_loop(vae, loss_fn, steps, lr, desc="VAE", mixed_precision=mixed_precision)
+    history = train_loop(vae, loss_fn, steps, lr, desc="VAE", mixed_precision=mixed_precision, checkpoint=ckpt)
     vae.eval()
     # SD-style latent normalisation, measured on fresh renders
     with torch.no_grad():
         z = vae.encode(to_tensor(world_batch(rng, 1024)[0], device_of(vae))).latent_dist.mean
     vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1 / z.std()))
-    return vae, {"history": history, "reconstruction_parse_exact": vae_parse_accuracy(vae, seed + 1000)}
+    return vae, {"history": history, "reconstruction_parse_exact": vae_parse_accuracy(vae, seed + 1000, check_renders)}
 
 
 # --- flow teacher ---------------------------------------------------------------------------------------------
@@ -196,8 +229,8 @@ def geneval_accuracy(model, clip: TinyClip, vae, specs: list, seed: int, steps: 
     return geneval_summary(verdicts)
 
 
-def train_teacher(cfg: TeacherParams, clip: TinyClip, vae, seed: int, eval_specs: list,
-                  desc: str = "flow teacher") -> tuple[VelocityModel, dict]:
+def train_teacher(cfg: TeacherParams, clip: TinyClip, vae, seed: int, eval_specs: list, desc: str = "flow teacher",
+                  checkpoint_dir: Path | None = None, checkpoint_every: int = 500) -> tuple[VelocityModel, dict]:
     """Flow matching on VAE latents, conditioned on the frozen CLIP's text tower, with CFG dropout and EMA.
     Returns the EMA model and the training history (with GenEval-analogue accuracy against time)."""
     torch.manual_seed(seed)
@@ -208,6 +241,8 @@ def train_teacher(cfg: TeacherParams, clip: TinyClip, vae, seed: int, eval_specs
     model = VelocityModel(backbone).to(device_of(vae))
     ema = EMAModel(model.parameters(), decay=cfg.ema_decay)
     g = torch.Generator().manual_seed(seed)
+    ckpt = checkpointing(checkpoint_dir, checkpoint_every, "teacher", dataclasses.asdict(cfg), seed,
+                         [(grammar.text(s), s.tag) for s in eval_specs], rng=g)
     with torch.no_grad():
         uncond = clip.encode([""])
 
@@ -231,7 +266,8 @@ def train_teacher(cfg: TeacherParams, clip: TinyClip, vae, seed: int, eval_specs
         return geneval_accuracy(shadow, clip, vae, eval_specs, seed, cfg.eval_steps, cfg.cfg)
 
     history = train_loop(model, loss_fn, cfg.steps, cfg.lr, desc=desc, warmup=cfg.warmup,
-                         on_log=on_log, log_every=max(1, cfg.eval_every // 10), mixed_precision=cfg.mixed_precision, ema=ema)
+                         on_log=on_log, log_every=max(1, cfg.eval_every // 10), mixed_precision=cfg.mixed_precision,
+                         ema=ema, checkpoint=ckpt)
     ema.copy_to(model.parameters())
     return model.eval(), {"history": history}
 
@@ -239,26 +275,36 @@ def train_teacher(cfg: TeacherParams, clip: TinyClip, vae, seed: int, eval_specs
 # --- the world stage ------------------------------------------------------------------------------------------
 
 
-def build_world(p, eval_specs: list, out: Path, metrics_path: Path, curve_path: Path) -> dict:
+def build_world(p, eval_specs: list, out: Path, metrics_path: Path, curve_path: Path,
+                checkpoints: Path = Path("checkpoints/world")) -> dict:
     """Train every stand-in of the `world` stage and save them under `out` (clip, clip_eval, vae, teacher).
-    `eval_specs` are the held-out prompts on which the teacher's accuracy is followed during training."""
+    `eval_specs` are the held-out prompts on which the teacher's accuracy is followed during training.
+
+    Each stand-in checkpoints under `checkpoints/<name>` every `world.checkpoint_every` steps and when it is done,
+    so a killed stage resumes where it stopped; the checkpoints go once the whole world is saved."""
     w, seed, timings = p.world, p.seed, {}
+    every = w.checkpoint_every
     clip_cfg = ClipConfig(**{f.name: getattr(w.clip, f.name) for f in dataclasses.fields(ClipConfig)})
 
     t = time.time()
-    clip, clip_info = train_clip(clip_cfg, seed, w.clip.steps, w.clip.batch, w.clip.lr)
+    clip, clip_info = train_clip(clip_cfg, seed, w.clip.steps, w.clip.batch, w.clip.lr,
+                                 checkpoint_dir=checkpoints / "clip", checkpoint_every=every)
     clip.save(out / "clip")
-    clip_eval, clip_eval_info = train_clip(clip_cfg, w.clip_eval_seed, w.clip.steps, w.clip.batch, w.clip.lr)
+    clip_eval, clip_eval_info = train_clip(clip_cfg, w.clip_eval_seed, w.clip.steps, w.clip.batch, w.clip.lr,
+                                           checkpoint_dir=checkpoints / "clip_eval", checkpoint_every=every)
     clip_eval.save(out / "clip_eval")
     timings["clip_minutes"] = (time.time() - t) / 60
 
     t = time.time()
-    vae, vae_info = train_vae(seed, w.vae.steps, w.vae.batch, w.vae.lr, w.vae.kl_weight)
+    vae, vae_info = train_vae(seed, w.vae.steps, w.vae.batch, w.vae.lr, w.vae.kl_weight,
+                              check_renders=w.vae.check_renders, checkpoint_dir=checkpoints / "vae",
+                              checkpoint_every=every)
     save_diffusers(vae, out / "vae")
     timings["vae_minutes"] = (time.time() - t) / 60
 
     t = time.time()
-    teacher, teacher_info = train_teacher(w.teacher, clip, vae, seed, eval_specs)
+    teacher, teacher_info = train_teacher(w.teacher, clip, vae, seed, eval_specs,
+                                          checkpoint_dir=checkpoints / "teacher", checkpoint_every=every)
     save_diffusers(teacher.backbone, out / "teacher")
     timings["teacher_minutes"] = (time.time() - t) / 60
 
@@ -275,5 +321,6 @@ def build_world(p, eval_specs: list, out: Path, metrics_path: Path, curve_path: 
         "teacher_class": type(teacher.backbone).__name__,
     } | {k: round(v, 2) for k, v in timings.items()}
     write_json(metrics, metrics_path)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the world is complete: nothing left to resume
     return metrics
 

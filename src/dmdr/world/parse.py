@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .scene import BACKGROUND, COLORS, SHAPES, coverage, size_name, subpixel_grid
+from .scene import BACKGROUND, COLORS, IMAGE_SIZE, SHAPES, coverage, size_name, subpixel_grid
 
 _BG = np.asarray(BACKGROUND, np.float64)
 _PALETTE = np.asarray(list(COLORS.values()), np.float64)  # (C, 3)
@@ -87,8 +87,9 @@ def parse(image: np.ndarray) -> list[Detection]:
     the best rendered fit, in [0, 1]) and `size`.
     """
     image = np.asarray(image)
-    if image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"parse expects an HxWx3 image, got shape {image.shape}")
+    if image.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
+        raise ValueError(f"parse expects a {IMAGE_SIZE}x{IMAGE_SIZE}x3 image (the world's size), got shape "
+                         f"{image.shape}")
     label, alpha = unmix(image)
     dets: list[Detection] = []
     for ci, name in enumerate(_NAMES):
