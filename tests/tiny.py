@@ -1,5 +1,7 @@
-"""Tiny real models for fast tests: an open_clip CLIP, a diffusers backbone and VAE, a CLIP reward."""
+"""Tiny real models for fast tests: an open_clip CLIP, a diffusers backbone and VAE, a CLIP reward; tiny real
+pipelines (SD3) saved like the hub's."""
 import torch
+from diffusers import AutoencoderKL
 
 from dmdr.config import DistillParams, build, deep_merge
 from dmdr.distill import init_models
@@ -26,3 +28,52 @@ def tiny_models(clip, kind: str = "unet", overrides: dict | None = None, reward=
     models = init_models(teacher, encode, encode([""]), cfg=cfg, decode=lambda z: decode_latents(vae, z),
                          reward=reward)
     return cfg, teacher, models
+
+
+# --- tiny real pipelines: the real diffusers / transformers classes from small configs, saved like the hub's -----
+
+
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def tiny_clip_tokenizer(max_length: int = 16):
+    """A character-level BPE vocabulary (no merges) in the real CLIPTokenizer."""
+    from transformers import CLIPTokenizer
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    vocab |= {c: len(vocab) + i for i, c in enumerate(CHARS)}
+    vocab |= {c + "</w>": len(vocab) + i for i, c in enumerate(CHARS)}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def tiny_t5_tokenizer():
+    from transformers import T5Tokenizer
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [(c, -2.0) for c in CHARS] + [("\u2581" + c, -1.0) for c in CHARS]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def tiny_sd3_pipeline(path):
+    """A random StableDiffusion3Pipeline (transformer, 16-channel VAE, two CLIP text encoders with projection, T5)
+    at 16 x 16 pixels, saved with save_pretrained."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    torch.manual_seed(0)
+    clip_cfg = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
+                    num_attention_heads=4, num_hidden_layers=2, vocab_size=80, max_position_embeddings=16,
+                    projection_dim=32)
+    t5 = T5EncoderModel(T5Config(vocab_size=80, d_model=64, d_kv=16, d_ff=64, num_layers=1, num_heads=4))
+    pipe = StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=16, out_channels=16, num_layers=2,
+                                          attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+                                          caption_projection_dim=32, pooled_projection_dim=64),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 16),
+                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                          layers_per_block=1, norm_num_groups=16, sample_size=16, shift_factor=0.0609,
+                          scaling_factor=1.5035),
+        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg)),
+        text_encoder_3=t5, tokenizer=tiny_clip_tokenizer(), tokenizer_2=tiny_clip_tokenizer(),
+        tokenizer_3=tiny_t5_tokenizer())
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path

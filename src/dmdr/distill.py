@@ -183,6 +183,7 @@ class Models:
     uncond: tuple
     decode: callable = None
     reward: torch.nn.Module | None = None
+    latent_shape: tuple[int, int, int] | None = None  # default: the backbone's (in_channels, sample_size, sample_size)
 
 
 def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, curve_fn=None,
@@ -226,7 +227,7 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
     fp = resume.fingerprint(dataclasses.asdict(cfg), seed, len(prompts), prompts[:8])
     times = flow.generator_times(cfg.generator_steps, cfg.shift)
     c = (models.generator.model if isinstance(models.generator, flow.Guided) else models.generator).backbone.config
-    latent_shape = (c.in_channels, c.sample_size, c.sample_size)
+    latent_shape = models.latent_shape or (c.in_channels, c.sample_size, c.sample_size)
     dev = acc.device
 
     def batch():
@@ -370,7 +371,7 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
 
 
 def init_models(teacher, encode, uncond, start=None, start_fake=None, cfg: DistillParams | None = None,
-                decode=None, reward=None) -> Models:
+                decode=None, reward=None, latent_shape=None) -> Models:
     """Generator and fake score start as copies of `start` (default: the teacher, DMD2) or of a parent recipe's
     generator and fake score; the real score is the teacher, or `start` itself when cfg.real == 'init'."""
     cfg = cfg or DistillParams()
@@ -383,7 +384,7 @@ def init_models(teacher, encode, uncond, start=None, start_fake=None, cfg: Disti
     if cfg.dmd_weight > 0 and cfg.dynadg.form != "released":
         fake = copy.deepcopy(start_fake if start_fake is not None else start).train()
     return Models(generator=generator, fake=fake, real=copy.deepcopy(real), encode=encode, uncond=uncond,
-                  decode=decode, reward=reward)
+                  decode=decode, reward=reward, latent_shape=latent_shape)
 
 
 def run_recipe(p, name: str, prompt_dir: Path = Path("data/prompts"), out: Path = Path("models/distill"),
