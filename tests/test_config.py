@@ -58,6 +58,15 @@ def test_repository_params_are_valid():
     ({"rewards": {"hps_label_noise": 2.0}}, "rewards.hps_label_noise: must lie in"),
     ({"evaluate": {"models": {"dmdr-4": {"checkpoint": "models/distill/dmdr-5"}}}},
      "evaluate.models.dmdr-4.checkpoint: 'models/distill/dmdr-5' names no recipe"),
+    ({"presets": {"sd3-medium": {"resolution": 0}}}, "presets.sd3-medium.resolution: must be positive"),
+    ({"presets": {"sd3-medium": {"stage2": {"rl": {"reward": "clip+hps2"}}}}},
+     "presets.sd3-medium.stage2.rl.reward: unknown reward 'hps2'"),
+    ({"presets": {"x": {"resolution": 512}}}, "presets.x.teacher: required"),
+    ({"presets": {"sd3-medium": {"reward_models": {"hps": {"checkpont": "a.pt"}}}}},
+     "presets.sd3-medium.reward_models.hps.checkpont: unknown key"),
+    ({"presets": {"x": {"teacher": "t", "stage2": {"rl": {"weight": 0.5, "reward": "pick"}}}}},
+     "presets.x.stage2.rl.reward: 'pick' has no entry in presets.x.reward_models"),
+    ({"real": {"preset": 3}}, "real.preset: expected str"),
 ])
 def test_bad_params_name_the_key(tmp_path, change, key):
     with pytest.raises(ParamsError, match=key.replace(".", r"\.")):

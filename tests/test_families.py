@@ -71,3 +71,43 @@ def test_dmdr_on_a_real_sd3_pipeline_then_export(sd3, tmp_path):
 def test_a_directory_that_is_not_a_pipeline_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a diffusers pipeline directory"):
         load_teacher(tmp_path, resolution=16)
+
+
+def test_the_real_runner_trains_both_stages_of_a_preset_exports_and_scores(sd3, tmp_path):
+    """`python -m dmdr.real` on a tiny preset: stage 1 (DynaDG's released shared LoRA, DynaRS), stage 2 (hinge RL on
+    an HPS-format reward), both exported; the result is scored by every reward of the preset; a rerun finds both
+    stages done."""
+    import open_clip
+    import yaml
+    from safetensors.torch import save_file
+
+    from dmdr import config, real
+    from tiny import register_tiny_open_clip
+    arch = register_tiny_open_clip(tmp_path)
+    torch.manual_seed(0)
+    torch.save({"state_dict": open_clip.create_model(arch).state_dict()}, tmp_path / "hps.pt")
+    save_file({k: v.contiguous() for k, v in open_clip.create_model(arch).state_dict().items()},
+              tmp_path / "clip.safetensors")
+    (tmp_path / "train.txt").write_text("a photo of a cat\ntwo red squares\na blue circle\n")
+    (tmp_path / "eval.txt").write_text("a green triangle\nthree dogs\n")
+    fast = dict(steps=2, batch=2, ttur=1, log_every=1, generator_steps=4, shift=3.0, checkpoint_every=1)
+    raw = yaml.safe_load(open(config.Path(__file__).parents[1] / "params.yaml"))
+    raw["presets"] = {"tiny-sd3": {
+        "teacher": str(sd3), "resolution": 16, "max_sequence_length": 8, "eval_steps": 2,
+        "reward_models": {"hps": {"arch": arch, "checkpoint": str(tmp_path / "hps.pt")},
+                          "clip": {"arch": arch, "checkpoint": str(tmp_path / "clip.safetensors")}},
+        "stage1": fast | {"dynadg": {"form": "released", "rank": 4, "steps": 2}, "dynars": {"enabled": True, "steps": 2}},
+        "stage2": fast | {"rl": {"weight": 0.3, "loss": "hinge", "reward": "hps"}}}}
+    raw["real"] = {"preset": "tiny-sd3", "train_prompts": str(tmp_path / "train.txt"),
+                   "eval_prompts": str(tmp_path / "eval.txt"), "out": str(tmp_path / "out")}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    real.main(["--params", str(tmp_path / "params.yaml")])
+    out = tmp_path / "out" / "tiny-sd3"
+    assert (out / "stage1" / "fake" / "config.json").exists() and (out / "dmdr" / "model_index.json").exists()
+    assert not any((out / "checkpoints").glob("*/loop.json"))  # finished stages leave no checkpoint behind
+    metrics = config.Path(out / "metrics.json").read_text()
+    m = __import__("json").loads(metrics)
+    assert set(m["few_step"]) == {"hps", "clip", "nfe"} and m["few_step"]["nfe"] == 4 and m["teacher"]["nfe"] == 4
+    before = (out / "dmdr" / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mtime
+    real.run(config.load(tmp_path / "params.yaml"))  # both stages exported: nothing retrains
+    assert (out / "dmdr" / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mtime == before

@@ -1,28 +1,21 @@
 """The paper's reward models through their real classes (open_clip, transformers CLIPModel, the LAION head) at tiny
 sizes, saved in their released formats: the differentiable scores equal the libraries' own preprocessing and
 scoring, and gradients reach the images."""
-import json
-
 import open_clip
 import pytest
 import torch
 from PIL import Image
 
 from dmdr.real_rewards import AestheticMLP, load_real_reward, projected, read_state_dict
-from tiny import tiny_clip_tokenizer
+from tiny import TINY_OPEN_CLIP, register_tiny_open_clip, tiny_clip_tokenizer
 
-ARCH = "dmdr-tiny-vit"
+ARCH = TINY_OPEN_CLIP
 TEXTS = ["a photo of a cat", "two red squares"]
 
 
 @pytest.fixture(scope="module")
 def arch(tmp_path_factory):
-    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    path = tmp_path_factory.mktemp("cfg") / f"{ARCH}.json"
-    path.write_text(json.dumps(cfg))
-    open_clip.add_model_config(path)
-    return ARCH
+    return register_tiny_open_clip(tmp_path_factory.mktemp("cfg"))
 
 
 def uint8_images(size: int, n: int = 2, seed: int = 0) -> torch.Tensor:

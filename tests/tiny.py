@@ -77,3 +77,19 @@ def tiny_sd3_pipeline(path):
         tokenizer_3=tiny_t5_tokenizer())
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+TINY_OPEN_CLIP = "dmdr-tiny-vit"
+
+
+def register_tiny_open_clip(directory) -> str:
+    """Register a tiny open_clip architecture (open_clip's own tokenizer) under TINY_OPEN_CLIP; returns its name."""
+    import json
+
+    import open_clip
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    path = directory / f"{TINY_OPEN_CLIP}.json"
+    path.write_text(json.dumps(cfg))
+    open_clip.add_model_config(path)
+    return TINY_OPEN_CLIP

@@ -183,6 +183,37 @@ class EvaluateParams:
 
 
 @dataclass
+class RewardModelParams:
+    """Where one real reward model's weights are: a local file or directory, an open_clip pretrained tag ('dfn5b',
+    'openai') or a hub id (dmdr.real_rewards.load_real_reward)."""
+    checkpoint: str = ""
+    arch: str = ""  # open_clip architecture (clip, hps, aesthetic's CLIP); empty: the paper's
+    processor: str = ""  # pick: the CLIPProcessor's directory or hub id; empty: the checkpoint's
+    clip_checkpoint: str = ""  # aesthetic: the CLIP ViT-L/14 under the head; empty: 'openai'
+
+
+@dataclass
+class PresetParams:
+    """A real teacher with its training settings: `stage1` and `stage2` override `distill` as recipes do."""
+    teacher: str = ""  # a diffusers pipeline directory or hub id
+    resolution: int = 1024
+    max_sequence_length: int = 256
+    reward_models: dict = field(default_factory=dict)  # reward name -> RewardModelParams
+    stage1: dict = field(default_factory=dict)
+    stage2: dict = field(default_factory=dict)
+    eval_steps: int = 28  # the teacher's sampler for comparison (CFG at stage1.real_cfg)
+
+
+@dataclass
+class RealParams:
+    """`python -m dmdr.real`: which preset runs, on which prompts, into which directory."""
+    preset: str = "sd3-medium"
+    train_prompts: str = ""  # training prompts, one per line
+    eval_prompts: str = ""  # prompts whose few-step samples are scored by every reward; empty: none
+    out: str = "models/real"
+
+
+@dataclass
 class Params:
     seed: int = 0
     prompts: PromptsParams = field(default_factory=PromptsParams)
@@ -191,9 +222,11 @@ class Params:
     rewards: RewardsParams = field(default_factory=RewardsParams)
     recipes: dict = field(default_factory=dict)  # name -> DistillParams overrides
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    real: RealParams = field(default_factory=RealParams)
+    presets: dict = field(default_factory=dict)  # name -> PresetParams
 
 
-POSITIVE = {"steps", "batch", "lr", "n_train", "test_per_tag", "generator_lr", "fake_lr", "ttur", "generator_steps",
+POSITIVE = {"steps", "batch", "lr", "resolution", "max_sequence_length", "eval_steps", "n_train", "test_per_tag", "generator_lr", "fake_lr", "ttur", "generator_steps",
             "images_per_prompt", "log_every", "eval_every", "pool_size", "width", "embed_dim", "heads", "layers"}
 CHOICES = {"backbone": ("unet", "sd3"), "timesteps": ("logit_normal", "uniform"), "mixed_precision": ("bf16", "no"),
            "kind": ("generator", "teacher"),
@@ -302,6 +335,33 @@ def recipe(p: Params, name: str) -> DistillParams:
     return cfg
 
 
+def preset(p: Params, name: str) -> tuple[PresetParams, DistillParams, DistillParams]:
+    """A real preset and its two stages (each `distill` with the stage's overrides), checked."""
+    if name not in p.presets:
+        raise ParamsError(f"presets.{name}: no such preset (known: {', '.join(sorted(p.presets))})")
+    key = f"presets.{name}"
+    pre = build(PresetParams, p.presets[name], key)
+    if not pre.teacher:
+        raise ParamsError(f"{key}.teacher: required (a diffusers pipeline directory or hub id)")
+    for reward, where in pre.reward_models.items():
+        check_reward_spec(reward, f"{key}.reward_models")
+        build(RewardModelParams, where, f"{key}.reward_models.{reward}")
+    stages = []
+    for stage in ("stage1", "stage2"):
+        cfg = build(DistillParams, deep_merge(dataclasses.asdict(p.distill), getattr(pre, stage)), f"{key}.{stage}")
+        if cfg.rl.weight > 0 or cfg.rtdm.enabled:
+            for r in parse_reward_names(cfg.rl.reward, f"{key}.{stage}.rl.reward"):
+                if r not in pre.reward_models:
+                    raise ParamsError(f"{key}.{stage}.rl.reward: {r!r} has no entry in {key}.reward_models")
+        stages.append(cfg)
+    return pre, *stages
+
+
+def parse_reward_names(spec: str, key: str) -> list[str]:
+    check_reward_spec(spec, key)
+    return [term.strip().rpartition("*")[2] for term in spec.split("+")]
+
+
 def eval_model(p: Params, name: str) -> EvalModel:
     if name not in p.evaluate.models:
         raise ParamsError(f"evaluate.models.{name}: no such model (known: {', '.join(sorted(p.evaluate.models))})")
@@ -325,6 +385,8 @@ def load(path: str | Path = "params.yaml") -> Params:
             recipe(p, name)
         for name in p.evaluate.models:
             eval_model(p, name)
+        for name in p.presets:
+            preset(p, name)
     except ParamsError as e:
         raise ParamsError(f"{path}: {e}") from None
     return p

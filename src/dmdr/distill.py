@@ -377,12 +377,12 @@ def init_models(teacher, encode, uncond, start=None, start_fake=None, cfg: Disti
     cfg = cfg or DistillParams()
     start = teacher if start is None else start
     real = start if cfg.real == "init" else teacher
-    generator = copy.deepcopy(start).train()
+    generator = copy.deepcopy(start).train().requires_grad_(True)  # a start may come frozen (a fused real score)
     if cfg.generator_cfg > 1:
         generator = flow.Guided(generator, uncond, cfg.generator_cfg)
     fake = None
     if cfg.dmd_weight > 0 and cfg.dynadg.form != "released":
-        fake = copy.deepcopy(start_fake if start_fake is not None else start).train()
+        fake = copy.deepcopy(start_fake if start_fake is not None else start).train().requires_grad_(True)
     return Models(generator=generator, fake=fake, real=copy.deepcopy(real), encode=encode, uncond=uncond,
                   decode=decode, reward=reward, latent_shape=latent_shape)
 

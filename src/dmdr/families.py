@@ -91,10 +91,12 @@ def sampler_settings(steps: int, shift: float) -> dict:
             "shift": shift}
 
 
-def export(generator: torch.nn.Module, teacher: Teacher, out: Path, steps: int, shift: float = 1.0) -> Path:
+def export(generator: torch.nn.Module, teacher: Teacher, out: Path, steps: int, shift: float = 1.0,
+           fake: torch.nn.Module | None = None) -> Path:
     """Save a diffusers pipeline directory: the teacher's pipeline with the distilled generator's weights and a
     scheduler with the generator's shift, plus SAMPLER_FILE (steps, sigmas, guidance) for the few-step call:
-    `pipe(prompt, sigmas=s["sigmas"], guidance_scale=s["guidance_scale"])`."""
+    `pipe(prompt, sigmas=s["sigmas"], guidance_scale=s["guidance_scale"])`. A `fake` score is saved in `fake/`
+    (ignored by diffusers) so that a next stage continues it."""
     backbone = generator.backbone if hasattr(generator, "backbone") else generator
     settings = sampler_settings(steps, shift)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(teacher.pipeline.scheduler.config, shift=shift,
@@ -104,6 +106,8 @@ def export(generator: torch.nn.Module, teacher: Teacher, out: Path, steps: int, 
     def write(d: Path):
         pipe.save_pretrained(d, safe_serialization=True)
         (d / SAMPLER_FILE).write_text(json.dumps(settings, indent=1))
+        if fake is not None:
+            (fake.backbone if hasattr(fake, "backbone") else fake).save_pretrained(d / "fake", safe_serialization=True)
     return atomic_dir(out, write)
 
 

@@ -1,0 +1,144 @@
+"""DMDR on a real teacher: `python -m dmdr.real [--preset sd3-medium] [--teacher DIR] [--train-prompts FILE]`.
+
+The same loop and losses as the embedded pipeline (dmdr.distill.train), configured by a preset of params.yaml:
+stage 1 (DMD with the preset's DynaDG / DynaRS / RT-DM), then stage 2 (DMD + RL on the paper's rewards), each
+exported as a diffusers pipeline directory (`<out>/stage1`, `<out>/dmdr`) with its few-step sampler settings, each
+resumable from its checkpoints. With eval prompts, the exported few-step model and the teacher are scored by every
+reward model of the preset (`<out>/metrics.json`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from . import config
+from .distill import fused_copy, init_models, train
+from .families import Teacher, export, load_exported, load_teacher
+from .files import write_json
+from .models import VelocityModel, load_backbone
+from .prompts import load_prompts
+from .real_rewards import load_real_reward
+from .rewards import Combined, parse_spec
+
+
+def resolve(location: str) -> str:
+    """'hf:<owner>/<repo>/<file>' -> the file fetched from the hub (cached); anything else as given."""
+    if not location.startswith("hf:"):
+        return location
+    from huggingface_hub import hf_hub_download
+    owner, repo, filename = location[3:].split("/", 2)
+    return hf_hub_download(f"{owner}/{repo}", filename)
+
+
+def reward_model(name: str, where: dict) -> torch.nn.Module:
+    w = config.build(config.RewardModelParams, where, f"reward_models.{name}")
+    return load_real_reward(name, resolve(w.checkpoint), arch=w.arch or None, processor=w.processor or None,
+                            clip_checkpoint=resolve(w.clip_checkpoint) if w.clip_checkpoint else None)
+
+
+def load_rewards(spec: str, reward_models: dict) -> torch.nn.Module:
+    """The reward a spec names ('clip+hps'), from the preset's real reward models."""
+    weights = parse_spec(spec)
+    models = {name: reward_model(name, reward_models[name]) for name in weights}
+    return models[spec] if spec in models else Combined(models, weights).requires_grad_(False).eval()
+
+
+def stage(cfg, teacher: Teacher, prompts: list[str], seed: int, out: Path, name: str, reward,
+          start: VelocityModel | None = None, start_fake: VelocityModel | None = None):
+    """Train one stage (resuming from `<out>/checkpoints/<name>`) and export it to `<out>/<name>`; a stage already
+    exported is loaded instead. Returns (generator, fake score) for the next stage."""
+    done = out / name
+    if (done / "model_index.json").exists():
+        print(f"{done} exists: stage {name} is done")
+        generator = VelocityModel(load_backbone(done / "transformer"))
+        fake = VelocityModel(load_backbone(done / "fake")) if (done / "fake").is_dir() else None
+        return generator, fake
+    needs_reward = cfg.rl.weight > 0 or cfg.rtdm.enabled
+    models = init_models(teacher.model, teacher.encode, teacher.uncond, start, start_fake, cfg,
+                         decode=teacher.decode, reward=reward if needs_reward else None,
+                         latent_shape=teacher.latent_shape)
+    checkpoint = out / "checkpoints" / name
+    train(cfg, models, prompts, seed, curve_path=out / "curves" / f"{name}.csv", checkpoint_dir=checkpoint)
+    fake = fused_copy(models.real, cfg.dynadg.fake_scale) if cfg.dynadg.form == "released" else models.fake
+    export(models.generator, teacher, done, cfg.generator_steps, cfg.shift, fake=fake)
+    shutil.rmtree(checkpoint, ignore_errors=True)  # exported: nothing left to resume
+    return models.generator, fake
+
+
+@torch.no_grad()
+def score(pipe_call, prompts: list[str], rewards: dict, batch: int = 4) -> dict:
+    """Mean of every reward over one image per prompt; `pipe_call(prompts)` returns images in [0, 1]."""
+    totals = {name: 0.0 for name in rewards}
+    for s in range(0, len(prompts), batch):
+        chunk = prompts[s:s + batch]
+        images = pipe_call(chunk) * 2 - 1
+        for name, r in rewards.items():
+            totals[name] += float(r(images, chunk).sum())
+    return {name: v / len(prompts) for name, v in totals.items()}
+
+
+def evaluate(teacher: Teacher, exported: Path, pre, real_cfg: float, prompts: list[str], seed: int) -> dict:
+    """Every reward of the preset on the few-step model (its own sampler) and on the teacher (pre.eval_steps, CFG)."""
+    rewards = {name: reward_model(name, where) for name, where in pre.reward_models.items()}
+    pipe, sampler = load_exported(exported)
+    pipe.set_progress_bar_config(disable=True)
+
+    def few_step(chunk):
+        return pipe(chunk, sigmas=sampler["sigmas"], guidance_scale=sampler["guidance_scale"],
+                    max_sequence_length=pre.max_sequence_length, height=pre.resolution, width=pre.resolution,
+                    generator=torch.Generator().manual_seed(seed), output_type="pt").images
+
+    def teacher_call(chunk):
+        return teacher.pipeline(chunk, num_inference_steps=pre.eval_steps, guidance_scale=real_cfg,
+                                max_sequence_length=pre.max_sequence_length, height=pre.resolution,
+                                width=pre.resolution, generator=torch.Generator().manual_seed(seed),
+                                output_type="pt").images
+    return {"few_step": score(few_step, prompts, rewards) | {"nfe": sampler["num_inference_steps"]},
+            "teacher": score(teacher_call, prompts, rewards) | {"nfe": 2 * pre.eval_steps}}
+
+
+def run(p: config.Params, name: str | None = None, teacher_source: str | None = None,
+        train_prompts: str | None = None, eval_prompts: str | None = None, out: str | None = None) -> dict:
+    """Stage 1 then stage 2 of preset `name` (default: real.preset); returns the exported directories."""
+    name = name or p.real.preset
+    pre, cfg1, cfg2 = config.preset(p, name)
+    out = Path(out or p.real.out) / name
+    train_prompts = train_prompts or p.real.train_prompts
+    if not train_prompts:
+        raise config.ParamsError("real.train_prompts: required (a file of training prompts, one per line)")
+    prompts = load_prompts(Path(train_prompts))
+    teacher = load_teacher(teacher_source or pre.teacher, pre.resolution, pre.max_sequence_length)
+    if torch.cuda.is_available():
+        teacher.pipeline.to("cuda")
+    reward = {cfg.rl.reward: load_rewards(cfg.rl.reward, pre.reward_models) for cfg in (cfg1, cfg2)
+              if cfg.rl.weight > 0 or cfg.rtdm.enabled}
+    generator, fake = stage(cfg1, teacher, prompts, p.seed, out, "stage1", reward.get(cfg1.rl.reward))
+    stage(cfg2, teacher, prompts, p.seed, out, "dmdr", reward.get(cfg2.rl.reward), start=generator, start_fake=fake)
+    result = {"stage1": str(out / "stage1"), "dmdr": str(out / "dmdr")}
+    eval_prompts = eval_prompts or p.real.eval_prompts
+    if eval_prompts:
+        metrics = evaluate(teacher, out / "dmdr", pre, cfg2.real_cfg, load_prompts(Path(eval_prompts)), p.seed)
+        write_json(metrics, out / "metrics.json")
+        result["metrics"] = metrics
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m dmdr.real", description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--preset", help="a preset of params.yaml (default: real.preset)")
+    ap.add_argument("--teacher", help="a diffusers pipeline directory or hub id (default: the preset's)")
+    ap.add_argument("--train-prompts", help="training prompts, one per line (default: real.train_prompts)")
+    ap.add_argument("--eval-prompts", help="prompts to score the result on (default: real.eval_prompts)")
+    ap.add_argument("--out", help="output directory (default: real.out)")
+    a = ap.parse_args(argv)
+    result = run(config.load(a.params), a.preset, a.teacher, a.train_prompts, a.eval_prompts, a.out)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
