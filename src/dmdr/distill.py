@@ -112,12 +112,12 @@ def joint_loss(loss_dmd: torch.Tensor, loss_rl: torch.Tensor, rl_weight: float, 
 
 
 def backward_simulate(generator, noise: torch.Tensor, cond, times: torch.Tensor, rng: torch.Generator,
-                      mode: str = "renoise", need_final: bool = False):
+                      mode: str = "renoise", need_final: bool = False, randn=None):
     """A generator sample with gradient through one call. `renoise` (DMD2's backward simulation, released form):
     run the few-step ODE without gradient, pick one of its levels uniformly, renoise the final sample to it, and
     call the generator there. `trajectory` (ReFL): stop the ODE at a level in its second half and call there.
     Returns x0 and the full no-gradient ODE output (RT-DM's reward is taken on it; None unless computed anyway or
-    `need_final`)."""
+    `need_final`). `randn()` draws the renoising noise (default: like `noise`, from `rng`)."""
     n = len(times) - 1
     final = None
     if mode == "trajectory":
@@ -126,7 +126,7 @@ def backward_simulate(generator, noise: torch.Tensor, cond, times: torch.Tensor,
             x_t = flow.sample_generator(generator, noise, cond, times, upto=k) if k else noise
     else:
         k = int(torch.randint(n, (1,), generator=rng))
-        eps = torch.randn(noise.shape, generator=rng).to(noise.device)
+        eps = (randn() if randn is not None else torch.randn(noise.shape, generator=rng)).to(noise.device)
         if k or need_final:
             with torch.no_grad():
                 final = flow.sample_generator(generator, noise, cond, times)
@@ -194,12 +194,21 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
 
     With `checkpoint_dir`, the whole state is saved there every `checkpoint_every` steps and a run finding a
     checkpoint of the same settings resumes from it (dmdr.resume). A non-finite loss skips its update and is counted
-    (`nonfinite_skipped` in the rows); `max_nonfinite` of them in a row stop the run."""
+    (`nonfinite_skipped` in the rows); `max_nonfinite` of them in a row stop the run.
+
+    Under several processes (accelerate: DDP, FSDP, DeepSpeed) `cfg.batch` is the global batch: every process draws
+    the whole batch's prompts and noise from the same generators and keeps its own slice, batch-wide quantities
+    (RT-DM's softmax weights, the non-finite check, logged losses) are gathered, and gradients are averaged; so N
+    processes compute what one process computes at the same global batch."""
     torch.manual_seed(seed)
     rng = torch.Generator().manual_seed(seed)
     prng = np.random.default_rng(seed)
     acc = Accelerator(cpu=not torch.cuda.is_available())
     autocast = torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
+    if cfg.batch % acc.num_processes:
+        raise ValueError(f"batch {cfg.batch} does not divide over {acc.num_processes} processes")
+    local = cfg.batch // acc.num_processes
+    mine = slice(acc.process_index * local, (acc.process_index + 1) * local)  # this process's part of each draw
     distill, rl = cfg.dmd_weight > 0, cfg.rl.weight > 0
     dynadg, shared = cfg.dynadg.form != "off", cfg.dynadg.form == "released"
     real = models.real.requires_grad_(False).eval()
@@ -231,20 +240,30 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
     dev = acc.device
 
     def batch():
-        texts = [prompts[i] for i in prng.integers(len(prompts), size=cfg.batch)]
+        texts = [prompts[i] for i in prng.integers(len(prompts), size=cfg.batch)][mine]
         with torch.no_grad():
             cond = models.encode(texts)
         return texts, cond
 
-    def noise_like(cond):
-        return torch.randn((cond[0].shape[0], *latent_shape), generator=rng).to(dev)
+    def randn():  # one noise tensor per sample of the global batch; this process's slice
+        return torch.randn((cfg.batch, *latent_shape), generator=rng)[mine].to(dev)
+
+    def rand():
+        return torch.rand(cfg.batch, generator=rng)[mine].to(dev)
+
+    def batch_wide(x: torch.Tensor) -> torch.Tensor:
+        """A per-sample quantity of the whole global batch (the identity under one process)."""
+        return acc.gather(x.contiguous()) if acc.num_processes > 1 else x
+
+    def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
+        return acc.reduce(x.detach(), "mean") if acc.num_processes > 1 else x.detach()
 
     def reward_of(latents, texts):
         return models.reward(models.decode(latents.float()), texts)
 
     def fake_x0(x_t, t, cond):
         if shared:
-            set_lora_scale(fake, cfg.dynadg.fake_scale)
+            set_lora_scale(acc.unwrap_model(fake), cfg.dynadg.fake_scale)
         return flow.x0_from_velocity(x_t, fake(x_t, t, *cond), t)
 
     rows, t0, last, start, skipped, in_a_row = [], time.time(), {}, 0, 0, 0
@@ -255,6 +274,7 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
         """True (and counted) when a loss is NaN or Inf: its update is skipped; `max_nonfinite` of them without a
         good generator update in between stop the run."""
         nonlocal skipped, in_a_row
+        value = mean_over_processes(value)  # every process takes the same decision
         if torch.isfinite(value):
             return False
         skipped, in_a_row = skipped + 1, in_a_row + 1
@@ -269,11 +289,11 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
     for step in bar:
         if (step % cfg.log_every == 0 or step == cfg.steps) and not (state and step == start):
             row = {"step": step, "seconds": round(time.time() - t0, 2)}
-            if curve_fn is not None:
+            if curve_fn is not None and acc.is_main_process:
                 generator.eval()
-                row |= curve_fn(generator, step)
+                row |= curve_fn(acc.unwrap_model(generator), step)
             rows.append(row | last | ({"nonfinite_skipped": skipped} if skipped else {}))
-            if curve_path is not None:
+            if curve_path is not None and acc.is_main_process:
                 write_csv(rows, curve_path)
         if step == cfg.steps:
             break
@@ -290,28 +310,27 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
             for _ in range(cfg.ttur):
                 texts, cond = batch()
                 with torch.no_grad(), autocast:
-                    x0, final = backward_simulate(generator, noise_like(cond), cond, times, rng, cfg.rollout,
-                                                  need_final=cfg.rtdm.tilt_fake)
-                    w = fake_weights(reward_of(final, texts), cfg.rtdm.beta) if cfg.rtdm.tilt_fake else None
+                    x0, final = backward_simulate(generator, randn(), cond, times, rng, cfg.rollout,
+                                                  need_final=cfg.rtdm.tilt_fake, randn=randn)
+                    w = (fake_weights(batch_wide(reward_of(final, texts)), cfg.rtdm.beta)[mine]
+                         if cfg.rtdm.tilt_fake else None)
                 if shared:
-                    set_lora_scale(fake, cfg.dynadg.fake_scale)
+                    set_lora_scale(acc.unwrap_model(fake), cfg.dynadg.fake_scale)
                 with autocast:
-                    fake_loss = flow.flow_matching_loss(fake, x0.float(), cond, torch.rand(cfg.batch, generator=rng).to(dev),
-                                                        torch.randn(x0.shape, generator=rng).to(dev), w)
+                    fake_loss = flow.flow_matching_loss(fake, x0.float(), cond, rand(), randn(), w)
                 if nonfinite("fake-score", fake_loss.detach(), step):
                     continue
                 acc.backward(fake_loss)
                 acc.clip_grad_norm_(lora if shared else fake.parameters(), 1.0)
                 f_opt.step()
                 f_opt.zero_grad(set_to_none=True)
-            last["loss_fake"] = float(fake_loss.detach())
+            last["loss_fake"] = float(mean_over_processes(fake_loss))
             scale = dynadg_scale(step, cfg.dynadg.steps, cfg.dynadg.scale) if dynadg else 0.0
             if dynadg and not shared and scale > 0:
                 # DynaDG (paper): the real score's own LoRA learns the generator's samples, so p_real overlaps p_fake
-                set_lora_scale(real, 1.0)
+                set_lora_scale(acc.unwrap_model(real), 1.0)
                 with autocast:
-                    lora_loss = flow.flow_matching_loss(real, x0.float(), cond, torch.rand(cfg.batch, generator=rng).to(dev),
-                                                        torch.randn(x0.shape, generator=rng).to(dev))
+                    lora_loss = flow.flow_matching_loss(real, x0.float(), cond, rand(), randn())
                 if not nonfinite("DynaDG", lora_loss.detach(), step):
                     acc.backward(lora_loss)
                     acc.clip_grad_norm_(lora, 1.0)
@@ -324,35 +343,35 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
         texts, cond = batch()
         loss_dmd = loss_rl = torch.zeros((), device=dev)
         with autocast:
-            x0, final = backward_simulate(generator, noise_like(cond), cond, times, rng, cfg.rollout,
-                                          need_final=cfg.rtdm.enabled)
+            x0, final = backward_simulate(generator, randn(), cond, times, rng, cfg.rollout,
+                                          need_final=cfg.rtdm.enabled, randn=randn)
             if distill:
                 weight = None
                 if cfg.rtdm.enabled:
                     with torch.no_grad():
-                        r_final = reward_of(final, texts)
-                    weight = rtdm_weights(r_final, cfg.rtdm.beta, cfg.rtdm.form)
+                        r_final = batch_wide(reward_of(final, texts))
+                    weight = rtdm_weights(r_final, cfg.rtdm.beta, cfg.rtdm.form)[mine]
                     last["reward_rollout"] = float(r_final.mean())
                 if cfg.dynars.enabled:
                     a, b = dynars_beta(step, cfg.dynars.steps, cfg.dynars.a, cfg.dynars.b)
-                    u = torch.from_numpy(prng.beta(a, b, size=cfg.batch)).float()
+                    u = torch.from_numpy(prng.beta(a, b, size=cfg.batch)[mine]).float().to(dev)
                 else:
-                    u = torch.rand(cfg.batch, generator=rng)
-                t = (cfg.t_min + (cfg.t_max - cfg.t_min) * u).to(dev)
-                x_t = flow.renoise(x0.detach(), torch.randn(x0.shape, generator=rng).to(dev), t)
+                    u = rand()
+                t = cfg.t_min + (cfg.t_max - cfg.t_min) * u
+                x_t = flow.renoise(x0.detach(), randn(), t)
                 with torch.no_grad():
                     fake.eval()
                     x0_fake = fake_x0(x_t, t, cond)
                     if dynadg:
-                        set_lora_scale(real, scale)
-                    w = cfg.real_cfg + cfg.cfg_jitter * (2 * torch.rand(cfg.batch, generator=rng).to(dev) - 1)
+                        set_lora_scale(acc.unwrap_model(real), scale)
+                    w = cfg.real_cfg + cfg.cfg_jitter * (2 * rand() - 1)
                     x0_real = flow.x0_from_velocity(x_t, flow.guided_velocity(real, x_t, t, cond, models.uncond, w), t)
                 loss_dmd = dmd_loss(x0, dmd_gradient(x0.detach().float(), x0_real.float(), x0_fake.float()), weight)
-                last["loss_dmd"] = float(loss_dmd.detach())
+                last["loss_dmd"] = float(mean_over_processes(loss_dmd))
             if rl:
                 r = reward_of(x0, texts)
                 loss_rl = rl_loss(r, cfg.rl.loss, cfg.rl.margin)
-                last["reward_x0"] = float(r.detach().mean())
+                last["reward_x0"] = float(mean_over_processes(r.mean()))
             loss = joint_loss(loss_dmd, loss_rl, cfg.rl.weight, cfg.dmd_weight)
         if nonfinite("generator", loss.detach(), step):
             continue
@@ -363,7 +382,7 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
         g_opt.zero_grad(set_to_none=True)
         bar.set_postfix({k: f"{v:.4f}" for k, v in last.items() if k.startswith("loss")})
     if dynadg:
-        set_lora_scale(real, 0.0)
+        set_lora_scale(acc.unwrap_model(real), 0.0)
     return rows
 
 

@@ -32,17 +32,22 @@ def atomic_dir(path: Path, write) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         write(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        move_into_place(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def move_into_place(written: Path, path: Path) -> None:
+    """Rename a completely written directory to `path`, replacing what was there."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(written, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(written, path)
 
 
 def require_dir(path: Path, what: str) -> Path:

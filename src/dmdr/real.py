@@ -1,4 +1,5 @@
-"""DMDR on a real teacher: `python -m dmdr.real [--preset sd3-medium] [--teacher DIR] [--train-prompts FILE]`.
+"""DMDR on a real teacher: `python -m dmdr.real [--preset sd3-medium] [--teacher DIR] [--train-prompts FILE]`,
+or on several GPUs `accelerate launch -m dmdr.real ...` (the presets' batch is then the global batch).
 
 The same loop and losses as the embedded pipeline (dmdr.distill.train), configured by a preset of params.yaml:
 stage 1 (DMD with the preset's DynaDG / DynaRS / RT-DM), then stage 2 (DMD + RL on the paper's rewards), each
@@ -14,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 from . import config
 from .distill import fused_copy, init_models, train
@@ -64,8 +66,11 @@ def stage(cfg, teacher: Teacher, prompts: list[str], seed: int, out: Path, name:
     checkpoint = out / "checkpoints" / name
     train(cfg, models, prompts, seed, curve_path=out / "curves" / f"{name}.csv", checkpoint_dir=checkpoint)
     fake = fused_copy(models.real, cfg.dynadg.fake_scale) if cfg.dynadg.form == "released" else models.fake
-    export(models.generator, teacher, done, cfg.generator_steps, cfg.shift, fake=fake)
-    shutil.rmtree(checkpoint, ignore_errors=True)  # exported: nothing left to resume
+    state = PartialState()
+    if state.is_main_process:
+        export(models.generator, teacher, done, cfg.generator_steps, cfg.shift, fake=fake)
+        shutil.rmtree(checkpoint, ignore_errors=True)  # exported: nothing left to resume
+    state.wait_for_everyone()
     return models.generator, fake
 
 
@@ -112,15 +117,14 @@ def run(p: config.Params, name: str | None = None, teacher_source: str | None = 
         raise config.ParamsError("real.train_prompts: required (a file of training prompts, one per line)")
     prompts = load_prompts(Path(train_prompts))
     teacher = load_teacher(teacher_source or pre.teacher, pre.resolution, pre.max_sequence_length)
-    if torch.cuda.is_available():
-        teacher.pipeline.to("cuda")
+    teacher.pipeline.to(PartialState().device)  # under accelerate launch: this process's GPU
     reward = {cfg.rl.reward: load_rewards(cfg.rl.reward, pre.reward_models) for cfg in (cfg1, cfg2)
               if cfg.rl.weight > 0 or cfg.rtdm.enabled}
     generator, fake = stage(cfg1, teacher, prompts, p.seed, out, "stage1", reward.get(cfg1.rl.reward))
     stage(cfg2, teacher, prompts, p.seed, out, "dmdr", reward.get(cfg2.rl.reward), start=generator, start_fake=fake)
     result = {"stage1": str(out / "stage1"), "dmdr": str(out / "dmdr")}
     eval_prompts = eval_prompts or p.real.eval_prompts
-    if eval_prompts:
+    if eval_prompts and PartialState().is_main_process:
         metrics = evaluate(teacher, out / "dmdr", pre, cfg2.real_cfg, load_prompts(Path(eval_prompts)), p.seed)
         write_json(metrics, out / "metrics.json")
         result["metrics"] = metrics

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .models import atomic_dir
+from .models import atomic_dir, move_into_place
 
 
 @dataclass
@@ -49,12 +50,28 @@ def save(acc, path: Path, loop: dict, rng: torch.Generator | None, prng: np.rand
     if not all_finite(modules):
         return False
 
-    def write(d: Path):
-        acc.save_state(str(d), safe_serialization=True)
+    def extras(d: Path):
         state = {k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()}
         save_file(state | ({"rng": rng.get_state()} if rng is not None else {}), d / "generators.safetensors")
         (d / "loop.json").write_text(json.dumps(loop | ({"prng": prng.bit_generator.state} if prng else {})))
-    atomic_dir(path, write)
+
+    if acc.num_processes == 1:
+        atomic_dir(path, lambda d: (acc.save_state(str(d), safe_serialization=True), extras(d)))
+        return True
+    # several processes: all write accelerate's state (each its RNG) into one staging directory, the main process
+    # adds the loop's files and moves it into place (the loop's generators are the same in every process)
+    path = Path(path)
+    staging = path.with_name(f".{path.name}.staging")
+    if acc.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(staging), safe_serialization=True)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        extras(staging)
+        move_into_place(staging, path)
+    acc.wait_for_everyone()
     return True
 
 

@@ -1,0 +1,26 @@
+"""Launched by tests/test_distill_loop.py with torchrun: a few steps of the one training loop on tiny models at a
+global batch of 4, in however many processes torchrun starts; the main process saves the generator's weights.
+
+    python -m torch.distributed.run --nproc_per_node N tests/ddp_train.py OUT.safetensors '{overrides}' [CHECKPOINT]
+"""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from accelerate import PartialState  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from dmdr.distill import train  # noqa: E402
+from tiny import tiny_clip, tiny_models  # noqa: E402
+
+PROMPTS = ["a photo of a circle", "a photo of two squares", "a photo of a red triangle", "a blue square"]
+
+if __name__ == "__main__":
+    out, overrides = Path(sys.argv[1]), json.loads(sys.argv[2])
+    checkpoint = Path(sys.argv[3]) if len(sys.argv) > 3 else None
+    cfg, _, models = tiny_models(tiny_clip(), "unet", overrides)
+    rows = train(cfg, models, PROMPTS, seed=0, checkpoint_dir=checkpoint)
+    if PartialState().is_main_process:
+        save_file({k: v.contiguous() for k, v in models.generator.state_dict().items()}, out)
+        out.with_suffix(".json").write_text(json.dumps(rows))
