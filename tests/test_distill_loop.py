@@ -117,3 +117,25 @@ def test_two_processes_compute_what_one_computes_at_the_same_global_batch(tmp_pa
     again = torchrun(2, tmp_path / "again.safetensors", overrides, tmp_path / "ckpt")
     assert "resumed from" in again["log"] and all(torch.equal(two["weights"][k], again["weights"][k])
                                                   for k in two["weights"])
+
+
+def test_gradient_checkpointing_changes_memory_not_results(clip):
+    results = []
+    for checkpointing in (False, True):
+        cfg, _, models = tiny_models(clip, "unet", {"steps": 2, "rl": {"weight": 0.5},
+                                                    "gradient_checkpointing": checkpointing})
+        train(cfg, models, ["a photo of a circle", "two red squares"], seed=0)
+        assert models.generator.backbone.is_gradient_checkpointing == checkpointing
+        results.append(models.generator.state_dict())
+    assert all(torch.allclose(results[0][k], results[1][k], atol=1e-6) for k in results[0])
+
+
+def test_8bit_adamw_without_bitsandbytes_is_a_clear_error(clip):
+    try:
+        import bitsandbytes  # noqa: F401
+        pytest.skip("bitsandbytes is installed")
+    except ImportError:
+        pass
+    cfg, _, models = tiny_models(clip, "unet", {"optimizer": "adamw8bit"})
+    with pytest.raises(ImportError, match="adamw8bit needs bitsandbytes"):
+        train(cfg, models, ["a photo of a circle"], seed=0)

@@ -2,6 +2,9 @@
 loaded as a teacher, samples exactly as its own pipeline does, is distilled by the one training loop (stage 1 with
 every tool, then stage 2 with RL through the VAE decoder), exported as a pipeline directory, and the exported
 pipeline's few-step sampling is the generator's."""
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -73,15 +76,13 @@ def test_a_directory_that_is_not_a_pipeline_is_named(tmp_path):
         load_teacher(tmp_path, resolution=16)
 
 
-def test_the_real_runner_trains_both_stages_of_a_preset_exports_and_scores(sd3, tmp_path):
-    """`python -m dmdr.real` on a tiny preset: stage 1 (DynaDG's released shared LoRA, DynaRS), stage 2 (hinge RL on
-    an HPS-format reward), both exported; the result is scored by every reward of the preset; a rerun finds both
-    stages done."""
+def tiny_preset(sd3, tmp_path, batch: int = 2) -> Path:
+    """params.yaml with a preset 'tiny-sd3' on the tiny pipeline: stage 1 (DynaDG's released shared LoRA, DynaRS),
+    stage 2 (hinge RL on an HPS-format reward); rewards in HPS's torch format and as safetensors."""
     import open_clip
     import yaml
     from safetensors.torch import save_file
 
-    from dmdr import config, real
     from tiny import register_tiny_open_clip
     arch = register_tiny_open_clip(tmp_path)
     torch.manual_seed(0)
@@ -89,9 +90,9 @@ def test_the_real_runner_trains_both_stages_of_a_preset_exports_and_scores(sd3, 
     save_file({k: v.contiguous() for k, v in open_clip.create_model(arch).state_dict().items()},
               tmp_path / "clip.safetensors")
     (tmp_path / "train.txt").write_text("a photo of a cat\ntwo red squares\na blue circle\n")
-    (tmp_path / "eval.txt").write_text("a green triangle\nthree dogs\n")
-    fast = dict(steps=2, batch=2, ttur=1, log_every=1, generator_steps=4, shift=3.0, checkpoint_every=1)
-    raw = yaml.safe_load(open(config.Path(__file__).parents[1] / "params.yaml"))
+    (tmp_path / "eval.txt").write_text("a green triangle\nthree dogs\none cat\n")
+    fast = dict(steps=2, batch=batch, ttur=1, log_every=1, generator_steps=4, shift=3.0, checkpoint_every=1)
+    raw = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
     raw["presets"] = {"tiny-sd3": {
         "teacher": str(sd3), "resolution": 16, "max_sequence_length": 8, "eval_steps": 2,
         "reward_models": {"hps": {"arch": arch, "checkpoint": str(tmp_path / "hps.pt")},
@@ -101,13 +102,50 @@ def test_the_real_runner_trains_both_stages_of_a_preset_exports_and_scores(sd3, 
     raw["real"] = {"preset": "tiny-sd3", "train_prompts": str(tmp_path / "train.txt"),
                    "eval_prompts": str(tmp_path / "eval.txt"), "out": str(tmp_path / "out")}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    real.main(["--params", str(tmp_path / "params.yaml")])
+    return tmp_path / "params.yaml"
+
+
+def test_the_real_runner_trains_both_stages_of_a_preset_exports_and_scores(sd3, tmp_path):
+    """`python -m dmdr.real` on a tiny preset: both stages exported, no checkpoint left, the result and the teacher
+    scored by every reward of the preset; a rerun finds both stages done."""
+    from dmdr import config, real
+    params = tiny_preset(sd3, tmp_path)
+    real.main(["--params", str(params)])
     out = tmp_path / "out" / "tiny-sd3"
     assert (out / "stage1" / "fake" / "config.json").exists() and (out / "dmdr" / "model_index.json").exists()
     assert not any((out / "checkpoints").glob("*/loop.json"))  # finished stages leave no checkpoint behind
-    metrics = config.Path(out / "metrics.json").read_text()
-    m = __import__("json").loads(metrics)
+    m = json.loads((out / "metrics.json").read_text())
     assert set(m["few_step"]) == {"hps", "clip", "nfe"} and m["few_step"]["nfe"] == 4 and m["teacher"]["nfe"] == 4
     before = (out / "dmdr" / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mtime
-    real.run(config.load(tmp_path / "params.yaml"))  # both stages exported: nothing retrains
+    real.run(config.load(params))  # both stages exported: nothing retrains
     assert (out / "dmdr" / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mtime == before
+
+
+def test_the_real_runner_under_two_processes_gives_the_one_process_numbers(sd3, tmp_path):
+    """The runner launched by torchrun in 2 CPU processes (gloo) at the same global batch: exports written once, the
+    evaluation sharded over the processes, the numbers of the 1-process run."""
+    import os
+    import subprocess
+    import sys
+
+    from dmdr import real
+    params = tiny_preset(sd3, tmp_path, batch=4)
+    real.main(["--params", str(params), "--out", str(tmp_path / "one")])
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(root / "tests" / "real_run.py"), str(tmp_path), "--params", str(params), "--out", str(tmp_path / "two")]
+    r = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(root / "src"), TQDM_DISABLE="1"),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "tiny-sd3" / "metrics.json").read_text()) for d in ("one", "two"))
+    assert (one["processes"], two["processes"]) == (1, 2)
+    for model in ("teacher", "few_step"):
+        for k in ("hps", "clip"):
+            assert two[model][k] == pytest.approx(one[model][k], abs=1e-4), (model, k)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

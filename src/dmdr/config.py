@@ -165,6 +165,8 @@ class DistillParams:
     curve_prompts_per_tag: int = 4
     checkpoint_every: int = 20  # generator steps between resumable checkpoints (checkpoints/<recipe>/); 0: none
     max_nonfinite: int = 5  # abort after this many non-finite losses in a row (each one skips its step)
+    gradient_checkpointing: bool = False  # recompute activations in backward (real-scale memory)
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes, CUDA)
 
 
 @dataclass
@@ -230,7 +232,7 @@ POSITIVE = {"steps", "batch", "lr", "resolution", "max_sequence_length", "eval_s
             "images_per_prompt", "log_every", "eval_every", "pool_size", "width", "embed_dim", "heads", "layers"}
 CHOICES = {"backbone": ("unet", "sd3"), "timesteps": ("logit_normal", "uniform"), "mixed_precision": ("bf16", "no"),
            "kind": ("generator", "teacher"),
-           "loss": ("refl", "hinge"), "real": ("teacher", "init"), "rollout": ("renoise", "trajectory")}
+           "loss": ("refl", "hinge"), "optimizer": ("adamw", "adamw8bit"), "real": ("teacher", "init"), "rollout": ("renoise", "trajectory")}
 UNIT_INTERVAL = {"cfg_dropout", "ema_decay", "t_min", "t_max", "hps_label_noise", "pick_label_noise",
                  "aesthetic_label_noise"}
 NON_NEGATIVE = {"weight", "dmd_weight", "scale", "fake_scale", "seed", "checkpoint_every"}

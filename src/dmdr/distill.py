@@ -172,6 +172,23 @@ def fused_copy(model, scale: float):
 # --- the loop -------------------------------------------------------------------------------------------------
 
 
+def backbone_of(model):
+    """The diffusers backbone inside a velocity model (or its CFG wrapper)."""
+    return (model.model if isinstance(model, flow.Guided) else model).backbone
+
+
+def optimizer(params, lr: float, cfg: DistillParams):
+    """AdamW (no weight decay, as released), or bitsandbytes' 8-bit AdamW for real-scale memory."""
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise ImportError("optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes; CUDA only); "
+                              "it is not among dmdr's pinned dependencies") from None
+        return bitsandbytes.optim.AdamW8bit(params, lr=lr, weight_decay=0.0)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
 @dataclass
 class Models:
     """What a run trains and consults: generator G, fake score, real score, text encoder, and for RT-DM and RL the
@@ -219,23 +236,24 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
     needs_reward = rl or cfg.rtdm.enabled
     if needs_reward and (models.reward is None or models.decode is None):
         raise ValueError("RT-DM and RL need Models.reward and Models.decode")
-    g_opt = torch.optim.AdamW(models.generator.parameters(), lr=cfg.generator_lr, weight_decay=0.0)
-    generator, g_opt = acc.prepare(models.generator, g_opt)
-    if distill:
-        f_params = lora if shared else fake.parameters()
-        f_opt = acc.prepare(torch.optim.AdamW(f_params, lr=cfg.fake_lr, weight_decay=0.0))
-        if not shared:
-            fake = acc.prepare(fake)
-    if dynadg and not shared:
-        d_opt = acc.prepare(torch.optim.AdamW(lora, lr=cfg.dynadg.lr, weight_decay=0.0))
-    if dynadg:
-        real = acc.prepare(real)  # its LoRA is trained state, so it goes into checkpoints
+    if cfg.gradient_checkpointing:
+        for m in (models.generator, fake, real):
+            if m is not None:
+                backbone_of(m).enable_gradient_checkpointing()
+    # each model is prepared with its optimizer in one call, as FSDP requires
+    generator, g_opt = acc.prepare(models.generator, optimizer(models.generator.parameters(), cfg.generator_lr, cfg))
+    if distill and not shared:
+        fake, f_opt = acc.prepare(fake, optimizer(fake.parameters(), cfg.fake_lr, cfg))
+    if dynadg:  # its LoRA is trained state, so it goes into checkpoints
+        real, lora_opt = acc.prepare(real, optimizer(lora, cfg.fake_lr if shared else cfg.dynadg.lr, cfg))
         if shared:
-            fake = real
+            fake, f_opt = real, lora_opt
+        else:
+            d_opt = lora_opt
     trained = [m for m in (generator, fake if distill else None, real if dynadg else None) if m is not None]
     fp = resume.fingerprint(dataclasses.asdict(cfg), seed, len(prompts), prompts[:8])
     times = flow.generator_times(cfg.generator_steps, cfg.shift)
-    c = (models.generator.model if isinstance(models.generator, flow.Guided) else models.generator).backbone.config
+    c = backbone_of(models.generator).config
     latent_shape = models.latent_shape or (c.in_channels, c.sample_size, c.sample_size)
     dev = acc.device
 

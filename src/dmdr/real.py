@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import reduce
 
 from . import config
 from .distill import fused_copy, init_models, train
@@ -25,6 +26,11 @@ from .models import VelocityModel, load_backbone
 from .prompts import load_prompts
 from .real_rewards import load_real_reward
 from .rewards import Combined, parse_spec
+
+
+def process_state() -> PartialState:
+    """This process's place among the launched ones (on CPU, gloo processes: as the training loop's Accelerator)."""
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def resolve(location: str) -> str:
@@ -66,7 +72,7 @@ def stage(cfg, teacher: Teacher, prompts: list[str], seed: int, out: Path, name:
     checkpoint = out / "checkpoints" / name
     train(cfg, models, prompts, seed, curve_path=out / "curves" / f"{name}.csv", checkpoint_dir=checkpoint)
     fake = fused_copy(models.real, cfg.dynadg.fake_scale) if cfg.dynadg.form == "released" else models.fake
-    state = PartialState()
+    state = process_state()
     if state.is_main_process:
         export(models.generator, teacher, done, cfg.generator_steps, cfg.shift, fake=fake)
         shutil.rmtree(checkpoint, ignore_errors=True)  # exported: nothing left to resume
@@ -75,35 +81,44 @@ def stage(cfg, teacher: Teacher, prompts: list[str], seed: int, out: Path, name:
 
 
 @torch.no_grad()
-def score(pipe_call, prompts: list[str], rewards: dict, batch: int = 4) -> dict:
-    """Mean of every reward over one image per prompt; `pipe_call(prompts)` returns images in [0, 1]."""
-    totals = {name: 0.0 for name in rewards}
-    for s in range(0, len(prompts), batch):
-        chunk = prompts[s:s + batch]
-        images = pipe_call(chunk) * 2 - 1
-        for name, r in rewards.items():
-            totals[name] += float(r(images, chunk).sum())
-    return {name: v / len(prompts) for name, v in totals.items()}
+def score(pipe_call, prompts: list[str], rewards: dict, seed: int, batch: int = 4) -> dict:
+    """Mean of every reward over one image per prompt; `pipe_call(prompts, generators)` returns images in [0, 1].
+    Prompt i is sampled with seed + i whichever process samples it: each process takes its share of the prompts
+    and the sums are added up, so the numbers do not depend on the number of processes."""
+    state = process_state()
+    totals = torch.zeros(len(rewards), dtype=torch.float64, device=state.device)
+    with state.split_between_processes(list(range(len(prompts)))) as mine:
+        for s in range(0, len(mine), batch):
+            idx = mine[s:s + batch]
+            chunk = [prompts[i] for i in idx]
+            images = pipe_call(chunk, [torch.Generator().manual_seed(seed + i) for i in idx]) * 2 - 1
+            for k, r in enumerate(rewards.values()):
+                totals[k] += r(images, chunk).double().sum()
+    if state.num_processes > 1:
+        totals = reduce(totals, "sum")
+    return {name: float(v) / len(prompts) for name, v in zip(rewards, totals)}
 
 
 def evaluate(teacher: Teacher, exported: Path, pre, real_cfg: float, prompts: list[str], seed: int) -> dict:
     """Every reward of the preset on the few-step model (its own sampler) and on the teacher (pre.eval_steps, CFG)."""
-    rewards = {name: reward_model(name, where) for name, where in pre.reward_models.items()}
+    device = process_state().device
+    rewards = {name: reward_model(name, where).to(device) for name, where in pre.reward_models.items()}
     pipe, sampler = load_exported(exported)
+    pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
 
-    def few_step(chunk):
+    def few_step(chunk, generators):
         return pipe(chunk, sigmas=sampler["sigmas"], guidance_scale=sampler["guidance_scale"],
                     max_sequence_length=pre.max_sequence_length, height=pre.resolution, width=pre.resolution,
-                    generator=torch.Generator().manual_seed(seed), output_type="pt").images
+                    generator=generators, output_type="pt").images
 
-    def teacher_call(chunk):
+    def teacher_call(chunk, generators):
         return teacher.pipeline(chunk, num_inference_steps=pre.eval_steps, guidance_scale=real_cfg,
                                 max_sequence_length=pre.max_sequence_length, height=pre.resolution,
-                                width=pre.resolution, generator=torch.Generator().manual_seed(seed),
-                                output_type="pt").images
-    return {"few_step": score(few_step, prompts, rewards) | {"nfe": sampler["num_inference_steps"]},
-            "teacher": score(teacher_call, prompts, rewards) | {"nfe": 2 * pre.eval_steps}}
+                                width=pre.resolution, generator=generators, output_type="pt").images
+    return {"few_step": score(few_step, prompts, rewards, seed) | {"nfe": sampler["num_inference_steps"]},
+            "teacher": score(teacher_call, prompts, rewards, seed) | {"nfe": 2 * pre.eval_steps},
+            "processes": process_state().num_processes}
 
 
 def run(p: config.Params, name: str | None = None, teacher_source: str | None = None,
@@ -117,16 +132,17 @@ def run(p: config.Params, name: str | None = None, teacher_source: str | None = 
         raise config.ParamsError("real.train_prompts: required (a file of training prompts, one per line)")
     prompts = load_prompts(Path(train_prompts))
     teacher = load_teacher(teacher_source or pre.teacher, pre.resolution, pre.max_sequence_length)
-    teacher.pipeline.to(PartialState().device)  # under accelerate launch: this process's GPU
+    teacher.pipeline.to(process_state().device)  # under accelerate launch: this process's GPU
     reward = {cfg.rl.reward: load_rewards(cfg.rl.reward, pre.reward_models) for cfg in (cfg1, cfg2)
               if cfg.rl.weight > 0 or cfg.rtdm.enabled}
     generator, fake = stage(cfg1, teacher, prompts, p.seed, out, "stage1", reward.get(cfg1.rl.reward))
     stage(cfg2, teacher, prompts, p.seed, out, "dmdr", reward.get(cfg2.rl.reward), start=generator, start_fake=fake)
     result = {"stage1": str(out / "stage1"), "dmdr": str(out / "dmdr")}
     eval_prompts = eval_prompts or p.real.eval_prompts
-    if eval_prompts and PartialState().is_main_process:
+    if eval_prompts:  # sampled by every process, its share of the prompts
         metrics = evaluate(teacher, out / "dmdr", pre, cfg2.real_cfg, load_prompts(Path(eval_prompts)), p.seed)
-        write_json(metrics, out / "metrics.json")
+        if process_state().is_main_process:
+            write_json(metrics, out / "metrics.json")
         result["metrics"] = metrics
     return result
 

@@ -1,0 +1,16 @@
+"""Launched by tests/test_families.py with torchrun: `python -m dmdr.real` with the tests' tiny open_clip
+architecture registered in every process.
+
+    python -m torch.distributed.run --nproc_per_node N tests/real_run.py CONFIG_DIR [dmdr.real arguments]
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny import register_tiny_open_clip  # noqa: E402
+
+from dmdr import real  # noqa: E402
+
+if __name__ == "__main__":
+    register_tiny_open_clip(Path(sys.argv[1]))
+    real.main(sys.argv[2:])
