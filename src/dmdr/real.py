@@ -52,7 +52,8 @@ def load_rewards(spec: str, reward_models: dict) -> torch.nn.Module:
     """The reward a spec names ('clip+hps'), from the preset's real reward models."""
     weights = parse_spec(spec)
     models = {name: reward_model(name, reward_models[name]) for name in weights}
-    return models[spec] if spec in models else Combined(models, weights).requires_grad_(False).eval()
+    reward = models[spec] if spec in models else Combined(models, weights).requires_grad_(False).eval()
+    return reward.to(process_state().device)
 
 
 def stage(cfg, teacher: Teacher, prompts: list[str], seed: int, out: Path, name: str, reward,

@@ -36,9 +36,11 @@ class Preprocess:
         h, w = x.shape[-2:]
         if self.resize_mode == "squash":
             hw = (self.size, self.size)
-        else:
+        elif self.resize_mode == "shortest":
             scale = self.size / min(h, w)
             hw = (round(h * scale), round(w * scale))
+        else:
+            raise ValueError(f"resize mode {self.resize_mode!r} is not supported (shortest, squash)")
         if hw != (h, w):
             x = F.interpolate(x, size=hw, mode=self.interpolation, align_corners=False, antialias=True)
         top, left = (x.shape[-2] - self.size) // 2, (x.shape[-1] - self.size) // 2
