@@ -53,9 +53,13 @@ def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed_training(cfg, models, prompts, steps: int) -> float:
     """Seconds per generator step over `steps` steps after one warm-up step."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     cfg.steps, cfg.log_every = 1, 10**9
     train(cfg, models, prompts, seed=0)
     sync()
@@ -107,7 +111,8 @@ def main():
         sec = timed_training(cfg, models, prompts, a.steps)
         lines.append(f"{name}: {sec:.3f} s per generator step, peak {peak_gib():.1f} GiB allocated")
         del models
-        torch.cuda.empty_cache() if dev == "cuda" else None
+        if dev == "cuda":
+            torch.cuda.empty_cache()
 
     model = VelocityModel(transformer).eval()
     n = 1 if a.tiny else 4
@@ -120,10 +125,10 @@ def main():
                            ("28-step CFG", lambda: flow.sample_teacher(model, noise, cond, uncond, 28, 7.0, 3.0)),
                            ("50-step CFG", lambda: flow.sample_teacher(model, noise, cond, uncond, 50, 7.0, 3.0))]:
             run()
-            torch.cuda.synchronize() if dev == "cuda" else None
+            sync()
             t = time.perf_counter()
             run()
-            torch.cuda.synchronize() if dev == "cuda" else None
+            sync()
             times[label] = (time.perf_counter() - t) / n
     lines.append(f"sampling at {a.sample_resolution} px, batch {n}, per image: "
                  + ", ".join(f"{k} {v:.3f} s" for k, v in times.items())

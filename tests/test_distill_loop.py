@@ -6,7 +6,7 @@ from dmdr import flow
 from dmdr.config import DistillParams
 from dmdr.distill import backward_simulate, init_models, train
 from dmdr.models import VelocityModel, build_backbone
-from tiny import tiny_models
+from tiny import free_port, tiny_models
 
 
 @pytest.mark.parametrize("kind", ["unet", "sd3"])
@@ -83,15 +83,12 @@ def torchrun(n: int, out, overrides: dict, checkpoint=None) -> dict:
     """tests/ddp_train.py in n CPU processes (gloo); returns the generator's weights and the logged rows."""
     import json
     import os
-    import socket
     import subprocess
     import sys
     from pathlib import Path
 
     from safetensors.torch import load_file
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(port),
            str(root / "tests" / "ddp_train.py"), str(out), json.dumps(overrides)] + ([str(checkpoint)] if checkpoint else [])

@@ -12,7 +12,7 @@ from dmdr import flow
 from dmdr.config import DistillParams, build
 from dmdr.distill import init_models, train
 from dmdr.families import export, load_exported, load_teacher
-from tiny import tiny_sd3_pipeline
+from tiny import free_port, tiny_sd3_pipeline
 
 TEXTS = ["a photo of a cat", "two red squares"]
 STAGE1 = dict(steps=2, batch=2, ttur=1, log_every=1, generator_steps=4, shift=3.0, rtdm={"enabled": True},
@@ -143,9 +143,3 @@ def test_the_real_runner_under_two_processes_gives_the_one_process_numbers(sd3, 
         for k in ("hps", "clip"):
             assert two[model][k] == pytest.approx(one[model][k], abs=1e-4), (model, k)
 
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

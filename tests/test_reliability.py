@@ -138,10 +138,11 @@ def test_poisoned_weights_are_never_checkpointed(tmp_path):
     acc = Accelerator(cpu=True)
     good, bad = acc.prepare(torch.nn.Linear(2, 2)), torch.nn.Linear(2, 2)
     rng, prng = torch.Generator().manual_seed(0), __import__("numpy").random.default_rng(0)
-    assert resume.save(acc, tmp_path / "ckpt", {"step": 1, "fingerprint": "x"}, rng, prng, [good])
+    ckpt = resume.Checkpoint(tmp_path / "ckpt", 1, "x", rng, prng)
+    assert resume.save(acc, ckpt, {"step": 1}, [good])
     with torch.no_grad():
         bad.weight[0, 0] = float("inf")
-    assert not resume.save(acc, tmp_path / "ckpt", {"step": 2, "fingerprint": "x"}, rng, prng, [good, bad])
+    assert not resume.save(acc, ckpt, {"step": 2}, [good, bad])
     assert '"step": 1' in (tmp_path / "ckpt" / "loop.json").read_text()
 
 

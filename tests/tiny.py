@@ -93,3 +93,11 @@ def register_tiny_open_clip(directory) -> str:
     path.write_text(json.dumps(cfg))
     open_clip.add_model_config(path)
     return TINY_OPEN_CLIP
+
+
+def free_port() -> int:
+    """A free TCP port for a torchrun rendezvous."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -228,11 +228,13 @@ class Params:
     presets: dict = field(default_factory=dict)  # name -> PresetParams
 
 
-POSITIVE = {"steps", "batch", "lr", "resolution", "max_sequence_length", "eval_steps", "n_train", "test_per_tag", "generator_lr", "fake_lr", "ttur", "generator_steps",
+POSITIVE = {"steps", "batch", "lr", "resolution", "max_sequence_length", "eval_steps", "n_train", "test_per_tag",
+            "generator_lr", "fake_lr", "ttur", "generator_steps",
             "images_per_prompt", "log_every", "eval_every", "pool_size", "width", "embed_dim", "heads", "layers"}
 CHOICES = {"backbone": ("unet", "sd3"), "timesteps": ("logit_normal", "uniform"), "mixed_precision": ("bf16", "no"),
            "kind": ("generator", "teacher"),
-           "loss": ("refl", "hinge"), "optimizer": ("adamw", "adamw8bit"), "real": ("teacher", "init"), "rollout": ("renoise", "trajectory")}
+           "loss": ("refl", "hinge"), "optimizer": ("adamw", "adamw8bit"), "real": ("teacher", "init"),
+           "rollout": ("renoise", "trajectory")}
 UNIT_INTERVAL = {"cfg_dropout", "ema_decay", "t_min", "t_max", "hps_label_noise", "pick_label_noise",
                  "aesthetic_label_noise"}
 NON_NEGATIVE = {"weight", "dmd_weight", "scale", "fake_scale", "seed", "checkpoint_every"}
@@ -352,16 +354,21 @@ def preset(p: Params, name: str) -> tuple[PresetParams, DistillParams, DistillPa
     for stage in ("stage1", "stage2"):
         cfg = build(DistillParams, deep_merge(dataclasses.asdict(p.distill), getattr(pre, stage)), f"{key}.{stage}")
         if cfg.rl.weight > 0 or cfg.rtdm.enabled:
-            for r in parse_reward_names(cfg.rl.reward, f"{key}.{stage}.rl.reward"):
+            for r in parse_spec(cfg.rl.reward, f"{key}.{stage}.rl.reward"):
                 if r not in pre.reward_models:
                     raise ParamsError(f"{key}.{stage}.rl.reward: {r!r} has no entry in {key}.reward_models")
         stages.append(cfg)
     return pre, *stages
 
 
-def parse_reward_names(spec: str, key: str) -> list[str]:
+def parse_spec(spec: str, key: str = "reward") -> dict[str, float]:
+    """'hps' -> {hps: 1}; 'clip+hps' -> {clip: 1, hps: 1}; '0.5*clip+hps' -> {clip: 0.5, hps: 1}; errors name `key`."""
     check_reward_spec(spec, key)
-    return [term.strip().rpartition("*")[2] for term in spec.split("+")]
+    out = {}
+    for term in spec.split("+"):
+        w, _, name = term.strip().rpartition("*")
+        out[name] = float(w) if w else 1.0
+    return out
 
 
 def eval_model(p: Params, name: str) -> EvalModel:

@@ -251,7 +251,9 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
         else:
             d_opt = lora_opt
     trained = [m for m in (generator, fake if distill else None, real if dynadg else None) if m is not None]
-    fp = resume.fingerprint(dataclasses.asdict(cfg), seed, len(prompts), prompts[:8])
+    ckpt = (resume.Checkpoint(checkpoint_dir, cfg.checkpoint_every,
+                              resume.fingerprint(dataclasses.asdict(cfg), seed, len(prompts), prompts[:8]), rng, prng)
+            if checkpoint_dir is not None and cfg.checkpoint_every else None)
     times = flow.generator_times(cfg.generator_steps, cfg.shift)
     c = backbone_of(models.generator).config
     latent_shape = models.latent_shape or (c.in_channels, c.sample_size, c.sample_size)
@@ -285,7 +287,7 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
         return flow.x0_from_velocity(x_t, fake(x_t, t, *cond), t)
 
     rows, t0, last, start, skipped, in_a_row = [], time.time(), {}, 0, 0, 0
-    if (state := resume.load(acc, checkpoint_dir, fp, rng, prng)) is not None:
+    if (state := resume.load(acc, ckpt)) is not None:
         rows, last, start, skipped = state["rows"], state["last"], state["step"], state["skipped"]
 
     def nonfinite(what: str, value: torch.Tensor, step: int) -> bool:
@@ -315,9 +317,8 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
                 write_csv(rows, curve_path)
         if step == cfg.steps:
             break
-        if step > start and checkpoint_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            if not resume.save(acc, checkpoint_dir, {"step": step, "rows": rows, "last": last, "skipped": skipped,
-                                                     "fingerprint": fp}, rng, prng, trained):
+        if ckpt is not None and step > start and step % ckpt.every == 0:
+            if not resume.save(acc, ckpt, {"step": step, "rows": rows, "last": last, "skipped": skipped}, trained):
                 raise FloatingPointError(f"non-finite weights at step {step}: not checkpointed; the last good "
                                          f"checkpoint stays in {checkpoint_dir}")
         last = {}
@@ -461,8 +462,7 @@ def run_recipe(p, name: str, prompt_dir: Path = Path("data/prompts"), out: Path 
     rows = train(cfg, models, train_prompts, seed, curve_fn, curves / f"{name}.csv", checkpoint)
 
     def write(d: Path):
-        g = models.generator.model if isinstance(models.generator, flow.Guided) else models.generator
-        g.backbone.save_pretrained(d, safe_serialization=True)
+        backbone_of(models.generator).save_pretrained(d, safe_serialization=True)
         fake = fused_copy(models.real, cfg.dynadg.fake_scale) if cfg.dynadg.form == "released" else models.fake
         if fake is not None:
             fake.backbone.save_pretrained(d / "fake", safe_serialization=True)

@@ -16,6 +16,7 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
 from . import flow
+from .distill import backbone_of
 from .models import VelocityModel, atomic_dir, decode_latents
 
 FAMILIES = {"StableDiffusion3Pipeline": "sd3"}
@@ -97,17 +98,17 @@ def export(generator: torch.nn.Module, teacher: Teacher, out: Path, steps: int, 
     scheduler with the generator's shift, plus SAMPLER_FILE (steps, sigmas, guidance) for the few-step call:
     `pipe(prompt, sigmas=s["sigmas"], guidance_scale=s["guidance_scale"])`. A `fake` score is saved in `fake/`
     (ignored by diffusers) so that a next stage continues it."""
-    backbone = generator.backbone if hasattr(generator, "backbone") else generator
     settings = sampler_settings(steps, shift)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(teacher.pipeline.scheduler.config, shift=shift,
                                                             use_dynamic_shifting=False)
-    pipe = type(teacher.pipeline)(**(teacher.pipeline.components | {"transformer": backbone, "scheduler": scheduler}))
+    pipe = type(teacher.pipeline)(**(teacher.pipeline.components | {"transformer": backbone_of(generator),
+                                                                    "scheduler": scheduler}))
 
     def write(d: Path):
         pipe.save_pretrained(d, safe_serialization=True)
         (d / SAMPLER_FILE).write_text(json.dumps(settings, indent=1))
         if fake is not None:
-            (fake.backbone if hasattr(fake, "backbone") else fake).save_pretrained(d / "fake", safe_serialization=True)
+            backbone_of(fake).save_pretrained(d / "fake", safe_serialization=True)
     return atomic_dir(out, write)
 
 

@@ -4,8 +4,9 @@ included) continues from its last checkpoint and ends exactly where an uninterru
 A checkpoint directory holds accelerate's `save_state` (the prepared models as safetensors; optimizer states and
 accelerate's global RNG states, which it loads with torch.load(weights_only=True)) plus `loop.json` (step, logged
 rows, the loop's own numpy generator, the fingerprint of the run's settings) and `generators.safetensors` (the loop's
-torch generator and any other tensors of the loop's state, such as an EMA's shadow weights). Nothing is unpickled. A checkpoint whose fingerprint differs (other params, other prompts) is
-ignored rather than resumed; one with non-finite weights is never written.
+torch generator and any other tensors of its state, such as an EMA's shadow weights). Nothing is unpickled. A
+checkpoint whose fingerprint differs (other params, other prompts) is ignored rather than resumed; one with
+non-finite weights is never written.
 """
 from __future__ import annotations
 
@@ -42,25 +43,26 @@ def all_finite(modules) -> bool:
     return all(torch.isfinite(p).all() for m in modules for p in m.parameters())
 
 
-def save(acc, path: Path, loop: dict, rng: torch.Generator | None, prng: np.random.Generator | None, modules,
-         tensors: dict[str, torch.Tensor] | None = None) -> bool:
-    """Write a checkpoint atomically (a temporary directory renamed over the old one). Returns False, writing
-    nothing, when any weight is non-finite: a good checkpoint is never replaced by a poisoned one. `tensors` are
-    saved by name and copied back in place by `load`."""
+def save(acc, ckpt: Checkpoint, loop: dict, modules, tensors: dict[str, torch.Tensor] | None = None) -> bool:
+    """Write a checkpoint of `loop` (with the run's fingerprint and generators) atomically: a temporary directory
+    renamed over the old one. Returns False, writing nothing, when any weight is non-finite: a good checkpoint is
+    never replaced by a poisoned one. `tensors` are saved by name and copied back in place by `load`."""
     if not all_finite(modules):
         return False
+    rng, prng = ckpt.rng, ckpt.prng
 
     def extras(d: Path):
         state = {k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()}
         save_file(state | ({"rng": rng.get_state()} if rng is not None else {}), d / "generators.safetensors")
-        (d / "loop.json").write_text(json.dumps(loop | ({"prng": prng.bit_generator.state} if prng else {})))
+        loop_state = loop | {"fingerprint": ckpt.fingerprint} | ({"prng": prng.bit_generator.state} if prng else {})
+        (d / "loop.json").write_text(json.dumps(loop_state))
 
     if acc.num_processes == 1:
-        atomic_dir(path, lambda d: (acc.save_state(str(d), safe_serialization=True), extras(d)))
+        atomic_dir(ckpt.path, lambda d: (acc.save_state(str(d), safe_serialization=True), extras(d)))
         return True
     # several processes: all write accelerate's state (each its RNG) into one staging directory, the main process
     # adds the loop's files and moves it into place (the loop's generators are the same in every process)
-    path = Path(path)
+    path = Path(ckpt.path)
     staging = path.with_name(f".{path.name}.staging")
     if acc.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
@@ -75,25 +77,25 @@ def save(acc, path: Path, loop: dict, rng: torch.Generator | None, prng: np.rand
     return True
 
 
-def load(acc, path: Path | None, fp: str, rng: torch.Generator | None, prng: np.random.Generator | None,
-         tensors: dict[str, torch.Tensor] | None = None) -> dict | None:
-    """Restore the checkpoint at `path` into the prepared objects, generators and `tensors` (in place); returns the
-    loop state, or None when there is no checkpoint for this run."""
-    if path is None or not (Path(path) / "loop.json").exists():
+def load(acc, ckpt: Checkpoint | None, tensors: dict[str, torch.Tensor] | None = None) -> dict | None:
+    """Restore the run's checkpoint into the prepared objects, its generators and `tensors` (in place); returns the
+    loop state, or None when there is no checkpoint of this run."""
+    if ckpt is None or not (Path(ckpt.path) / "loop.json").exists():
         return None
-    loop = json.loads((Path(path) / "loop.json").read_text())
-    if loop.get("fingerprint") != fp:
+    path = Path(ckpt.path)
+    loop = json.loads((path / "loop.json").read_text())
+    if loop.pop("fingerprint", None) != ckpt.fingerprint:
         print(f"ignoring checkpoint {path}: it belongs to other settings")
         return None
     acc.load_state(str(path))
-    saved = load_file(Path(path) / "generators.safetensors")
-    if rng is not None:
-        rng.set_state(saved["rng"])
+    saved = load_file(path / "generators.safetensors")
+    if ckpt.rng is not None:
+        ckpt.rng.set_state(saved["rng"])
     for name, t in (tensors or {}).items():
         with torch.no_grad():
             t.copy_(saved[name])
-    if prng is not None:
-        prng.bit_generator.state = loop["prng"]
+    if ckpt.prng is not None:
+        ckpt.prng.bit_generator.state = loop["prng"]
     loop.pop("prng", None)
     print(f"resumed from {path} at step {loop['step']}")
     return loop

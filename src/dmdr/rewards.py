@@ -25,7 +25,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from .config import check_reward_spec
+from .config import parse_spec
 from .models import TinyClip, atomic_dir, require_dir
 from .world import grammar, render
 from .world.scene import COLORS
@@ -64,16 +64,6 @@ class Combined(nn.Module):
 
     def forward(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
         return sum(self.weights[k] * r(images, texts) for k, r in self.rewards.items())
-
-
-def parse_spec(spec: str) -> dict[str, float]:
-    """'hps' -> {hps: 1}; 'clip+hps' -> {clip: 1, hps: 1}; '0.5*clip+hps' -> {clip: 0.5, hps: 1}."""
-    check_reward_spec(spec, "reward")
-    out = {}
-    for term in spec.split("+"):
-        w, _, name = term.strip().rpartition("*")
-        out[name] = float(w) if w else 1.0
-    return out
 
 
 def load_reward(spec: str, world: Path = Path("models/world"), root: Path = Path("models/rewards")) -> nn.Module:

@@ -70,15 +70,12 @@ def train_loop(model: torch.nn.Module, loss_fn, steps: int, lr: float, desc: str
     ema_tensors = {f"ema.{i}": t for i, t in enumerate(ema.shadow_params)} if ema is not None else {}
 
     def save(step: int):
-        if not resume.save(acc, checkpoint.path, {"step": step, "history": history, "seconds": time.time() - t0,
-                                                  "ema_step": ema.optimization_step if ema else 0,
-                                                  "fingerprint": checkpoint.fingerprint},
-                           checkpoint.rng, checkpoint.prng, [model], ema_tensors):
+        if not resume.save(acc, checkpoint, {"step": step, "history": history, "seconds": time.time() - t0,
+                                             "ema_step": ema.optimization_step if ema else 0}, [model], ema_tensors):
             raise FloatingPointError(f"{desc}: non-finite weights at step {step}; the last good checkpoint stays "
                                      f"in {checkpoint.path}")
 
-    if checkpoint is not None and (state := resume.load(acc, checkpoint.path, checkpoint.fingerprint, checkpoint.rng,
-                                                        checkpoint.prng, ema_tensors)) is not None:
+    if (state := resume.load(acc, checkpoint, ema_tensors)) is not None:
         history, start, t0 = state["history"], state["step"], time.time() - state["seconds"]
         if ema is not None:
             ema.optimization_step = state["ema_step"]
