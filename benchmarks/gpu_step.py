@@ -1,14 +1,22 @@
 """GPU benchmark of the real-scale loop (issue "Real models and scale", run it on a lent GPU): an SD3-Medium
-transformer with random weights (2.03 B parameters; text conditioning as random tensors of SD3's shapes), the
-sd3-medium preset's stage 1 (DynaDG's released shared LoRA, rank 32; DynaRS) and stage 2 (hinge reward through an
-SD3 VAE decoder and a random ViT-H-14 CLIP reward), bf16 autocast over fp32 master weights, gradient checkpointing.
-Prints seconds per generator step and peak GPU memory at 512 px, local batch 8, then sampling latency at 1024 px
-for the 4-step generator against 28- and 50-step CFG sampling.
+transformer with random weights (2.03 B parameters; text conditioning as random tensors of SD3's shapes), bf16
+autocast over fp32 master weights (frozen weights stored in bf16), gradient checkpointing, 512 px, local batch 8.
 
-    python benchmarks/gpu_step.py [--steps 3] [--batch 8] [--resolution 512] [--out FILE]
+Measured in one run, on one device:
+- bare passes: the model calls of one DMD step written out by hand (3 rollout forwards, generator forward +
+  backward, real-score CFG forward, fake-score forward, fake-score LoRA forward + backward, both AdamW steps), with a
+  full-fine-tune generator and a rank-32 LoRA fake score on the teacher;
+- the library's loop (dmdr.distill.train) doing the same step (TTUR 1): stage 1 (DynaDG's released shared LoRA,
+  DynaRS) and stage 2 (+ hinge rewards through an SD3 VAE decoder and a random ViT-H-14 CLIP), each as seconds per
+  step, its ratio to the bare passes, and peak GPU memory; stage 2 also with the released LoRA generator;
+- sampling latency at 1024 px: the 4-step generator against 28- and 50-step CFG sampling.
+
+    python benchmarks/gpu_step.py [--steps 4] [--batch 8] [--resolution 512] [--out FILE]
     python benchmarks/gpu_step.py --tiny     # the same code on a tiny transformer, on CPU: a check that it runs
 """
 import argparse
+import copy
+import gc
 import sys
 import time
 from pathlib import Path
@@ -19,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from diffusers import AutoencoderKL, SD3Transformer2DModel  # noqa: E402
 
 from dmdr import config, flow  # noqa: E402
-from dmdr.distill import init_models, train  # noqa: E402
+from dmdr.distill import add_lora, init_models, master_weights, set_lora_scale, train  # noqa: E402
 from dmdr.models import VelocityModel, decode_latents  # noqa: E402
 
 SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
@@ -31,7 +39,7 @@ SD3_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_chan
                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                layers_per_block=2, shift_factor=0.0609, scaling_factor=1.5035)
 TINY_VAE = dict(SD3_VAE, block_out_channels=(16, 16, 16, 16), layers_per_block=1, norm_num_groups=16)
-TEXT_TOKENS = 77 + 256  # CLIP tokens + T5 tokens
+TEXT_TOKENS = 128 + 77  # T5 tokens (the presets' max_sequence_length) + CLIP tokens
 
 
 class ClipReward(torch.nn.Module):
@@ -46,7 +54,15 @@ class ClipReward(torch.nn.Module):
 
     def forward(self, images, texts):
         x = torch.nn.functional.interpolate(images.float(), size=(self.size, self.size), mode="bicubic")
-        return torch.nn.functional.normalize(self.model.encode_image(x).float(), dim=-1) @ self.text
+        return torch.nn.functional.normalize(self.model.encode_image(x).float(), dim=-1) @ self.text.float()
+
+
+def memory_note() -> str:
+    if not torch.cuda.is_available():
+        return ""
+    stats = torch.cuda.memory_stats()
+    return (f" ({stats['reserved_bytes.all.peak'] / 2**30:.1f} GiB reserved, "
+            f"{stats['num_alloc_retries']} allocator retries)")
 
 
 def peak_gib() -> float:
@@ -58,63 +74,163 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed_training(cfg, models, prompts, steps: int) -> float:
-    """Seconds per generator step over `steps` steps after one warm-up step."""
-    cfg.steps, cfg.log_every = 1, 10**9
-    train(cfg, models, prompts, seed=0)
+def timed(fn, steps: int) -> float:
+    """Seconds per call of `fn` over `steps` calls after one warm-up call."""
+    fn()
     sync()
-    cfg.steps = steps
     t = time.perf_counter()
-    train(cfg, models, prompts, seed=1)
+    for _ in range(steps):
+        fn()
     sync()
     return (time.perf_counter() - t) / steps
 
 
+def profiled(fn, path: Path) -> None:
+    """A torch profile of `fn` (kernels and host time per op) written to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])) as prof:
+        fn()
+        sync()
+    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    table = prof.key_averages()
+    path.write_text(table.table(sort_by=key, row_limit=40, max_name_column_width=70) + "\n"
+                    + table.table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=70))
+
+
+def bare_passes(teacher, encode, uncond, latent, batch: int, steps: int, dev: str, profile: Path | None = None) -> float:
+    """Seconds of the model calls of one DMD step, written out by hand: the floor the loop is compared with."""
+    generator = copy.deepcopy(teacher).requires_grad_(True)
+    master_weights(generator, dev == "cuda")
+    guide = copy.deepcopy(teacher)
+    lora = add_lora(guide, 32)
+    master_weights(guide, dev == "cuda")
+    for m in (generator, guide):
+        m.backbone.enable_gradient_checkpointing()
+    fused = dev == "cuda"
+    g_opt = torch.optim.AdamW(generator.parameters(), lr=1e-6, fused=fused)
+    f_opt = torch.optim.AdamW(lora, lr=1e-6, fused=fused)
+    cond, unc = encode(["a photo"] * batch), flow.expand(uncond, batch)
+    t = torch.full((batch,), 0.5, device=dev)
+    x = torch.randn(batch, *latent, device=dev)
+
+    def step():
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+            with torch.no_grad():
+                for _ in range(3):
+                    generator(x, t, *cond)
+            generator(x, t, *cond).float().square().mean().backward()
+            with torch.no_grad():
+                set_lora_scale(guide, 0.0)
+                guide(torch.cat([x, x]), torch.cat([t, t]), *(torch.cat([c, u]) for c, u in zip(cond, unc)))
+                set_lora_scale(guide, 2.0)
+                guide(x, t, *cond)
+            guide(x, t, *cond).float().square().mean().backward()
+        g_opt.step()
+        f_opt.step()
+        g_opt.zero_grad(set_to_none=True)
+        f_opt.zero_grad(set_to_none=True)
+    sec = timed(step, steps)
+    if profile:
+        profiled(lambda: [step() for _ in range(2)], profile)
+    del generator, guide, g_opt, f_opt
+    return sec
+
+
+def loop_step(cfg, teacher, encode, uncond, latent, vae, reward, steps: int, profile: Path | None = None) -> float:
+    """Seconds per step of dmdr.distill.train under `cfg`: the time between its first and last logged step (the
+    loop's set-up and first step excluded), after a warm-up run. With `profile`, a torch profile of the warm-up
+    run's steps is written there."""
+    models = init_models(teacher, encode, uncond, cfg=cfg, decode=lambda z: decode_latents(vae, z.to(vae.dtype)),
+                         reward=reward, latent_shape=latent)
+    prompts = ["a photo"] * 64
+    cfg.steps, cfg.log_every = 2, 10**9
+    train(cfg, models, prompts, seed=0)
+    if profile:
+        profiled(lambda: train(cfg, models, prompts, seed=2), profile)
+    cfg.steps, cfg.log_every = steps + 1, 1
+    rows = train(cfg, models, prompts, seed=1)
+    return (rows[-1]["seconds"] - rows[1]["seconds"]) / steps
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--sample-resolution", type=int, default=1024)
     ap.add_argument("--tiny", action="store_true", help="a tiny transformer and VAE (CPU check)")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--profile", action="store_true", help="torch profiles of the bare passes and stage 1 beside --out")
+    ap.add_argument("--no-sampling", action="store_true", help="skip the 1024 px sampling latencies")
     a = ap.parse_args()
     if a.tiny:
         a.resolution, a.sample_resolution = min(a.resolution, 64), min(a.sample_resolution, 128)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    lines = []
+
+    def report(line: str):
+        print(line, flush=True)
+        lines.append(line)
+        if a.out:
+            a.out.parent.mkdir(parents=True, exist_ok=True)
+            a.out.write_text("\n".join(lines) + "\n")
+
+    if dev == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # as the released code
     p = config.load(Path(__file__).resolve().parents[1] / "params.yaml")
     _, stage1, stage2 = config.preset(p, "sd3-medium")
     for cfg in (stage1, stage2):
-        cfg.batch, cfg.checkpoint_every = a.batch, 0
+        cfg.batch, cfg.checkpoint_every, cfg.ttur, cfg.gradient_checkpointing = a.batch, 0, 1, True
+        cfg.optimizer = "adamw"  # fp32 AdamW states: the issue's memory goal is set for them
+        cfg.generator_lora.enabled = False  # the issue's reference: a full-fine-tune generator
         cfg.mixed_precision = "bf16" if dev == "cuda" else "no"
+    stage2.reward_chunk = 2  # the decoder's backward at 512 px, batch 8, is what breaks 48 GB otherwise
     torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(**(TINY if a.tiny else SD3_MEDIUM)).to(dev)
-    transformer.enable_gradient_checkpointing()
-    vae = AutoencoderKL(**(TINY_VAE if a.tiny else SD3_VAE)).to(dev).requires_grad_(False)
+    with torch.device(dev):  # random init on the device: minutes faster than on the host for 2 B parameters
+        transformer = SD3Transformer2DModel(**(TINY if a.tiny else SD3_MEDIUM))
+        vae = AutoencoderKL(**(TINY_VAE if a.tiny else SD3_VAE)).requires_grad_(False)
     reward = ClipReward("ViT-B-32" if a.tiny else "ViT-H-14").to(dev).requires_grad_(False)
+    if dev == "cuda":  # the frozen parts in bf16, as dmdr.real holds them
+        transformer, vae, reward = transformer.to(torch.bfloat16), vae.to(torch.bfloat16), reward.to(torch.bfloat16)
+    teacher = VelocityModel(transformer).requires_grad_(False)
     c = transformer.config
     width, pooled = c.joint_attention_dim, c.pooled_projection_dim
-    encode = lambda texts: (torch.randn(len(texts), TEXT_TOKENS, width, device=dev),
-                            torch.randn(len(texts), pooled, device=dev))
+    encode = lambda texts: (torch.randn(len(texts), TEXT_TOKENS, width, device=dev, dtype=transformer.dtype),
+                            torch.randn(len(texts), pooled, device=dev, dtype=transformer.dtype))
     uncond = encode([""])
     latent = (c.in_channels, a.resolution // 8, a.resolution // 8)
-    lines = [f"device: {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}; transformer "
-             f"{sum(x.numel() for x in transformer.parameters()) / 1e9:.2f} B parameters; {a.resolution} px, local "
-             f"batch {a.batch}; {'bf16 autocast, ' if dev == 'cuda' else 'fp32, '}fp32 master weights, gradient "
-             f"checkpointing"]
-    prompts = ["a photo"] * 64
-    for name, cfg in (("stage 1 (DMD + DynaDG released + DynaRS)", stage1), ("stage 2 (DMD + hinge RL)", stage2)):
-        models = init_models(VelocityModel(transformer), encode, uncond, cfg=cfg,
-                             decode=lambda z: decode_latents(vae, z), reward=reward, latent_shape=latent)
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        sec = timed_training(cfg, models, prompts, a.steps)
-        lines.append(f"{name}: {sec:.3f} s per generator step, peak {peak_gib():.1f} GiB allocated")
-        del models
+    report(f"device: {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}, torch {torch.__version__}; "
+           f"transformer {sum(x.numel() for x in transformer.parameters()) / 1e9:.2f} B parameters; "
+           f"{a.resolution} px, local batch {a.batch}; {'bf16 autocast, ' if dev == 'cuda' else 'fp32, '}fp32 master "
+           f"weights and AdamW states, frozen weights in bf16, gradient checkpointing; {a.steps} timed steps each "
+           f"(TTUR 1: one fake-score and one generator update)")
+
+    def reset():
+        gc.collect()
         if dev == "cuda":
             torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
 
-    model = VelocityModel(transformer).eval()
+    reset()
+    bare = bare_passes(teacher, encode, uncond, latent, a.batch, a.steps, dev,
+                       a.out.parent / "profile_bare.txt" if a.profile and a.out else None)
+    report(f"bare passes of one DMD step (full-fine-tune generator, LoRA-32 fake score): {bare:.3f} s, "
+           f"peak {peak_gib():.1f} GiB{memory_note()}")
+    lora_stage2 = copy.deepcopy(stage2)
+    lora_stage2.generator_lora.enabled = True
+    for name, cfg in (("stage 1 (DMD + DynaDG released + DynaRS)", stage1),
+                      ("stage 2 (DMD + hinge CLIP reward through the VAE)", stage2),
+                      ("stage 2, LoRA-64 generator (released)", lora_stage2)):
+        reset()
+        profile = a.out.parent / "profile_stage1.txt" if a.profile and a.out and cfg is stage1 else None
+        sec = loop_step(cfg, teacher, encode, uncond, latent, vae, reward, a.steps, profile)
+        report(f"{name}: {sec:.3f} s per step = {sec / bare:.2f}x the bare passes, peak {peak_gib():.1f} GiB"
+               f"{memory_note()}")
+
+    if a.no_sampling:
+        return
+    reset()
+    model = teacher.eval()
     n = 1 if a.tiny else 4
     noise = torch.randn(n, c.in_channels, a.sample_resolution // 8, a.sample_resolution // 8, device=dev)
     cond = encode(["a photo"] * n)
@@ -124,19 +240,10 @@ def main():
                                                                                flow.generator_times(4, 3.0))),
                            ("28-step CFG", lambda: flow.sample_teacher(model, noise, cond, uncond, 28, 7.0, 3.0)),
                            ("50-step CFG", lambda: flow.sample_teacher(model, noise, cond, uncond, 50, 7.0, 3.0))]:
-            run()
-            sync()
-            t = time.perf_counter()
-            run()
-            sync()
-            times[label] = (time.perf_counter() - t) / n
-    lines.append(f"sampling at {a.sample_resolution} px, batch {n}, per image: "
-                 + ", ".join(f"{k} {v:.3f} s" for k, v in times.items())
-                 + f"; 50-step CFG / 4-step = {times['50-step CFG'] / times['4-step generator']:.1f}x (NFE bound 25x)")
-    print("\n".join(lines))
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text("\n".join(lines) + "\n")
+            times[label] = timed(run, 1) / n
+    report(f"sampling at {a.sample_resolution} px, batch {n}, per image: "
+           + ", ".join(f"{k} {v:.3f} s" for k, v in times.items())
+           + f"; 50-step CFG / 4-step = {times['50-step CFG'] / times['4-step generator']:.1f}x (NFE bound 25x)")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def test_backward_simulation_gradient_reaches_one_call_only(clip):
     torch.manual_seed(0)
     g = VelocityModel(build_backbone("unet", 16, 16, channels=(16, 16), head_dim=8))
     cond = tuple(x.detach() for x in clip.encode(["a photo of a circle"] * 2))
-    x0, final = backward_simulate(g, torch.randn(2, 4, 8, 8), cond, flow.generator_times(4),
+    x0, final, _ = backward_simulate(g, torch.randn(2, 4, 8, 8), cond, flow.generator_times(4),
                                   torch.Generator().manual_seed(1), need_final=True)
     assert x0.shape == (2, 4, 8, 8) and x0.requires_grad and not final.requires_grad
 
@@ -127,6 +127,20 @@ def test_gradient_checkpointing_changes_memory_not_results(clip):
     assert all(torch.allclose(results[0][k], results[1][k], atol=1e-6) for k in results[0])
 
 
+def test_a_chunked_reward_changes_memory_not_results(clip):
+    """RL's reward decoded and scored 2 samples at a time, each chunk recomputed in backward: the same training
+    up to float rounding (which Adam's normalised first steps magnify to a few 1e-6; a step is 1e-4 here)."""
+    results = []
+    for chunk in (0, 2):
+        cfg, _, models = tiny_models(clip, "unet", {"steps": 2, "rl": {"weight": 0.5, "loss": "hinge"},
+                                                    "reward_chunk": chunk})
+        rows = train(cfg, models, ["a photo of a circle", "two red squares"], seed=0)
+        results.append((models.generator.state_dict(), rows[-1]["reward_x0"]))
+    (a, ra), (b, rb) = results
+    assert abs(ra - rb) < 1e-5
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
 def test_8bit_adamw_without_bitsandbytes_is_a_clear_error(clip):
     try:
         import bitsandbytes  # noqa: F401
@@ -136,3 +150,27 @@ def test_8bit_adamw_without_bitsandbytes_is_a_clear_error(clip):
     cfg, _, models = tiny_models(clip, "unet", {"optimizer": "adamw8bit"})
     with pytest.raises(ImportError, match="adamw8bit needs bitsandbytes"):
         train(cfg, models, ["a photo of a circle"], seed=0)
+
+
+def test_bf16_keeps_trained_weights_fp32_and_holds_frozen_ones_in_bf16(clip):
+    cfg, _, models = tiny_models(clip, "sd3", {"mixed_precision": "bf16", "dynadg": {"form": "released", "rank": 4},
+                                               "generator_lora": {"enabled": True, "rank": 4, "alpha": 8.0}})
+    train(cfg, models, ["a photo of a circle", "two red squares"], seed=0)
+    for model in (models.generator, models.real):
+        dtypes = {(p.requires_grad, p.dtype) for p in model.parameters()}
+        assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}, dtypes
+
+
+def test_reusing_the_fake_updates_rollout_draws_one_batch_per_step(clip):
+    """rollout_reuse (released): the generator update takes the last fake update's prompts, noise and renoise point,
+    so a step with TTUR 2 draws 2 batches instead of 3; RT-DM's reward is then taken on that rollout."""
+    counts = []
+    for reuse in (False, True):
+        cfg, _, models = tiny_models(clip, "unet", {"ttur": 2, "rollout_reuse": reuse, "rtdm": {"enabled": True}})
+        calls = []
+        encode = models.encode
+        models.encode = lambda texts: calls.append(len(texts)) or encode(texts)
+        rows = train(cfg, models, ["a photo of a circle", "two red squares"], seed=0)
+        assert "reward_rollout" in rows[-1]
+        counts.append(len(calls))
+    assert counts == [2 * 3, 2 * 2]

@@ -1,13 +1,15 @@
 """The math of DMDR's stage-1 tools and joint loss: RT-DM on a one-dimensional Gaussian world, the DynaDG and
 DynaRS schedules, Eq. 3 at lambda 0, and the LoRA machinery of DynaDG."""
+import copy
 import math
 
 import pytest
 import torch
 
 from dmdr import flow
-from dmdr.distill import (add_lora, cosine_anneal, dmd_gradient, dmd_loss, dynadg_scale, dynars_beta, fake_weights,
-                          fused_copy, joint_loss, rl_loss, rtdm_weights, set_lora_scale)
+from dmdr.distill import (add_generator_lora, add_lora, cosine_anneal, dmd_gradient, dmd_loss, dynadg_scale,
+                          dynars_beta, fake_weights, fused_copy, joint_loss, load_lora_state, lora_state, plain,
+                          rl_loss, rtdm_weights, set_lora_scale)
 from dmdr.models import VelocityModel, build_backbone
 from test_dmd import gaussian_x0
 
@@ -95,6 +97,11 @@ def test_rl_losses():
     assert torch.isclose(rl_loss(r, "hinge", 0.7), torch.tensor(0.1))
     with pytest.raises(ValueError):
         rl_loss(r, "ppo")
+    # a weighted sum of rewards: ReFL on the sum, the released hinge on each reward (0.3 relu(0.7 - r_k) summed)
+    clip, hps = torch.tensor([0.5, 0.9]), torch.tensor([0.8, 0.1])
+    parts = [(0.3, clip), (0.3, hps)]
+    assert torch.isclose(rl_loss(parts), -(0.3 * clip + 0.3 * hps).mean())
+    assert torch.isclose(rl_loss(parts, "hinge", 0.7), torch.tensor(0.3 * 0.1 + 0.3 * 0.3))
 
 
 def test_lora_scale_interpolates_and_fuses():
@@ -117,3 +124,34 @@ def test_lora_scale_interpolates_and_fuses():
     fused = fused_copy(model, 2.0)
     assert not any("lora_" in n for n, _ in fused.named_parameters())
     assert torch.allclose(fused(x, t, *cond), adapted, atol=1e-5)
+
+    # the adapter's weights carry over to another copy of the base (stage 1's shared LoRA into stage 2)
+    other = VelocityModel(build_backbone("unet", 16, 16, channels=(16, 16), head_dim=8)).eval()
+    other.load_state_dict({k: v for k, v in fused_copy(model, 0.0).state_dict().items()})
+    load_lora_state(other, 4, lora_state(model))
+    set_lora_scale(other, 2.0)
+    assert torch.allclose(other(x, t, *cond), adapted, atol=1e-6)
+    with pytest.raises(ValueError, match="rank 4.*dynadg.rank 8"):
+        load_lora_state(VelocityModel(build_backbone("unet", 16, 16, channels=(16, 16), head_dim=8)), 8,
+                        lora_state(model))
+
+
+def test_a_lora_generator_starts_as_its_start_trains_only_its_adapter_and_merges():
+    torch.manual_seed(0)
+    start = VelocityModel(build_backbone("sd3", 16, 16, layers=1, heads=2, head_dim=8)).eval()
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([0.3, 0.7])
+    cond = (torch.randn(2, 5, 16), torch.randn(2, 16))
+    generator = copy.deepcopy(start)
+    add_generator_lora(generator, rank=4, alpha=8.0)
+    trainable = {n for n, p in generator.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any("add_q_proj" in n for n in trainable)  # SD3's joint attention: the text stream's projections too
+    assert torch.allclose(generator(x, t, *cond), start(x, t, *cond), atol=1e-6)  # B = 0 at init
+    with torch.no_grad():
+        for n, p in generator.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    merged = plain(generator)
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    assert torch.allclose(merged(x, t, *cond), generator(x, t, *cond), atol=1e-5)
+    assert plain(start) is start

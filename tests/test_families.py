@@ -10,7 +10,7 @@ import torch
 
 from dmdr import flow
 from dmdr.config import DistillParams, build
-from dmdr.distill import init_models, train
+from dmdr.distill import init_models, plain, train
 from dmdr.families import export, load_exported, load_teacher
 from tiny import free_port, tiny_sd3_pipeline
 
@@ -51,18 +51,26 @@ def test_dmdr_on_a_real_sd3_pipeline_then_export(sd3, tmp_path):
     assert rows[-1]["step"] == 2 and {"loss_dmd", "reward_rollout", "dynadg_scale"} <= set(rows[-1])
     assert any(not torch.equal(a, b) for a, b in zip(before, models.generator.parameters()))
 
-    stage2 = build(DistillParams, dict(STAGE1, rtdm={"enabled": False}, dynadg={"form": "off"},
-                                       dynars={"enabled": False}, rl={"weight": 0.5}))
-    models = init_models(teacher.model, teacher.encode, teacher.uncond, start=models.generator, start_fake=models.fake,
-                         cfg=stage2, decode=teacher.decode, reward=Brightness(), latent_shape=teacher.latent_shape)
+    # stage 2 as released: a LoRA generator, the shared LoRA fake score, one rollout per step, hinge rewards
+    # (decoded one sample at a time)
+    stage2 = build(DistillParams, dict(STAGE1, rtdm={"enabled": False}, dynars={"enabled": False},
+                                       generator_lora={"enabled": True, "rank": 4, "alpha": 8.0},
+                                       dynadg={"form": "released", "rank": 4, "scale": 0.0}, rollout_reuse=True,
+                                       reward_chunk=1, rl={"weight": 0.5, "loss": "hinge"}))
+    start = models.generator
+    models = init_models(teacher.model, teacher.encode, teacher.uncond, start=start, cfg=stage2,
+                         decode=teacher.decode, reward=Brightness(), latent_shape=teacher.latent_shape)
     rows = train(stage2, models, TEXTS * 4, seed=0)
     assert {"loss_dmd", "reward_x0"} <= set(rows[-1])  # DMD and ReFL through the VAE decoder
+    base = {n.replace("base_layer.", ""): p for n, p in models.generator.named_parameters() if "lora_" not in n}
+    # only the adapter trained (the frozen base is held in bf16 under bf16 autocast)
+    assert all(torch.equal(base[n], p.to(base[n].dtype)) for n, p in start.named_parameters())
 
     pipe, sampler = load_exported(export(models.generator, teacher, tmp_path / "dmdr-4", steps=4, shift=3.0))
     assert type(pipe).__name__ == "StableDiffusion3Pipeline" and sampler["num_inference_steps"] == 4
     noise = torch.randn(2, *teacher.latent_shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ours = flow.sample_generator(models.generator, noise, teacher.encode(TEXTS), flow.generator_times(4, 3.0))
+        ours = flow.sample_generator(plain(models.generator), noise, teacher.encode(TEXTS), flow.generator_times(4, 3.0))
     theirs = pipe(TEXTS, sigmas=sampler["sigmas"], guidance_scale=sampler["guidance_scale"], latents=noise.clone(),
                   max_sequence_length=8, output_type="latent").images
     assert torch.allclose(ours, theirs, atol=1e-4)
@@ -78,7 +86,8 @@ def test_a_directory_that_is_not_a_pipeline_is_named(tmp_path):
 
 def tiny_preset(sd3, tmp_path, batch: int = 2) -> Path:
     """params.yaml with a preset 'tiny-sd3' on the tiny pipeline: stage 1 (DynaDG's released shared LoRA, DynaRS),
-    stage 2 (hinge RL on an HPS-format reward); rewards in HPS's torch format and as safetensors."""
+    stage 2 as released (hinge RL on an HPS-format reward, a LoRA generator, stage 1's shared LoRA continued);
+    rewards in HPS's torch format and as safetensors."""
     import open_clip
     import yaml
     from safetensors.torch import save_file
@@ -98,21 +107,28 @@ def tiny_preset(sd3, tmp_path, batch: int = 2) -> Path:
         "reward_models": {"hps": {"arch": arch, "checkpoint": str(tmp_path / "hps.pt")},
                           "clip": {"arch": arch, "checkpoint": str(tmp_path / "clip.safetensors")}},
         "stage1": fast | {"dynadg": {"form": "released", "rank": 4, "steps": 2}, "dynars": {"enabled": True, "steps": 2}},
-        "stage2": fast | {"rl": {"weight": 0.3, "loss": "hinge", "reward": "hps"}}}}
+        "stage2": fast | {"rl": {"weight": 0.3, "loss": "hinge", "reward": "hps"}, "rollout_reuse": True,
+                          "dynadg": {"form": "released", "rank": 4, "scale": 0.0},
+                          "generator_lora": {"enabled": True, "rank": 4, "alpha": 8.0}}}}
     raw["real"] = {"preset": "tiny-sd3", "train_prompts": str(tmp_path / "train.txt"),
                    "eval_prompts": str(tmp_path / "eval.txt"), "out": str(tmp_path / "out")}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     return tmp_path / "params.yaml"
 
 
-def test_the_real_runner_trains_both_stages_of_a_preset_exports_and_scores(sd3, tmp_path):
+def test_the_real_runner_trains_both_stages_of_a_preset_exports_and_scores(sd3, tmp_path, monkeypatch):
     """`python -m dmdr.real` on a tiny preset: both stages exported, no checkpoint left, the result and the teacher
     scored by every reward of the preset; a rerun finds both stages done."""
     from dmdr import config, real
+    from dmdr.families import DYNADG_LORA_FILE
     params = tiny_preset(sd3, tmp_path)
+    loaded = []
+    load = real.load_lora_state
+    monkeypatch.setattr(real, "load_lora_state", lambda *a: loaded.append(a) or load(*a))
     real.main(["--params", str(params)])
     out = tmp_path / "out" / "tiny-sd3"
     assert (out / "stage1" / "fake" / "config.json").exists() and (out / "dmdr" / "model_index.json").exists()
+    assert (out / "stage1" / DYNADG_LORA_FILE).exists() and len(loaded) == 1  # stage 2 continued stage 1's LoRA
     assert not any((out / "checkpoints").glob("*/loop.json"))  # finished stages leave no checkpoint behind
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["few_step"]) == {"hps", "clip", "nfe"} and m["few_step"]["nfe"] == 4 and m["teacher"]["nfe"] == 4

@@ -137,6 +137,14 @@ class RLParams:
 
 
 @dataclass
+class GeneratorLoraParams:
+    """The generator as a LoRA on a frozen copy of its start (released SD3 scripts: rank 64, alpha 128)."""
+    enabled: bool = False
+    rank: int = 64
+    alpha: float = 128.0
+
+
+@dataclass
 class DistillParams:
     """One training run; recipes override these."""
     init: str = "models/world/teacher"  # where the generator (and fake score) start: the teacher or models/distill/<recipe>
@@ -145,6 +153,7 @@ class DistillParams:
     dmd_weight: float = 1.0  # 0: RL alone (no fake score, no distillation loss)
     generator_cfg: float = 1.0  # > 1: the generator itself samples with CFG (multi-step RL on the teacher)
     rollout: str = "renoise"  # renoise: DMD2 backward simulation | trajectory: ReFL, stop at a late step of the ODE
+    rollout_reuse: bool = False  # the generator update reuses the last fake update's rollout (released) | a fresh one
     rtdm: RtdmParams = field(default_factory=RtdmParams)
     dynadg: DynaDGParams = field(default_factory=DynaDGParams)
     dynars: DynaRSParams = field(default_factory=DynaRSParams)
@@ -166,7 +175,10 @@ class DistillParams:
     checkpoint_every: int = 20  # generator steps between resumable checkpoints (checkpoints/<recipe>/); 0: none
     max_nonfinite: int = 5  # abort after this many non-finite losses in a row (each one skips its step)
     gradient_checkpointing: bool = False  # recompute activations in backward (real-scale memory)
+    reward_chunk: int = 0  # RL: decode and score this many samples at a time, recomputed in backward; 0: all at once
     optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes, CUDA)
+    generator_weight_decay: float = 0.0  # AdamW's, for the generator (released: 0.01; the fake score's is 0)
+    generator_lora: GeneratorLoraParams = field(default_factory=GeneratorLoraParams)  # off: full fine-tuning
 
 
 @dataclass
@@ -237,8 +249,8 @@ CHOICES = {"backbone": ("unet", "sd3"), "timesteps": ("logit_normal", "uniform")
            "rollout": ("renoise", "trajectory")}
 UNIT_INTERVAL = {"cfg_dropout", "ema_decay", "t_min", "t_max", "hps_label_noise", "pick_label_noise",
                  "aesthetic_label_noise"}
-NON_NEGATIVE = {"weight", "dmd_weight", "scale", "fake_scale", "seed", "checkpoint_every"}
-POSITIVE |= {"beta", "rank", "a", "b", "prompts", "max_nonfinite"}
+NON_NEGATIVE = {"weight", "dmd_weight", "scale", "fake_scale", "seed", "checkpoint_every", "generator_weight_decay", "reward_chunk"}
+POSITIVE |= {"beta", "rank", "alpha", "a", "b", "prompts", "max_nonfinite"}
 FORMS = {"rtdm": ("exp", "reward"), "dynadg": ("off", "paper", "released")}
 
 

@@ -27,8 +27,6 @@ from . import flow, resume
 from .config import DistillParams
 from .files import write_csv
 
-LORA = "dynadg"
-
 
 # --- the equations --------------------------------------------------------------------------------------------
 
@@ -94,12 +92,15 @@ def dynars_beta(step: int, steps: int, a: float, b: float) -> tuple[float, float
     return 1 + (a - 1) * c, 1 + (b - 1) * c
 
 
-def rl_loss(reward: torch.Tensor, form: str = "refl", margin: float = 0.7) -> torch.Tensor:
-    """ReFL on the generator's x0: -r (the paper), or the released code's hinge relu(margin - r)."""
+def rl_loss(reward: torch.Tensor | list[tuple[float, torch.Tensor]], form: str = "refl",
+            margin: float = 0.7) -> torch.Tensor:
+    """ReFL on the generator's x0 for r = sum_k w_k r_k (a reward, or the (w_k, r_k) of a sum): -r (the paper), or
+    the released code's hinge sum_k w_k relu(margin - r_k), each reward under its own hinge."""
+    parts = [(1.0, reward)] if isinstance(reward, torch.Tensor) else reward
     if form == "refl":
-        return -reward.mean()
+        return -sum(w * r for w, r in parts).mean()
     if form == "hinge":
-        return torch.relu(margin - reward).mean()
+        return sum(w * torch.relu(margin - r).mean() for w, r in parts)
     raise ValueError(f"unknown RL loss {form!r}")
 
 
@@ -111,38 +112,51 @@ def joint_loss(loss_dmd: torch.Tensor, loss_rl: torch.Tensor, rl_weight: float, 
 # --- rollouts -------------------------------------------------------------------------------------------------
 
 
-def backward_simulate(generator, noise: torch.Tensor, cond, times: torch.Tensor, rng: torch.Generator,
-                      mode: str = "renoise", need_final: bool = False, randn=None):
-    """A generator sample with gradient through one call. `renoise` (DMD2's backward simulation, released form):
-    run the few-step ODE without gradient, pick one of its levels uniformly, renoise the final sample to it, and
-    call the generator there. `trajectory` (ReFL): stop the ODE at a level in its second half and call there.
-    Returns x0 and the full no-gradient ODE output (RT-DM's reward is taken on it; None unless computed anyway or
-    `need_final`). `randn()` draws the renoising noise (default: like `noise`, from `rng`)."""
+def rollout(generator, noise: torch.Tensor, cond, times: torch.Tensor, rng: torch.Generator,
+            mode: str = "renoise", need_final: bool = False, randn=None):
+    """Where the generator's gradient call happens, without gradient. `renoise` (DMD2's backward simulation,
+    released form): run the few-step ODE, pick one of its levels uniformly and renoise the final sample to it.
+    `trajectory` (ReFL): stop the ODE at a level in its second half. Returns (x_t, its level, the full ODE output:
+    RT-DM's reward is taken on it; None unless computed anyway or `need_final`). `randn()` draws the renoising
+    noise (default: like `noise`, from `rng`)."""
     n = len(times) - 1
     final = None
-    if mode == "trajectory":
-        k = int(torch.randint(n // 2, n, (1,), generator=rng))
-        with torch.no_grad():
+    with torch.no_grad():
+        if mode == "trajectory":
+            k = int(torch.randint(n // 2, n, (1,), generator=rng))
             x_t = flow.sample_generator(generator, noise, cond, times, upto=k) if k else noise
-    else:
-        k = int(torch.randint(n, (1,), generator=rng))
-        eps = (randn() if randn is not None else torch.randn(noise.shape, generator=rng)).to(noise.device)
-        if k or need_final:
-            with torch.no_grad():
+        else:
+            k = int(torch.randint(n, (1,), generator=rng))
+            eps = (randn() if randn is not None else torch.randn(noise.shape, generator=rng)).to(noise.device)
+            if k or need_final:
                 final = flow.sample_generator(generator, noise, cond, times)
-        x_t = noise if k == 0 else flow.renoise(final, eps, times[k].expand(noise.shape[0]).to(noise.device))
-    x0 = flow.generator_step(generator, x_t, float(times[k]), cond)
+            x_t = noise if k == 0 else flow.renoise(final, eps, times[k].expand(noise.shape[0]).to(noise.device))
+    return x_t, float(times[k]), final
+
+
+def backward_simulate(generator, noise: torch.Tensor, cond, times: torch.Tensor, rng: torch.Generator,
+                      mode: str = "renoise", need_final: bool = False, randn=None):
+    """A generator sample x0 with gradient through one call at a `rollout` point; returns x0, the full ODE output
+    (None unless computed anyway or `need_final`) and the point (x_t, t) of the call."""
+    x_t, t, final = rollout(generator, noise, cond, times, rng, mode, False, randn)
+    x0 = flow.generator_step(generator, x_t, t, cond)
     if need_final and final is None:
         with torch.no_grad():
             final = flow.sample_generator(generator, noise, cond, times)
-    return x0, final
+    return x0, final, (x_t, t)
 
 
-# --- LoRA of DynaDG (peft through diffusers) ------------------------------------------------------------------
+# --- LoRA adapters (peft through diffusers): DynaDG's, and the generator's option -------------------------------
+
+LORA = "dynadg"
+GENERATOR_LORA = "generator"
+# the released SD3 scripts put both of their LoRAs on the attention projections of the joint blocks
+ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 
 def add_lora(model, rank: int):
-    """A peft LoRA adapter on the backbone's attention and feed-forward projections (once); only it is trainable."""
+    """DynaDG's peft LoRA adapter on the backbone's attention and feed-forward projections (once); only it is
+    trainable."""
     from peft import LoraConfig
     backbone = model.backbone
     backbone.requires_grad_(False)
@@ -156,17 +170,65 @@ def add_lora(model, rank: int):
     return params
 
 
+def add_generator_lora(model, rank: int, alpha: float) -> None:
+    """The generator as a LoRA on a frozen copy of its start (the released code's `--use-lora-gen`: rank 64, alpha
+    128, Gaussian init, attention projections); the adapter starts at zero, so the generator starts as its start."""
+    from peft import LoraConfig
+    backbone = backbone_of(model)
+    backbone.requires_grad_(False)
+    targets = sorted({n.rsplit(".", 1)[-1] if not n.endswith("to_out.0") else "to_out.0"
+                      for n, _ in backbone.named_modules()} & set(ATTENTION))
+    backbone.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets),
+                         adapter_name=GENERATOR_LORA)
+
+
 def set_lora_scale(model, scale: float) -> None:
     model.backbone.set_adapters([LORA], weights=[scale])
 
 
-def fused_copy(model, scale: float):
-    """A plain copy of a LoRA'd model with the adapter merged in at `scale` (what a checkpoint stores)."""
+def fused_copy(model, scale: float = 1.0):
+    """A plain fp32 copy of a LoRA'd model with its adapter merged in at `scale` (what a checkpoint stores)."""
     out = copy.deepcopy(model)
-    set_lora_scale(out, 1.0)
-    out.backbone.fuse_lora(lora_scale=scale)
-    out.backbone.unload_lora()
-    return out
+    backbone = backbone_of(out)
+    (name,) = backbone.peft_config
+    backbone.set_adapters([name], weights=[1.0])
+    backbone.fuse_lora(lora_scale=scale)
+    backbone.unload_lora()
+    return out.float()
+
+
+def plain(model):
+    """The model as a checkpoint stores it: a LoRA generator merged into its base, anything else as it is."""
+    return fused_copy(model) if getattr(backbone_of(model), "peft_config", None) else model
+
+
+def lora_state(model) -> dict[str, torch.Tensor]:
+    """DynaDG's adapter weights (to continue the released form's shared LoRA in the next stage)."""
+    from peft import get_peft_model_state_dict
+    return {k: v.detach().float().cpu().contiguous()
+            for k, v in get_peft_model_state_dict(model.backbone, adapter_name=LORA).items()}
+
+
+def load_lora_state(model, rank: int, state: dict[str, torch.Tensor]) -> None:
+    """Give `model` DynaDG's adapter (rank `rank`) with the weights of `lora_state`."""
+    from peft import set_peft_model_state_dict
+    saved = next(v.shape[0] for k, v in state.items() if "lora_A" in k)
+    if saved != rank:
+        raise ValueError(f"the saved DynaDG LoRA has rank {saved}, the recipe asks for dynadg.rank {rank}")
+    add_lora(model, rank)
+    result = set_peft_model_state_dict(model.backbone, state, adapter_name=LORA)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"the saved DynaDG LoRA does not fit this model: {result.unexpected_keys[:3]} ...")
+
+
+def master_weights(model, bf16: bool) -> None:
+    """Trained weights in fp32 (bf16 AdamW steps at the released learning rates round away to nothing); under bf16
+    autocast, the frozen ones stored in bf16 as the released code stores them (autocast computes in bf16 anyway)."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+        elif bf16:
+            p.data = p.data.to(torch.bfloat16)
 
 
 # --- the loop -------------------------------------------------------------------------------------------------
@@ -177,16 +239,19 @@ def backbone_of(model):
     return (model.model if isinstance(model, flow.Guided) else model).backbone
 
 
-def optimizer(params, lr: float, cfg: DistillParams):
-    """AdamW (no weight decay, as released), or bitsandbytes' 8-bit AdamW for real-scale memory."""
+def optimizer(params, lr: float, cfg: DistillParams, weight_decay: float = 0.0):
+    """AdamW over the trainable `params`, or bitsandbytes' 8-bit AdamW for real-scale memory."""
+    params = [p for p in params if p.requires_grad]
     if cfg.optimizer == "adamw8bit":
         try:
             import bitsandbytes
         except ImportError:
             raise ImportError("optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes; CUDA only); "
                               "it is not among dmdr's pinned dependencies") from None
-        return bitsandbytes.optim.AdamW8bit(params, lr=lr, weight_decay=0.0)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        return bitsandbytes.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    # on GPUs the fused kernel: faster, and no parameter-sized temporaries (the foreach form's peak memory)
+    fused = {"fused": True} if params and all(p.is_cuda for p in params) else {}
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **fused)
 
 
 @dataclass
@@ -228,6 +293,7 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
     mine = slice(acc.process_index * local, (acc.process_index + 1) * local)  # this process's part of each draw
     distill, rl = cfg.dmd_weight > 0, cfg.rl.weight > 0
     dynadg, shared = cfg.dynadg.form != "off", cfg.dynadg.form == "released"
+    reuse_final = cfg.rollout_reuse and cfg.rtdm.enabled  # RT-DM's reward is then taken on the fake's rollout
     real = models.real.requires_grad_(False).eval()
     lora = add_lora(real, cfg.dynadg.rank) if dynadg else []
     fake = real if shared else models.fake
@@ -236,12 +302,14 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
     needs_reward = rl or cfg.rtdm.enabled
     if needs_reward and (models.reward is None or models.decode is None):
         raise ValueError("RT-DM and RL need Models.reward and Models.decode")
-    if cfg.gradient_checkpointing:
-        for m in (models.generator, fake, real):
-            if m is not None:
-                backbone_of(m).enable_gradient_checkpointing()
+    for m in (models.generator, fake, real):
+        if m is not None and cfg.gradient_checkpointing:
+            backbone_of(m).enable_gradient_checkpointing()
+        if m is not None:
+            master_weights(m, cfg.mixed_precision == "bf16")
     # each model is prepared with its optimizer in one call, as FSDP requires
-    generator, g_opt = acc.prepare(models.generator, optimizer(models.generator.parameters(), cfg.generator_lr, cfg))
+    generator, g_opt = acc.prepare(models.generator, optimizer(models.generator.parameters(), cfg.generator_lr, cfg,
+                                                               cfg.generator_weight_decay))
     if distill and not shared:
         fake, f_opt = acc.prepare(fake, optimizer(fake.parameters(), cfg.fake_lr, cfg))
     if dynadg:  # its LoRA is trained state, so it goes into checkpoints
@@ -265,11 +333,15 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
             cond = models.encode(texts)
         return texts, cond
 
+    def to_dev(x: torch.Tensor) -> torch.Tensor:
+        """Draws are made on the host (the same on every device and process); a pinned copy does not stall it."""
+        return x.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else x
+
     def randn():  # one noise tensor per sample of the global batch; this process's slice
-        return torch.randn((cfg.batch, *latent_shape), generator=rng)[mine].to(dev)
+        return to_dev(torch.randn((cfg.batch, *latent_shape), generator=rng)[mine].contiguous())
 
     def rand():
-        return torch.rand(cfg.batch, generator=rng)[mine].to(dev)
+        return to_dev(torch.rand(cfg.batch, generator=rng)[mine].contiguous())
 
     def batch_wide(x: torch.Tensor) -> torch.Tensor:
         """A per-sample quantity of the whole global batch (the identity under one process)."""
@@ -280,6 +352,24 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
 
     def reward_of(latents, texts):
         return models.reward(models.decode(latents.float()), texts)
+
+    def reward_parts(latents, texts) -> list[tuple[float, torch.Tensor]]:
+        """(w_k, r_k) of the reward's terms on decoded latents, with gradient. With `reward_chunk`, the batch is
+        decoded and scored in chunks of that many samples, each recomputed in backward, so that the decoder's
+        full-resolution activations are held for one chunk at a time."""
+        def scores(z, chunk):
+            images = models.decode(z.float())
+            if hasattr(models.reward, "parts"):
+                return tuple(r for _, r in models.reward.parts(images, chunk))
+            return (models.reward(images, chunk),)
+        weights = list(models.reward.weights.values()) if hasattr(models.reward, "parts") else [1.0]
+        n = cfg.reward_chunk
+        if not n or len(texts) <= n:
+            return list(zip(weights, scores(latents, texts)))
+        from torch.utils.checkpoint import checkpoint
+        chunks = [checkpoint(scores, latents[i:i + n], texts[i:i + n], use_reentrant=False)
+                  for i in range(0, len(texts), n)]
+        return [(w, torch.cat(rs)) for w, rs in zip(weights, zip(*chunks))]
 
     def fake_x0(x_t, t, cond):
         if shared:
@@ -329,10 +419,11 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
             for _ in range(cfg.ttur):
                 texts, cond = batch()
                 with torch.no_grad(), autocast:
-                    x0, final = backward_simulate(generator, randn(), cond, times, rng, cfg.rollout,
-                                                  need_final=cfg.rtdm.tilt_fake, randn=randn)
+                    x0, final, point = backward_simulate(generator, randn(), cond, times, rng, cfg.rollout,
+                                                         need_final=cfg.rtdm.tilt_fake or reuse_final, randn=randn)
                     w = (fake_weights(batch_wide(reward_of(final, texts)), cfg.rtdm.beta)[mine]
                          if cfg.rtdm.tilt_fake else None)
+                reused = texts, cond, point, final
                 if shared:
                     set_lora_scale(acc.unwrap_model(fake), cfg.dynadg.fake_scale)
                 with autocast:
@@ -359,11 +450,15 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
                 last["dynadg_scale"] = scale
         # generator: Eq. 3 with Eq. 1 (RT-DM-weighted, Eq. 4) as its distillation term
         generator.train()
-        texts, cond = batch()
         loss_dmd = loss_rl = torch.zeros((), device=dev)
         with autocast:
-            x0, final = backward_simulate(generator, randn(), cond, times, rng, cfg.rollout,
-                                          need_final=cfg.rtdm.enabled, randn=randn)
+            if cfg.rollout_reuse and distill:  # released: the last fake update's rollout, G called again with grad
+                texts, cond, (x_t, t_k), final = reused
+                x0 = flow.generator_step(generator, x_t, t_k, cond)
+            else:
+                texts, cond = batch()
+                x0, final, _ = backward_simulate(generator, randn(), cond, times, rng, cfg.rollout,
+                                                 need_final=cfg.rtdm.enabled, randn=randn)
             if distill:
                 weight = None
                 if cfg.rtdm.enabled:
@@ -373,7 +468,7 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
                     last["reward_rollout"] = float(r_final.mean())
                 if cfg.dynars.enabled:
                     a, b = dynars_beta(step, cfg.dynars.steps, cfg.dynars.a, cfg.dynars.b)
-                    u = torch.from_numpy(prng.beta(a, b, size=cfg.batch)[mine]).float().to(dev)
+                    u = to_dev(torch.from_numpy(prng.beta(a, b, size=cfg.batch)[mine]).float())
                 else:
                     u = rand()
                 t = cfg.t_min + (cfg.t_max - cfg.t_min) * u
@@ -388,9 +483,9 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
                 loss_dmd = dmd_loss(x0, dmd_gradient(x0.detach().float(), x0_real.float(), x0_fake.float()), weight)
                 last["loss_dmd"] = float(mean_over_processes(loss_dmd))
             if rl:
-                r = reward_of(x0, texts)
-                loss_rl = rl_loss(r, cfg.rl.loss, cfg.rl.margin)
-                last["reward_x0"] = float(mean_over_processes(r.mean()))
+                parts = reward_parts(x0, texts)
+                loss_rl = rl_loss(parts, cfg.rl.loss, cfg.rl.margin)
+                last["reward_x0"] = float(mean_over_processes(sum(w * r for w, r in parts).mean()))
             loss = joint_loss(loss_dmd, loss_rl, cfg.rl.weight, cfg.dmd_weight)
         if nonfinite("generator", loss.detach(), step):
             continue
@@ -415,7 +510,10 @@ def init_models(teacher, encode, uncond, start=None, start_fake=None, cfg: Disti
     cfg = cfg or DistillParams()
     start = teacher if start is None else start
     real = start if cfg.real == "init" else teacher
-    generator = copy.deepcopy(start).train().requires_grad_(True)  # a start may come frozen (a fused real score)
+    # a start may come frozen (a fused real score), or as a LoRA generator (merged: a new adapter trains on it)
+    generator = copy.deepcopy(plain(start)).train().requires_grad_(True)
+    if cfg.generator_lora.enabled:
+        add_generator_lora(generator, cfg.generator_lora.rank, cfg.generator_lora.alpha)
     if cfg.generator_cfg > 1:
         generator = flow.Guided(generator, uncond, cfg.generator_cfg)
     fake = None
@@ -462,7 +560,7 @@ def run_recipe(p, name: str, prompt_dir: Path = Path("data/prompts"), out: Path 
     rows = train(cfg, models, train_prompts, seed, curve_fn, curves / f"{name}.csv", checkpoint)
 
     def write(d: Path):
-        backbone_of(models.generator).save_pretrained(d, safe_serialization=True)
+        backbone_of(plain(models.generator)).save_pretrained(d, safe_serialization=True)
         fake = fused_copy(models.real, cfg.dynadg.fake_scale) if cfg.dynadg.form == "released" else models.fake
         if fake is not None:
             fake.backbone.save_pretrained(d / "fake", safe_serialization=True)

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from safetensors.torch import save_file
 
 from . import flow
-from .distill import backbone_of
+from .distill import backbone_of, plain
 from .models import VelocityModel, atomic_dir, decode_latents
 
 FAMILIES = {"StableDiffusion3Pipeline": "sd3"}
@@ -92,16 +93,20 @@ def sampler_settings(steps: int, shift: float) -> dict:
             "shift": shift}
 
 
+DYNADG_LORA_FILE = "dynadg_lora.safetensors"
+
+
 def export(generator: torch.nn.Module, teacher: Teacher, out: Path, steps: int, shift: float = 1.0,
-           fake: torch.nn.Module | None = None) -> Path:
+           fake: torch.nn.Module | None = None, dynadg_lora: dict | None = None) -> Path:
     """Save a diffusers pipeline directory: the teacher's pipeline with the distilled generator's weights and a
     scheduler with the generator's shift, plus SAMPLER_FILE (steps, sigmas, guidance) for the few-step call:
     `pipe(prompt, sigmas=s["sigmas"], guidance_scale=s["guidance_scale"])`. A `fake` score is saved in `fake/`
-    (ignored by diffusers) so that a next stage continues it."""
+    (ignored by diffusers) so that a next stage continues it, and DynaDG's shared LoRA (`dynadg_lora`, released
+    form) in DYNADG_LORA_FILE. A LoRA generator is merged into its transformer."""
     settings = sampler_settings(steps, shift)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(teacher.pipeline.scheduler.config, shift=shift,
                                                             use_dynamic_shifting=False)
-    pipe = type(teacher.pipeline)(**(teacher.pipeline.components | {"transformer": backbone_of(generator),
+    pipe = type(teacher.pipeline)(**(teacher.pipeline.components | {"transformer": backbone_of(plain(generator)),
                                                                     "scheduler": scheduler}))
 
     def write(d: Path):
@@ -109,6 +114,8 @@ def export(generator: torch.nn.Module, teacher: Teacher, out: Path, steps: int, 
         (d / SAMPLER_FILE).write_text(json.dumps(settings, indent=1))
         if fake is not None:
             backbone_of(fake).save_pretrained(d / "fake", safe_serialization=True)
+        if dynadg_lora is not None:
+            save_file(dynadg_lora, d / DYNADG_LORA_FILE)
     return atomic_dir(out, write)
 
 

@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from accelerate.utils import reduce
+from safetensors.torch import load_file
 
 from . import config
-from .distill import fused_copy, init_models, train
-from .families import Teacher, export, load_exported, load_teacher
+from .distill import fused_copy, init_models, load_lora_state, lora_state, train
+from .families import DYNADG_LORA_FILE, Teacher, export, load_exported, load_teacher
 from .files import write_json
 from .models import VelocityModel, load_backbone
 from .prompts import load_prompts
@@ -56,10 +57,12 @@ def load_rewards(spec: str, reward_models: dict) -> torch.nn.Module:
     return reward.to(process_state().device)
 
 
+
 def stage(cfg, teacher: Teacher, prompts: list[str], seed: int, out: Path, name: str, reward,
-          start: VelocityModel | None = None, start_fake: VelocityModel | None = None):
+          start: VelocityModel | None = None, start_fake: VelocityModel | None = None, previous: Path | None = None):
     """Train one stage (resuming from `<out>/checkpoints/<name>`) and export it to `<out>/<name>`; a stage already
-    exported is loaded instead. Returns (generator, fake score) for the next stage."""
+    exported is loaded instead. Returns (generator, fake score) for the next stage. DynaDG's released form continues
+    the shared LoRA exported by the `previous` stage, as the released code's stage 2 resumes stage 1's."""
     done = out / name
     if (done / "model_index.json").exists():
         print(f"{done} exists: stage {name} is done")
@@ -70,12 +73,16 @@ def stage(cfg, teacher: Teacher, prompts: list[str], seed: int, out: Path, name:
     models = init_models(teacher.model, teacher.encode, teacher.uncond, start, start_fake, cfg,
                          decode=teacher.decode, reward=reward if needs_reward else None,
                          latent_shape=teacher.latent_shape)
+    shared = cfg.dynadg.form == "released"
+    if shared and previous is not None and (previous / DYNADG_LORA_FILE).exists():
+        load_lora_state(models.real, cfg.dynadg.rank, load_file(previous / DYNADG_LORA_FILE))
     checkpoint = out / "checkpoints" / name
     train(cfg, models, prompts, seed, curve_path=out / "curves" / f"{name}.csv", checkpoint_dir=checkpoint)
-    fake = fused_copy(models.real, cfg.dynadg.fake_scale) if cfg.dynadg.form == "released" else models.fake
+    fake = fused_copy(models.real, cfg.dynadg.fake_scale) if shared else models.fake
     state = process_state()
     if state.is_main_process:
-        export(models.generator, teacher, done, cfg.generator_steps, cfg.shift, fake=fake)
+        export(models.generator, teacher, done, cfg.generator_steps, cfg.shift, fake=fake,
+               dynadg_lora=lora_state(models.real) if shared else None)
         shutil.rmtree(checkpoint, ignore_errors=True)  # exported: nothing left to resume
     state.wait_for_everyone()
     return models.generator, fake
@@ -132,12 +139,18 @@ def run(p: config.Params, name: str | None = None, teacher_source: str | None = 
     if not train_prompts:
         raise config.ParamsError("real.train_prompts: required (a file of training prompts, one per line)")
     prompts = load_prompts(Path(train_prompts))
-    teacher = load_teacher(teacher_source or pre.teacher, pre.resolution, pre.max_sequence_length)
+    # under bf16 the teacher (text encoders, VAE, the real score) is held in bf16; trained copies are fp32 masters
+    bf16 = cfg1.mixed_precision == "bf16" and cfg2.mixed_precision == "bf16"
+    teacher = load_teacher(teacher_source or pre.teacher, pre.resolution, pre.max_sequence_length,
+                           torch.bfloat16 if bf16 else torch.float32)
     teacher.pipeline.to(process_state().device)  # under accelerate launch: this process's GPU
     reward = {cfg.rl.reward: load_rewards(cfg.rl.reward, pre.reward_models) for cfg in (cfg1, cfg2)
               if cfg.rl.weight > 0 or cfg.rtdm.enabled}
+    for r in reward.values():
+        r.to(torch.bfloat16 if bf16 else torch.float32)
     generator, fake = stage(cfg1, teacher, prompts, p.seed, out, "stage1", reward.get(cfg1.rl.reward))
-    stage(cfg2, teacher, prompts, p.seed, out, "dmdr", reward.get(cfg2.rl.reward), start=generator, start_fake=fake)
+    stage(cfg2, teacher, prompts, p.seed, out, "dmdr", reward.get(cfg2.rl.reward), start=generator, start_fake=fake,
+          previous=out / "stage1")
     result = {"stage1": str(out / "stage1"), "dmdr": str(out / "dmdr")}
     eval_prompts = eval_prompts or p.real.eval_prompts
     if eval_prompts:  # sampled by every process, its share of the prompts

@@ -389,12 +389,33 @@ def readme_results(results: Path = RESULTS) -> str:
         bench = results / "benchmarks" / f"{name}.txt"
         if bench.exists():
             parts.append(f"{what} (`benchmarks/{name}.py`, last run):\n\n```\n" + bench.read_text().strip() + "\n```")
+    for bench in sorted((results / "benchmarks").glob("gpu_step_*.txt")):
+        text = bench.read_text().strip()
+        parts.append(f"GPU benchmark (`benchmarks/gpu_step.py` on a lent {bench.stem.split('_')[-1].upper()}, "
+                     f"`{bench.as_posix()}`; earlier runs in `{bench.with_name(bench.stem + '_history.md').as_posix()}`):\n\n```\n{text}\n```\n\n"
+                     + gpu_goals(text))
     for fig in ["figure3_paradigms.png", "figure4_rtdm.png", "cold_start.png", "reward_agreement.png",
                 "teacher_accuracy.png", "distill_curves.png"] + [f"samples_{m}.png" for m in ("teacher", "dmd2-4", "dmdr-4",
                                                                                              "dmd-then-rl-4", "dmdr-1")]:
         if (results / "figures" / fig).exists():
             parts.append(f"![{fig[:-4]}](results/figures/{fig})")
     return "\n\n".join(parts) if parts else "_No results yet: run the main command._"
+
+
+def gpu_goals(text: str) -> str:
+    """The issue's goals for the real-scale step, read off a gpu_step.py output: the full-fine-tune stage-2 step at
+    most 1.25x the bare model passes and within 48 GB, 4-step sampling at least 22x faster than 50-step CFG."""
+    stage2 = re.search(r"^stage 2 \(.*?: ([\d.]+) s per step = ([\d.]+)x the bare passes, peak ([\d.]+) GiB", text, re.M)
+    speedup = re.search(r"50-step CFG / 4-step = ([\d.]+)x", text)
+    goals = []
+    if stage2:
+        ratio, gb = float(stage2[2]), float(stage2[3]) * 2**30 / 1e9
+        goals += [f"stage-2 step at most 1.25x the bare passes: {ratio:.2f}x, {'met' if ratio <= 1.25 else 'not met'}",
+                  f"stage-2 peak within 48 GB: {gb:.1f} GB allocated, {'met' if gb <= 48 else 'not met'}"]
+    if speedup:
+        goals.append(f"4-step sampling at least 22x faster than 50-step CFG: {float(speedup[1]):.1f}x, "
+                     f"{'met' if float(speedup[1]) >= 22 else 'not met'}")
+    return "Goals of the issue on this device: " + "; ".join(goals) + "." if goals else ""
 
 
 def stage_timings(runs: Path = Path("runs")) -> dict[str, float]:

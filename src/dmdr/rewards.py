@@ -62,8 +62,12 @@ class Combined(nn.Module):
         self.rewards = nn.ModuleDict(rewards)
         self.weights = weights
 
+    def parts(self, images: torch.Tensor, texts: list[str]) -> list[tuple[float, torch.Tensor]]:
+        """(weight, reward) of each term, in the order of `weights`."""
+        return [(w, self.rewards[k](images, texts)) for k, w in self.weights.items()]
+
     def forward(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
-        return sum(self.weights[k] * r(images, texts) for k, r in self.rewards.items())
+        return sum(w * r for w, r in self.parts(images, texts))
 
 
 def load_reward(spec: str, world: Path = Path("models/world"), root: Path = Path("models/rewards")) -> nn.Module:
