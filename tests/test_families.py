@@ -84,7 +84,7 @@ def test_a_directory_that_is_not_a_pipeline_is_named(tmp_path):
         load_teacher(tmp_path, resolution=16)
 
 
-def tiny_preset(sd3, tmp_path, batch: int = 2) -> Path:
+def tiny_preset(sd3, tmp_path, batch: int = 2, shift: float = 3.0) -> Path:
     """params.yaml with a preset 'tiny-sd3' on the tiny pipeline: stage 1 (DynaDG's released shared LoRA, DynaRS),
     stage 2 as released (hinge RL on an HPS-format reward, a LoRA generator, stage 1's shared LoRA continued);
     rewards in HPS's torch format and as safetensors."""
@@ -100,7 +100,7 @@ def tiny_preset(sd3, tmp_path, batch: int = 2) -> Path:
               tmp_path / "clip.safetensors")
     (tmp_path / "train.txt").write_text("a photo of a cat\ntwo red squares\na blue circle\n")
     (tmp_path / "eval.txt").write_text("a green triangle\nthree dogs\none cat\n")
-    fast = dict(steps=2, batch=batch, ttur=1, log_every=1, generator_steps=4, shift=3.0, checkpoint_every=1)
+    fast = dict(steps=2, batch=batch, ttur=1, log_every=1, generator_steps=4, shift=shift, checkpoint_every=1)
     raw = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
     raw["presets"] = {"tiny-sd3": {
         "teacher": str(sd3), "resolution": 16, "max_sequence_length": 8, "eval_steps": 2,
@@ -159,3 +159,81 @@ def test_the_real_runner_under_two_processes_gives_the_one_process_numbers(sd3, 
         for k in ("hps", "clip"):
             assert two[model][k] == pytest.approx(one[model][k], abs=1e-4), (model, k)
 
+
+
+# --- SDXL: epsilon prediction on a VP schedule, seen as a flow -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    from tiny import tiny_sdxl_pipeline
+    return tiny_sdxl_pipeline(tmp_path_factory.mktemp("sdxl") / "pipe")
+
+
+def test_the_sdxl_teacher_predicts_what_its_scheduler_predicts(sdxl):
+    """EpsilonAsFlow's clean-sample prediction at each of the pipeline's Euler sigmas is the scheduler's."""
+    teacher = load_teacher(sdxl, resolution=16)
+    assert teacher.family == "sdxl" and teacher.latent_shape == (4, 8, 8) and 0.93 < teacher.max_t < 0.94
+    sched = teacher.pipeline.scheduler
+    sched.set_timesteps(5)
+    states, pooled = teacher.encode(TEXTS)
+    time_ids = torch.tensor([[16, 16, 0, 0, 16, 16]] * 2, dtype=torch.float32)
+    for k, timestep in zip(sched.sigmas[:-1], sched.timesteps):
+        x_e = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(int(timestep)))  # x0 + k eps
+        with torch.no_grad():
+            eps = teacher.pipeline.unet(x_e / (k ** 2 + 1) ** 0.5, timestep, encoder_hidden_states=states,
+                                        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+            t = torch.full((2,), float(k / (1 + k)))
+            v = teacher.model(x_e / (1 + k), t, states, pooled)
+        theirs = x_e - k * eps
+        ours = flow.x0_from_velocity(x_e / (1 + k), v, t)
+        assert torch.allclose(ours, theirs, atol=1e-4 * max(1.0, float(k))), float(k)
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_dmdr_on_a_real_sdxl_pipeline_then_export(sdxl, tmp_path, steps):
+    """Stage 1 (every tool) and stage 2 (RL through the VAE) on SDXL's UNet, then an exported SDXL pipeline whose
+    few-step Euler sampling (its own scheduler, the generator's sigmas) is the generator's, from the same noise;
+    one step starts at timestep 399, as the released SDXL model."""
+    teacher = load_teacher(sdxl, resolution=16)
+    times = teacher.generator_times(steps)
+    assert (steps != 1 or abs(float(teacher.model.timestep(times[:1] / (1 - times[:1]))) - 399) < 1e-3)
+    cfg1 = build(DistillParams, dict(STAGE1, shift=1.0, generator_steps=steps,
+                                     dynadg={"form": "released", "rank": 4, "scale": 0.5}))
+    models = init_models(teacher.model, teacher.encode, teacher.uncond, cfg=cfg1, decode=teacher.decode,
+                         reward=Brightness(), latent_shape=teacher.latent_shape)
+    models.times, models.max_t = times, teacher.max_t
+    rows = train(cfg1, models, TEXTS * 4, seed=0)
+    assert {"loss_dmd", "reward_rollout", "dynadg_scale"} <= set(rows[-1])
+    cfg2 = build(DistillParams, dict(STAGE1, shift=1.0, generator_steps=steps, rtdm={"enabled": False},
+                                     dynars={"enabled": False}, rl={"weight": 0.5, "loss": "hinge"}))
+    models = init_models(teacher.model, teacher.encode, teacher.uncond, start=models.generator, cfg=cfg2,
+                         decode=teacher.decode, reward=Brightness(), latent_shape=teacher.latent_shape)
+    models.times, models.max_t = times, teacher.max_t
+    rows = train(cfg2, models, TEXTS * 4, seed=0)
+    assert {"loss_dmd", "reward_x0"} <= set(rows[-1])
+
+    pipe, sampler = load_exported(export(models.generator, teacher, tmp_path / "dmdr", steps=steps))
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline" and len(sampler["sigmas"]) == steps + 1
+    noise = torch.randn(2, *teacher.latent_shape, generator=torch.Generator().manual_seed(1))
+    t0 = float(times[0])
+    with torch.no_grad():
+        ours = flow.sample_generator(plain(models.generator), noise * (t0 ** 2 + (1 - t0) ** 2) ** 0.5,
+                                     teacher.encode(TEXTS), times)
+    theirs = pipe(TEXTS, sigmas=sampler["sigmas"], guidance_scale=sampler["guidance_scale"], latents=noise.clone(),
+                  height=16, width=16, output_type="latent").images
+    assert torch.allclose(ours, theirs, atol=1e-4)
+
+
+def test_the_real_runner_on_an_sdxl_preset(sdxl, tmp_path):
+    """`python -m dmdr.real` with an SDXL teacher: both stages (stage 2 continuing stage 1's shared LoRA), exports
+    that load as SDXL pipelines, the result and the teacher scored."""
+    from dmdr import real
+    params = tiny_preset(sdxl, tmp_path, shift=1.0)
+    real.main(["--params", str(params)])
+    out = tmp_path / "out" / "tiny-sd3"
+    assert (out / "dmdr" / "unet" / "config.json").exists() and (out / "stage1" / "fake" / "config.json").exists()
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["few_step"]) == {"hps", "clip", "nfe"} and m["few_step"]["nfe"] == 4
+    generator, _ = real.stage(None, load_teacher(sdxl, 16), [], 0, out, "dmdr", None)  # done: loaded, SDXL-wrapped
+    assert type(generator).__name__ == "EpsilonAsFlow"

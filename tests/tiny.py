@@ -79,6 +79,36 @@ def tiny_sd3_pipeline(path):
     return path
 
 
+def tiny_sdxl_pipeline(path):
+    """A random StableDiffusionXLPipeline (UNet with SDXL's text-time micro-conditioning, epsilon prediction on the
+    scaled-linear VP schedule, 4-channel VAE, CLIP text encoder + CLIP with projection) at 16 x 16 pixels, saved with
+    save_pretrained."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    torch.manual_seed(0)
+    clip_cfg = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
+                    num_attention_heads=4, num_hidden_layers=2, vocab_size=80, max_position_embeddings=16,
+                    projection_dim=32)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), norm_num_groups=8, cross_attention_dim=64, transformer_layers_per_block=(1, 1),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8)
+    pipe = StableDiffusionXLPipeline(
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                         timestep_spacing="leading", steps_offset=1),
+        vae=AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16),
+                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                          layers_per_block=1, norm_num_groups=16, sample_size=16, scaling_factor=0.13025),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**clip_cfg)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg)),
+        tokenizer=tiny_clip_tokenizer(), tokenizer_2=tiny_clip_tokenizer())
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
 TINY_OPEN_CLIP = "dmdr-tiny-vit"
 
 

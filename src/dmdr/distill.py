@@ -266,6 +266,8 @@ class Models:
     decode: callable = None
     reward: torch.nn.Module | None = None
     latent_shape: tuple[int, int, int] | None = None  # default: the backbone's (in_channels, sample_size, sample_size)
+    times: torch.Tensor | None = None  # the generator's flow times; default flow.generator_times (a VP teacher's own)
+    max_t: float = 1.0  # the noisiest flow time the scores are defined at (< 1 for a VP schedule such as SDXL's)
 
 
 def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, curve_fn=None,
@@ -322,7 +324,8 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
     ckpt = (resume.Checkpoint(checkpoint_dir, cfg.checkpoint_every,
                               resume.fingerprint(dataclasses.asdict(cfg), seed, len(prompts), prompts[:8]), rng, prng)
             if checkpoint_dir is not None and cfg.checkpoint_every else None)
-    times = flow.generator_times(cfg.generator_steps, cfg.shift)
+    times = models.times if models.times is not None else flow.generator_times(cfg.generator_steps, cfg.shift)
+    t_max = min(cfg.t_max, models.max_t)
     c = backbone_of(models.generator).config
     latent_shape = models.latent_shape or (c.in_channels, c.sample_size, c.sample_size)
     dev = acc.device
@@ -342,6 +345,15 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
 
     def rand():
         return to_dev(torch.rand(cfg.batch, generator=rng)[mine].contiguous())
+
+    def start_noise():
+        """The generator's starting noise at times[0]: pure noise at t = 1; below (a VP schedule's end, or SDXL's
+        one-step timestep 399) the pipeline's start, VP noise, which is eps sqrt(t^2 + (1 - t)^2) as a flow point."""
+        t0 = float(times[0])
+        return randn() if t0 == 1.0 else randn() * math.sqrt(t0 ** 2 + (1 - t0) ** 2)
+
+    def score_times():  # noise levels of the fake score's diffusion loss, within the scores' range
+        return rand() if models.max_t == 1.0 else rand() * models.max_t
 
     def batch_wide(x: torch.Tensor) -> torch.Tensor:
         """A per-sample quantity of the whole global batch (the identity under one process)."""
@@ -419,7 +431,7 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
             for _ in range(cfg.ttur):
                 texts, cond = batch()
                 with torch.no_grad(), autocast:
-                    x0, final, point = backward_simulate(generator, randn(), cond, times, rng, cfg.rollout,
+                    x0, final, point = backward_simulate(generator, start_noise(), cond, times, rng, cfg.rollout,
                                                          need_final=cfg.rtdm.tilt_fake or reuse_final, randn=randn)
                     w = (fake_weights(batch_wide(reward_of(final, texts)), cfg.rtdm.beta)[mine]
                          if cfg.rtdm.tilt_fake else None)
@@ -427,7 +439,7 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
                 if shared:
                     set_lora_scale(acc.unwrap_model(fake), cfg.dynadg.fake_scale)
                 with autocast:
-                    fake_loss = flow.flow_matching_loss(fake, x0.float(), cond, rand(), randn(), w)
+                    fake_loss = flow.flow_matching_loss(fake, x0.float(), cond, score_times(), randn(), w)
                 if nonfinite("fake-score", fake_loss.detach(), step):
                     continue
                 acc.backward(fake_loss)
@@ -440,7 +452,7 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
                 # DynaDG (paper): the real score's own LoRA learns the generator's samples, so p_real overlaps p_fake
                 set_lora_scale(acc.unwrap_model(real), 1.0)
                 with autocast:
-                    lora_loss = flow.flow_matching_loss(real, x0.float(), cond, rand(), randn())
+                    lora_loss = flow.flow_matching_loss(real, x0.float(), cond, score_times(), randn())
                 if not nonfinite("DynaDG", lora_loss.detach(), step):
                     acc.backward(lora_loss)
                     acc.clip_grad_norm_(lora, 1.0)
@@ -457,7 +469,7 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
                 x0 = flow.generator_step(generator, x_t, t_k, cond)
             else:
                 texts, cond = batch()
-                x0, final, _ = backward_simulate(generator, randn(), cond, times, rng, cfg.rollout,
+                x0, final, _ = backward_simulate(generator, start_noise(), cond, times, rng, cfg.rollout,
                                                  need_final=cfg.rtdm.enabled, randn=randn)
             if distill:
                 weight = None
@@ -471,7 +483,7 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
                     u = to_dev(torch.from_numpy(prng.beta(a, b, size=cfg.batch)[mine]).float())
                 else:
                     u = rand()
-                t = cfg.t_min + (cfg.t_max - cfg.t_min) * u
+                t = cfg.t_min + (t_max - cfg.t_min) * u
                 x_t = flow.renoise(x0.detach(), randn(), t)
                 with torch.no_grad():
                     fake.eval()

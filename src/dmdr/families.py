@@ -1,10 +1,14 @@
-"""Real teachers: diffusers pipelines of the SD3 family (SD3-Medium, SD3.5-Large: rectified flow, two CLIP text
-encoders and T5, a 16-channel VAE) presented to the training loop exactly as the embedded world's teacher is: a
-velocity model v(x_t, t, text states, pooled text) on normalised VAE latents, a text encoder and a decoder. `export`
-writes a distilled generator back into a pipeline directory that DiffusionPipeline.from_pretrained loads, with the
-few-step sampler's settings beside it.
+"""Real teachers: diffusers pipelines presented to the training loop exactly as the embedded world's teacher is: a
+velocity model v(x_t, t, text states, pooled text) on normalised VAE latents, a text encoder and a decoder.
 
-SDXL (epsilon prediction on a discrete VP schedule, micro-conditioning) is not supported yet: `load_teacher` says so.
+- SD3 family (SD3-Medium, SD3.5-Large): rectified flow, two CLIP text encoders and T5, a 16-channel VAE.
+- SDXL: epsilon prediction on a discrete VP schedule (x = a x0 + s eps), two CLIP text encoders, micro-conditioning
+  (size and crop time ids). `EpsilonAsFlow` views its UNet as a velocity model: the VP point is the flow point
+  scaled by a + s, at flow time t = s / (a + s), so the same loop, losses and ODE apply. The schedule ends short of
+  pure noise (t <= 0.936 for SDXL's betas), so its generator starts there, from noise scaled as the pipeline's is.
+
+`export` writes a distilled generator back into a pipeline directory that DiffusionPipeline.from_pretrained loads,
+with the few-step sampler's settings beside it.
 """
 from __future__ import annotations
 
@@ -13,15 +17,55 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers import AutoencoderKL, DiffusionPipeline, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 from safetensors.torch import save_file
 
 from . import flow
 from .distill import backbone_of, plain
 from .models import VelocityModel, atomic_dir, decode_latents
 
-FAMILIES = {"StableDiffusion3Pipeline": "sd3"}
+FAMILIES = {"StableDiffusion3Pipeline": "sd3", "StableDiffusionXLPipeline": "sdxl"}
 SAMPLER_FILE = "dmdr_sampler.json"
+
+
+class EpsilonAsFlow(torch.nn.Module):
+    """An epsilon-prediction UNet on a VP schedule (SDXL) as a velocity model v(x_t, t, states, pooled) of the flow
+    x_t = (1 - t) x0 + t eps: with k = t / (1 - t) (the Euler/Karras sigma, sqrt((1 - abar) / abar)),
+    a = 1 / sqrt(1 + k^2) and s = k a, the VP point is a x0 + s eps = (a + s) x_t, the UNet is called at the
+    (fractional) timestep of k on its schedule, as EulerDiscreteScheduler does, and v = eps - x0 with
+    x0 = (x_vp - s eps) / a. The micro-conditioning is fixed: `time_ids` of the training resolution."""
+
+    def __init__(self, backbone, alphas_cumprod: torch.Tensor, time_ids: torch.Tensor):
+        super().__init__()
+        self.backbone = backbone
+        self.register_buffer("log_sigmas", (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).log().float(),
+                             persistent=False)
+        self.register_buffer("time_ids", time_ids.float(), persistent=False)
+
+    @property
+    def max_t(self) -> float:
+        """The noisiest flow time on the schedule (SDXL: 0.936)."""
+        k = float(self.log_sigmas[-1].exp())
+        return k / (1 + k)
+
+    def timestep(self, k: torch.Tensor) -> torch.Tensor:
+        """The fractional timestep of sigma k: log-sigma interpolation (EulerDiscreteScheduler._sigma_to_t)."""
+        log_k = k.clamp_min(1e-10).log()
+        low = (log_k[None] >= self.log_sigmas[:, None]).sum(0).sub(1).clamp(0, len(self.log_sigmas) - 2)
+        lo, hi = self.log_sigmas[low], self.log_sigmas[low + 1]
+        w = ((lo - log_k) / (lo - hi)).clamp(0, 1)
+        return (1 - w) * low + w * (low + 1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        t = (t.expand(x.shape[0]) if t.dim() == 0 else t).float()
+        k = t / (1 - t)
+        a = (1 + k * k).rsqrt().view(-1, 1, 1, 1)
+        s = k.view(-1, 1, 1, 1) * a
+        x_vp = x * (a + s)
+        eps = self.backbone(x_vp, self.timestep(k), encoder_hidden_states=states,
+                            added_cond_kwargs={"text_embeds": pooled,
+                                               "time_ids": self.time_ids.expand(x.shape[0], -1)}).sample
+        return eps - (x_vp - s * eps) / a
 
 
 @dataclass
@@ -37,21 +81,66 @@ class Teacher:
     def vae(self) -> AutoencoderKL:
         return self.pipeline.vae
 
+    @property
+    def component(self) -> str:
+        """The pipeline component the generator replaces."""
+        return "unet" if self.family == "sdxl" else "transformer"
+
+    @property
+    def max_t(self) -> float:
+        return self.model.max_t if isinstance(self.model, EpsilonAsFlow) else 1.0
+
+    def wrap(self, backbone) -> torch.nn.Module:
+        """A backbone of this family (a trained generator's) as the loop's velocity model."""
+        if self.family == "sdxl":
+            return EpsilonAsFlow(backbone, self.pipeline.scheduler.alphas_cumprod, self.model.time_ids)
+        return VelocityModel(backbone)
+
+    def generator_times(self, steps: int, shift: float = 1.0) -> torch.Tensor:
+        """The few-step generator's flow times. SD3: flow.generator_times. SDXL (released): the timesteps
+        linspace(999, 0, N + 1) (399 for one step, as DMD2), as flow times; no shift."""
+        if self.family != "sdxl":
+            return flow.generator_times(steps, shift)
+        if shift != 1.0:
+            raise ValueError(f"shift {shift}: SDXL's generator uses the teacher's own timesteps (shift 1)")
+        timesteps = torch.linspace(999, 0, steps + 1).round().long()
+        if steps == 1:
+            timesteps[0] = 399
+        k = (self.model.log_sigmas.exp()[timesteps]).double()
+        times = (k / (1 + k)).float()
+        times[-1] = 0.0  # the end of the last step: the clean sample
+        return times
+
     @torch.no_grad()
     def encode(self, texts: list[str]) -> flow.Cond:
         """(token states, pooled) of the pipeline's own text encoders, as its sampler computes them."""
+        if self.family == "sdxl":
+            states, _, pooled, _ = self.pipeline.encode_prompt(texts, device=self.model_device,
+                                                               do_classifier_free_guidance=False)
+            return states, pooled
         states, _, pooled, _ = self.pipeline.encode_prompt(
             texts, texts, texts, device=self.model_device, do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length)
         return states, pooled
 
     @property
+    @torch.no_grad()
     def uncond(self) -> flow.Cond:
-        return self.encode([""])  # SD3's negative prompt is the encoded empty string
+        """The negative conditioning of the pipeline's CFG: SD3's encoded empty string; SDXL's zeros
+        (force_zeros_for_empty_prompt) or its encoded empty string."""
+        if self.family == "sdxl":
+            _, states, _, pooled = self.pipeline.encode_prompt([""], device=self.model_device,
+                                                               do_classifier_free_guidance=True)
+            return states, pooled
+        return self.encode([""])
 
     @property
     def model_device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def call_kwargs(self) -> dict:
+        """Keyword arguments every pipeline call of this family takes."""
+        return {"max_sequence_length": self.max_sequence_length} if self.family == "sd3" else {}
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents -> images in [-1, 1], differentiable (rewards see decoded images)."""
@@ -61,7 +150,7 @@ class Teacher:
 def family_of(pipeline: DiffusionPipeline, source) -> str:
     name = type(pipeline).__name__
     if name not in FAMILIES:
-        raise ValueError(f"{source}: a {name}; supported teachers: {', '.join(FAMILIES)} (SDXL is not supported yet)")
+        raise ValueError(f"{source}: a {name}; supported teachers: {', '.join(FAMILIES)}")
     return FAMILIES[name]
 
 
@@ -77,37 +166,55 @@ def load_teacher(source: str | Path, resolution: int, max_sequence_length: int =
     if resolution % pipe.vae_scale_factor:
         raise ValueError(f"resolution {resolution} is not a multiple of the VAE's factor {pipe.vae_scale_factor}")
     size = resolution // pipe.vae_scale_factor
-    channels = pipe.transformer.config.in_channels
     pipe.vae.requires_grad_(False)
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         if getattr(pipe, name, None) is not None:
             getattr(pipe, name).requires_grad_(False)
+    if family == "sdxl":
+        if pipe.scheduler.config.prediction_type != "epsilon":
+            raise ValueError(f"{source}: SDXL teachers predicting {pipe.scheduler.config.prediction_type!r} are not "
+                             "supported (epsilon only)")
+        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]])  # size, crop, target
+        model = EpsilonAsFlow(pipe.unet, pipe.scheduler.alphas_cumprod, time_ids)
+        return Teacher(family, model, pipe, (pipe.unet.config.in_channels, size, size), max_sequence_length)
+    channels = pipe.transformer.config.in_channels
     return Teacher(family, VelocityModel(pipe.transformer), pipe, (channels, size, size), max_sequence_length)
-
-
-def sampler_settings(steps: int, shift: float) -> dict:
-    """The few-step generator's sampler in the pipeline's terms: FlowMatchEulerDiscreteScheduler with `shift` over
-    the unshifted noise levels linspace(1, 0.001, steps + 1)[:steps] (flow.generator_times), no guidance."""
-    sigmas = torch.linspace(1.0, 0.001, steps + 1)[:steps]
-    return {"num_inference_steps": steps, "sigmas": [float(s) for s in sigmas], "guidance_scale": 1.0,
-            "shift": shift}
 
 
 DYNADG_LORA_FILE = "dynadg_lora.safetensors"
 
 
+def sampler_settings(teacher: Teacher, steps: int, shift: float) -> dict:
+    """The few-step generator's sampler in the pipeline's terms, no guidance. SD3: FlowMatchEulerDiscreteScheduler
+    with `shift` over the unshifted noise levels linspace(1, 0.001, steps + 1)[:steps] (flow.generator_times).
+    SDXL: EulerDiscreteScheduler over the sigmas k = t / (1 - t) of the generator's times, then 0: an Euler step in k
+    is the generator's step (predict x0, keep its implied noise), and the pipeline's start, noise x
+    sqrt(k0^2 + 1), is the generator's."""
+    if teacher.family == "sdxl":
+        times = teacher.generator_times(steps, shift)
+        sigmas = [float(t / (1 - t)) for t in times[:-1]] + [0.0]
+    else:
+        sigmas = [float(s) for s in torch.linspace(1.0, 0.001, steps + 1)[:steps]]
+    return {"num_inference_steps": steps, "sigmas": sigmas, "guidance_scale": 1.0, "shift": shift}
+
+
+def scheduler_for(teacher: Teacher, shift: float):
+    if teacher.family == "sdxl":
+        return EulerDiscreteScheduler.from_config(teacher.pipeline.scheduler.config)
+    return FlowMatchEulerDiscreteScheduler.from_config(teacher.pipeline.scheduler.config, shift=shift,
+                                                       use_dynamic_shifting=False)
+
+
 def export(generator: torch.nn.Module, teacher: Teacher, out: Path, steps: int, shift: float = 1.0,
            fake: torch.nn.Module | None = None, dynadg_lora: dict | None = None) -> Path:
-    """Save a diffusers pipeline directory: the teacher's pipeline with the distilled generator's weights and a
-    scheduler with the generator's shift, plus SAMPLER_FILE (steps, sigmas, guidance) for the few-step call:
+    """Save a diffusers pipeline directory: the teacher's pipeline with the distilled generator's weights and its
+    few-step scheduler, plus SAMPLER_FILE (steps, sigmas, guidance) for the few-step call:
     `pipe(prompt, sigmas=s["sigmas"], guidance_scale=s["guidance_scale"])`. A `fake` score is saved in `fake/`
     (ignored by diffusers) so that a next stage continues it, and DynaDG's shared LoRA (`dynadg_lora`, released
-    form) in DYNADG_LORA_FILE. A LoRA generator is merged into its transformer."""
-    settings = sampler_settings(steps, shift)
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(teacher.pipeline.scheduler.config, shift=shift,
-                                                            use_dynamic_shifting=False)
-    pipe = type(teacher.pipeline)(**(teacher.pipeline.components | {"transformer": backbone_of(plain(generator)),
-                                                                    "scheduler": scheduler}))
+    form) in DYNADG_LORA_FILE. A LoRA generator is merged into its backbone."""
+    settings = sampler_settings(teacher, steps, shift)
+    pipe = type(teacher.pipeline)(**(teacher.pipeline.components | {teacher.component: backbone_of(plain(generator)),
+                                                                    "scheduler": scheduler_for(teacher, shift)}))
 
     def write(d: Path):
         pipe.save_pretrained(d, safe_serialization=True)

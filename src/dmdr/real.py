@@ -66,13 +66,14 @@ def stage(cfg, teacher: Teacher, prompts: list[str], seed: int, out: Path, name:
     done = out / name
     if (done / "model_index.json").exists():
         print(f"{done} exists: stage {name} is done")
-        generator = VelocityModel(load_backbone(done / "transformer"))
-        fake = VelocityModel(load_backbone(done / "fake")) if (done / "fake").is_dir() else None
+        generator = teacher.wrap(load_backbone(done / teacher.component))
+        fake = teacher.wrap(load_backbone(done / "fake")) if (done / "fake").is_dir() else None
         return generator, fake
     needs_reward = cfg.rl.weight > 0 or cfg.rtdm.enabled
     models = init_models(teacher.model, teacher.encode, teacher.uncond, start, start_fake, cfg,
                          decode=teacher.decode, reward=reward if needs_reward else None,
                          latent_shape=teacher.latent_shape)
+    models.times, models.max_t = teacher.generator_times(cfg.generator_steps, cfg.shift), teacher.max_t
     shared = cfg.dynadg.form == "released"
     if shared and previous is not None and (previous / DYNADG_LORA_FILE).exists():
         load_lora_state(models.real, cfg.dynadg.rank, load_file(previous / DYNADG_LORA_FILE))
@@ -117,12 +118,12 @@ def evaluate(teacher: Teacher, exported: Path, pre, real_cfg: float, prompts: li
 
     def few_step(chunk, generators):
         return pipe(chunk, sigmas=sampler["sigmas"], guidance_scale=sampler["guidance_scale"],
-                    max_sequence_length=pre.max_sequence_length, height=pre.resolution, width=pre.resolution,
+                    **teacher.call_kwargs(), height=pre.resolution, width=pre.resolution,
                     generator=generators, output_type="pt").images
 
     def teacher_call(chunk, generators):
         return teacher.pipeline(chunk, num_inference_steps=pre.eval_steps, guidance_scale=real_cfg,
-                                max_sequence_length=pre.max_sequence_length, height=pre.resolution,
+                                **teacher.call_kwargs(), height=pre.resolution,
                                 width=pre.resolution, generator=generators, output_type="pt").images
     return {"few_step": score(few_step, prompts, rewards, seed) | {"nfe": sampler["num_inference_steps"]},
             "teacher": score(teacher_call, prompts, rewards, seed) | {"nfe": 2 * pre.eval_steps},
