@@ -104,7 +104,7 @@ def tiny_preset(sd3, tmp_path, batch: int = 2, shift: float = 3.0) -> Path:
     raw = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
     raw["presets"] = {"tiny-sd3": {
         "teacher": str(sd3), "resolution": 16, "max_sequence_length": 8, "eval_steps": 2,
-        "reward_models": {"hps": {"arch": arch, "checkpoint": str(tmp_path / "hps.pt")},
+        "reward_models": {"hps": {"arch": arch, "checkpoint": str(tmp_path / "hps.pt"), "train_prompt_prefix": "A photo"},
                           "clip": {"arch": arch, "checkpoint": str(tmp_path / "clip.safetensors")}},
         "stage1": fast | {"dynadg": {"form": "released", "rank": 4, "steps": 2}, "dynars": {"enabled": True, "steps": 2}},
         "stage2": fast | {"rl": {"weight": 0.3, "loss": "hinge", "reward": "hps"}, "rollout_reuse": True,
@@ -125,9 +125,14 @@ def test_the_real_runner_trains_both_stages_of_a_preset_exports_and_scores(sd3, 
     loaded = []
     load = real.load_lora_state
     monkeypatch.setattr(real, "load_lora_state", lambda *a: loaded.append(a) or load(*a))
+    seen = []
+    forward = real.PromptPrefix.forward
+    monkeypatch.setattr(real.PromptPrefix, "forward", lambda self, images, texts: seen.append(self.prefix) or
+                        forward(self, images, texts))
     real.main(["--params", str(params)])
     out = tmp_path / "out" / "tiny-sd3"
     assert (out / "stage1" / "fake" / "config.json").exists() and (out / "dmdr" / "model_index.json").exists()
+    assert seen and set(seen) == {"A photo"}  # stage 2 trained on HPS of the prefixed prompts
     assert (out / "stage1" / DYNADG_LORA_FILE).exists() and len(loaded) == 1  # stage 2 continued stage 1's LoRA
     assert not any((out / "checkpoints").glob("*/loop.json"))  # finished stages leave no checkpoint behind
     m = json.loads((out / "metrics.json").read_text())
@@ -237,3 +242,15 @@ def test_the_real_runner_on_an_sdxl_preset(sdxl, tmp_path):
     assert set(m["few_step"]) == {"hps", "clip", "nfe"} and m["few_step"]["nfe"] == 4
     generator, _ = real.stage(None, load_teacher(sdxl, 16), [], 0, out, "dmdr", None)  # done: loaded, SDXL-wrapped
     assert type(generator).__name__ == "EpsilonAsFlow"
+
+
+def test_a_training_prompt_prefix_reaches_the_reward():
+    from dmdr.real import PromptPrefix
+
+    class Recorder(torch.nn.Module):
+        def forward(self, images, texts):
+            self.texts = texts
+            return images.mean(dim=(1, 2, 3))
+    inner = Recorder()
+    PromptPrefix(inner, "Realistic photo")(torch.zeros(2, 3, 4, 4), ["a cat", "two dogs"])
+    assert inner.texts == ["Realistic photo a cat", "Realistic photo two dogs"]

@@ -204,6 +204,7 @@ class RewardModelParams:
     arch: str = ""  # open_clip architecture (clip, hps, aesthetic's CLIP); empty: the paper's
     processor: str = ""  # pick: the CLIPProcessor's directory or hub id; empty: the checkpoint's
     clip_checkpoint: str = ""  # aesthetic: the CLIP ViT-L/14 under the head; empty: 'openai'
+    train_prompt_prefix: str = ""  # put before each prompt when the reward trains (released HPS: "Realistic photo")
 
 
 @dataclass

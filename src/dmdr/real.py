@@ -49,10 +49,29 @@ def reward_model(name: str, where: dict) -> torch.nn.Module:
                             clip_checkpoint=resolve(w.clip_checkpoint) if w.clip_checkpoint else None)
 
 
+class PromptPrefix(torch.nn.Module):
+    """A reward that sees every prompt with `prefix` before it (the released stage 2 scores HPS on
+    "Realistic photo <prompt>")."""
+
+    def __init__(self, reward: torch.nn.Module, prefix: str):
+        super().__init__()
+        self.reward, self.prefix = reward, prefix
+
+    def forward(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        return self.reward(images, [f"{self.prefix} {t}" for t in texts])
+
+
+def training_reward(name: str, where: dict) -> torch.nn.Module:
+    """A reward model as training uses it: with its `train_prompt_prefix`, if any (evaluation scores without)."""
+    model = reward_model(name, where)
+    prefix = config.build(config.RewardModelParams, where, f"reward_models.{name}").train_prompt_prefix
+    return PromptPrefix(model, prefix) if prefix else model
+
+
 def load_rewards(spec: str, reward_models: dict) -> torch.nn.Module:
-    """The reward a spec names ('clip+hps'), from the preset's real reward models."""
+    """The training reward a spec names ('clip+hps'), from the preset's real reward models."""
     weights = parse_spec(spec)
-    models = {name: reward_model(name, reward_models[name]) for name in weights}
+    models = {name: training_reward(name, reward_models[name]) for name in weights}
     reward = models[spec] if spec in models else Combined(models, weights).requires_grad_(False).eval()
     return reward.to(process_state().device)
 
