@@ -138,8 +138,8 @@ def bare_passes(teacher, encode, uncond, latent, batch: int, steps: int, dev: st
 
 def loop_step(cfg, teacher, encode, uncond, latent, vae, reward, steps: int, profile: Path | None = None) -> float:
     """Seconds per step of dmdr.distill.train under `cfg`: the time between its first and last logged step (the
-    loop's set-up and first step excluded), after a warm-up run. With `profile`, a torch profile of the warm-up
-    run's steps is written there."""
+    loop's set-up and first step excluded), after a warm-up run. With `profile`, a torch profile of one more
+    two-step run (its set-up included) is written there."""
     models = init_models(teacher, encode, uncond, cfg=cfg, decode=lambda z: decode_latents(vae, z.to(vae.dtype)),
                          reward=reward, latent_shape=latent)
     prompts = ["a photo"] * 64

@@ -52,15 +52,18 @@ def tiny_t5_tokenizer():
     return T5Tokenizer(vocab=pieces, extra_ids=0)
 
 
+# the text encoders of the tiny real pipelines: CLIP text models over tiny_clip_tokenizer's vocabulary
+TINY_CLIP_TEXT = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
+                      num_attention_heads=4, num_hidden_layers=2, vocab_size=80, max_position_embeddings=16,
+                      projection_dim=32)
+
+
 def tiny_sd3_pipeline(path):
     """A random StableDiffusion3Pipeline (transformer, 16-channel VAE, two CLIP text encoders with projection, T5)
     at 16 x 16 pixels, saved with save_pretrained."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
     torch.manual_seed(0)
-    clip_cfg = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
-                    num_attention_heads=4, num_hidden_layers=2, vocab_size=80, max_position_embeddings=16,
-                    projection_dim=32)
     t5 = T5EncoderModel(T5Config(vocab_size=80, d_model=64, d_kv=16, d_ff=64, num_layers=1, num_heads=4))
     pipe = StableDiffusion3Pipeline(
         transformer=SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=16, out_channels=16, num_layers=2,
@@ -71,8 +74,8 @@ def tiny_sd3_pipeline(path):
                           down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                           layers_per_block=1, norm_num_groups=16, sample_size=16, shift_factor=0.0609,
                           scaling_factor=1.5035),
-        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg)),
-        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg)),
+        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**TINY_CLIP_TEXT)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**TINY_CLIP_TEXT)),
         text_encoder_3=t5, tokenizer=tiny_clip_tokenizer(), tokenizer_2=tiny_clip_tokenizer(),
         tokenizer_3=tiny_t5_tokenizer())
     pipe.save_pretrained(path, safe_serialization=True)
@@ -86,9 +89,6 @@ def tiny_sdxl_pipeline(path):
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     torch.manual_seed(0)
-    clip_cfg = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
-                    num_attention_heads=4, num_hidden_layers=2, vocab_size=80, max_position_embeddings=16,
-                    projection_dim=32)
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -102,8 +102,8 @@ def tiny_sdxl_pipeline(path):
         vae=AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16),
                           down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                           layers_per_block=1, norm_num_groups=16, sample_size=16, scaling_factor=0.13025),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**clip_cfg)),
-        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg)),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**TINY_CLIP_TEXT)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**TINY_CLIP_TEXT)),
         tokenizer=tiny_clip_tokenizer(), tokenizer_2=tiny_clip_tokenizer())
     pipe.save_pretrained(path, safe_serialization=True)
     return path

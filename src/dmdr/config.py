@@ -250,7 +250,8 @@ CHOICES = {"backbone": ("unet", "sd3"), "timesteps": ("logit_normal", "uniform")
            "rollout": ("renoise", "trajectory")}
 UNIT_INTERVAL = {"cfg_dropout", "ema_decay", "t_min", "t_max", "hps_label_noise", "pick_label_noise",
                  "aesthetic_label_noise"}
-NON_NEGATIVE = {"weight", "dmd_weight", "scale", "fake_scale", "seed", "checkpoint_every", "generator_weight_decay", "reward_chunk"}
+NON_NEGATIVE = {"weight", "dmd_weight", "scale", "fake_scale", "seed", "checkpoint_every", "generator_weight_decay",
+                "reward_chunk"}
 POSITIVE |= {"beta", "rank", "alpha", "a", "b", "prompts", "max_nonfinite"}
 FORMS = {"rtdm": ("exp", "reward"), "dynadg": ("off", "paper", "released")}
 

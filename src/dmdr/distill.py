@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from . import flow, resume
 from .config import DistillParams
 from .files import write_csv
+from .rewards import weighted_terms
 
 
 # --- the equations --------------------------------------------------------------------------------------------
@@ -369,19 +370,20 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
         """(w_k, r_k) of the reward's terms on decoded latents, with gradient. With `reward_chunk`, the batch is
         decoded and scored in chunks of that many samples, each recomputed in backward, so that the decoder's
         full-resolution activations are held for one chunk at a time."""
+        terms = weighted_terms(models.reward)
+
         def scores(z, chunk):
             images = models.decode(z.float())
-            if hasattr(models.reward, "parts"):
-                return tuple(r for _, r in models.reward.parts(images, chunk))
-            return (models.reward(images, chunk),)
-        weights = list(models.reward.weights.values()) if hasattr(models.reward, "parts") else [1.0]
+            return tuple(r(images, chunk) for _, r in terms)
         n = cfg.reward_chunk
         if not n or len(texts) <= n:
-            return list(zip(weights, scores(latents, texts)))
-        from torch.utils.checkpoint import checkpoint
-        chunks = [checkpoint(scores, latents[i:i + n], texts[i:i + n], use_reentrant=False)
-                  for i in range(0, len(texts), n)]
-        return [(w, torch.cat(rs)) for w, rs in zip(weights, zip(*chunks))]
+            rs = scores(latents, texts)
+        else:
+            from torch.utils.checkpoint import checkpoint
+            chunks = [checkpoint(scores, latents[i:i + n], texts[i:i + n], use_reentrant=False)
+                      for i in range(0, len(texts), n)]
+            rs = [torch.cat(r) for r in zip(*chunks)]
+        return [(w, r) for (w, _), r in zip(terms, rs)]
 
     def fake_x0(x_t, t, cond):
         if shared:

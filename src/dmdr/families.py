@@ -88,7 +88,7 @@ class Teacher:
 
     @property
     def max_t(self) -> float:
-        return self.model.max_t if isinstance(self.model, EpsilonAsFlow) else 1.0
+        return self.model.max_t if self.family == "sdxl" else 1.0
 
     def wrap(self, backbone) -> torch.nn.Module:
         """A backbone of this family (a trained generator's) as the loop's velocity model."""

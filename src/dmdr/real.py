@@ -43,12 +43,6 @@ def resolve(location: str) -> str:
     return hf_hub_download(f"{owner}/{repo}", filename)
 
 
-def reward_model(name: str, where: dict) -> torch.nn.Module:
-    w = config.build(config.RewardModelParams, where, f"reward_models.{name}")
-    return load_real_reward(name, resolve(w.checkpoint), arch=w.arch or None, processor=w.processor or None,
-                            clip_checkpoint=resolve(w.clip_checkpoint) if w.clip_checkpoint else None)
-
-
 class PromptPrefix(torch.nn.Module):
     """A reward that sees every prompt with `prefix` before it (the released stage 2 scores HPS on
     "Realistic photo <prompt>")."""
@@ -61,20 +55,21 @@ class PromptPrefix(torch.nn.Module):
         return self.reward(images, [f"{self.prefix} {t}" for t in texts])
 
 
-def training_reward(name: str, where: dict) -> torch.nn.Module:
-    """A reward model as training uses it: with its `train_prompt_prefix`, if any (evaluation scores without)."""
-    model = reward_model(name, where)
-    prefix = config.build(config.RewardModelParams, where, f"reward_models.{name}").train_prompt_prefix
-    return PromptPrefix(model, prefix) if prefix else model
+def reward_model(name: str, where: dict, training: bool = False) -> torch.nn.Module:
+    """A real reward model; for `training`, with its `train_prompt_prefix` if any (evaluation scores without)."""
+    w = config.build(config.RewardModelParams, where, f"reward_models.{name}")
+    model = load_real_reward(name, resolve(w.checkpoint), arch=w.arch or None, processor=w.processor or None,
+                             clip_checkpoint=resolve(w.clip_checkpoint) if w.clip_checkpoint else None)
+    return PromptPrefix(model, w.train_prompt_prefix) if training and w.train_prompt_prefix else model
 
 
-def load_rewards(spec: str, reward_models: dict) -> torch.nn.Module:
-    """The training reward a spec names ('clip+hps'), from the preset's real reward models."""
+def load_rewards(spec: str, reward_models: dict, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The training reward a spec names ('clip+hps'), from the preset's real reward models, on this process's
+    device in `dtype`."""
     weights = parse_spec(spec)
-    models = {name: training_reward(name, reward_models[name]) for name in weights}
+    models = {name: reward_model(name, reward_models[name], training=True) for name in weights}
     reward = models[spec] if spec in models else Combined(models, weights).requires_grad_(False).eval()
-    return reward.to(process_state().device)
-
+    return reward.to(process_state().device, dtype)
 
 
 def stage(cfg, teacher: Teacher, prompts: list[str], seed: int, out: Path, name: str, reward,
@@ -164,10 +159,8 @@ def run(p: config.Params, name: str | None = None, teacher_source: str | None = 
     teacher = load_teacher(teacher_source or pre.teacher, pre.resolution, pre.max_sequence_length,
                            torch.bfloat16 if bf16 else torch.float32)
     teacher.pipeline.to(process_state().device)  # under accelerate launch: this process's GPU
-    reward = {cfg.rl.reward: load_rewards(cfg.rl.reward, pre.reward_models) for cfg in (cfg1, cfg2)
-              if cfg.rl.weight > 0 or cfg.rtdm.enabled}
-    for r in reward.values():
-        r.to(torch.bfloat16 if bf16 else torch.float32)
+    reward = {cfg.rl.reward: load_rewards(cfg.rl.reward, pre.reward_models, teacher.pipeline.dtype)
+              for cfg in (cfg1, cfg2) if cfg.rl.weight > 0 or cfg.rtdm.enabled}
     generator, fake = stage(cfg1, teacher, prompts, p.seed, out, "stage1", reward.get(cfg1.rl.reward))
     stage(cfg2, teacher, prompts, p.seed, out, "dmdr", reward.get(cfg2.rl.reward), start=generator, start_fake=fake,
           previous=out / "stage1")

@@ -391,9 +391,9 @@ def readme_results(results: Path = RESULTS) -> str:
             parts.append(f"{what} (`benchmarks/{name}.py`, last run):\n\n```\n" + bench.read_text().strip() + "\n```")
     for bench in sorted((results / "benchmarks").glob("gpu_step_*.txt")):
         text = bench.read_text().strip()
+        history = bench.with_name(bench.stem + "_history.md").as_posix()
         parts.append(f"GPU benchmark (`benchmarks/gpu_step.py` on a lent {bench.stem.split('_')[-1].upper()}, "
-                     f"`{bench.as_posix()}`; earlier runs in `{bench.with_name(bench.stem + '_history.md').as_posix()}`):\n\n```\n{text}\n```\n\n"
-                     + gpu_goals(text))
+                     f"`{bench.as_posix()}`; earlier runs in `{history}`):\n\n```\n{text}\n```\n\n" + gpu_goals(text))
     for fig in ["figure3_paradigms.png", "figure4_rtdm.png", "cold_start.png", "reward_agreement.png",
                 "teacher_accuracy.png", "distill_curves.png"] + [f"samples_{m}.png" for m in ("teacher", "dmd2-4", "dmdr-4",
                                                                                              "dmd-then-rl-4", "dmdr-1")]:
@@ -405,7 +405,8 @@ def readme_results(results: Path = RESULTS) -> str:
 def gpu_goals(text: str) -> str:
     """The issue's goals for the real-scale step, read off a gpu_step.py output: the full-fine-tune stage-2 step at
     most 1.25x the bare model passes and within 48 GB, 4-step sampling at least 22x faster than 50-step CFG."""
-    stage2 = re.search(r"^stage 2 \(.*?: ([\d.]+) s per step = ([\d.]+)x the bare passes, peak ([\d.]+) GiB", text, re.M)
+    stage2 = re.search(r"^stage 2 \(.*?: ([\d.]+) s per step = ([\d.]+)x the bare passes, peak ([\d.]+) GiB",
+                       text, re.M)
     speedup = re.search(r"50-step CFG / 4-step = ([\d.]+)x", text)
     goals = []
     if stage2:

@@ -62,12 +62,15 @@ class Combined(nn.Module):
         self.rewards = nn.ModuleDict(rewards)
         self.weights = weights
 
-    def parts(self, images: torch.Tensor, texts: list[str]) -> list[tuple[float, torch.Tensor]]:
-        """(weight, reward) of each term, in the order of `weights`."""
-        return [(w, self.rewards[k](images, texts)) for k, w in self.weights.items()]
-
     def forward(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
-        return sum(w * r for w, r in self.parts(images, texts))
+        return sum(w * r(images, texts) for w, r in weighted_terms(self))
+
+
+def weighted_terms(reward: nn.Module) -> list[tuple[float, nn.Module]]:
+    """(w_k, reward_k) of a reward: a weighted sum's terms, in the order of its spec, or the reward itself, weight 1."""
+    if isinstance(reward, Combined):
+        return [(w, reward.rewards[k]) for k, w in reward.weights.items()]
+    return [(1.0, reward)]
 
 
 def load_reward(spec: str, world: Path = Path("models/world"), root: Path = Path("models/rewards")) -> nn.Module:
