@@ -12,6 +12,7 @@ Measured in one run, on one device:
 - sampling latency at 1024 px: the 4-step generator against 28- and 50-step CFG sampling.
 
     python benchmarks/gpu_step.py [--steps 4] [--batch 8] [--resolution 512] [--out FILE]
+    python benchmarks/gpu_step.py --compile --rows stage2 --no-sampling   # the loop with compiled blocks
     python benchmarks/gpu_step.py --tiny     # the same code on a tiny transformer, on CPU: a check that it runs
 """
 import argparse
@@ -28,7 +29,7 @@ from diffusers import AutoencoderKL, SD3Transformer2DModel  # noqa: E402
 
 from dmdr import config, flow  # noqa: E402
 from dmdr.distill import add_lora, init_models, master_weights, set_lora_scale, train  # noqa: E402
-from dmdr.models import VelocityModel, decode_latents  # noqa: E402
+from dmdr.models import LatentDecoder, VelocityModel  # noqa: E402
 
 SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
                   attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
@@ -40,6 +41,9 @@ SD3_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_chan
                layers_per_block=2, shift_factor=0.0609, scaling_factor=1.5035)
 TINY_VAE = dict(SD3_VAE, block_out_channels=(16, 16, 16, 16), layers_per_block=1, norm_num_groups=16)
 TEXT_TOKENS = 128 + 77  # T5 tokens (the presets' max_sequence_length) + CLIP tokens
+LOOP_ROWS = {"stage1": "stage 1 (DMD + DynaDG released + DynaRS)",
+             "stage2": "stage 2 (DMD + hinge CLIP reward through the VAE)",
+             "stage2-lora": "stage 2, LoRA-64 generator (released)"}
 
 
 class ClipReward(torch.nn.Module):
@@ -140,7 +144,7 @@ def loop_step(cfg, teacher, encode, uncond, latent, vae, reward, steps: int, pro
     """Seconds per step of dmdr.distill.train under `cfg`: the time between its first and last logged step (the
     loop's set-up and first step excluded), after a warm-up run. With `profile`, a torch profile of one more
     two-step run (its set-up included) is written there."""
-    models = init_models(teacher, encode, uncond, cfg=cfg, decode=lambda z: decode_latents(vae, z.to(vae.dtype)),
+    models = init_models(teacher, encode, uncond, cfg=cfg, decode=LatentDecoder(vae),
                          reward=reward, latent_shape=latent)
     prompts = ["a photo"] * 64
     cfg.steps, cfg.log_every = 2, 10**9
@@ -162,6 +166,9 @@ def main():
     ap.add_argument("--out", type=Path)
     ap.add_argument("--profile", action="store_true", help="torch profiles of the bare passes and stage 1 beside --out")
     ap.add_argument("--no-sampling", action="store_true", help="skip the 1024 px sampling latencies")
+    ap.add_argument("--compile", action="store_true",
+                    help="the loop's rows with compiled blocks (compile: inductor; the bare passes stay eager)")
+    ap.add_argument("--rows", nargs="+", choices=LOOP_ROWS, default=list(LOOP_ROWS), help="which loop rows to time")
     a = ap.parse_args()
     if a.tiny:
         a.resolution, a.sample_resolution = min(a.resolution, 64), min(a.sample_resolution, 128)
@@ -184,6 +191,7 @@ def main():
         cfg.optimizer = "adamw"  # fp32 AdamW states: the issue's memory goal is set for them
         cfg.generator_lora.enabled = False  # the issue's reference: a full-fine-tune generator
         cfg.mixed_precision = "bf16" if dev == "cuda" else "no"
+        cfg.compile = "inductor" if a.compile else "off"
     stage2.reward_chunk = 2  # the decoder's backward at 512 px, batch 8, is what breaks 48 GB otherwise
     torch.manual_seed(0)
     with torch.device(dev):  # random init on the device: minutes faster than on the host for 2 B parameters
@@ -218,9 +226,10 @@ def main():
            f"peak {peak_gib():.1f} GiB{memory_note()}")
     lora_stage2 = copy.deepcopy(stage2)
     lora_stage2.generator_lora.enabled = True
-    for name, cfg in (("stage 1 (DMD + DynaDG released + DynaRS)", stage1),
-                      ("stage 2 (DMD + hinge CLIP reward through the VAE)", stage2),
-                      ("stage 2, LoRA-64 generator (released)", lora_stage2)):
+    for row, cfg in zip(LOOP_ROWS, (stage1, stage2, lora_stage2)):
+        if row not in a.rows:
+            continue
+        name = LOOP_ROWS[row] + (", compiled blocks" if a.compile else "")
         reset()
         profile = a.out.parent / "profile_stage1.txt" if a.profile and a.out and cfg is stage1 else None
         sec = loop_step(cfg, teacher, encode, uncond, latent, vae, reward, a.steps, profile)

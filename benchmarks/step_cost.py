@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from dmdr import config, distill  # noqa: E402
 from dmdr.evaluation import World  # noqa: E402
-from dmdr.models import decode_latents  # noqa: E402
+from dmdr.models import LatentDecoder  # noqa: E402
 from dmdr.prompts import load_prompts  # noqa: E402
 from dmdr.rewards import load_reward  # noqa: E402
 
@@ -55,7 +55,7 @@ def main():
         for name, over in PHASES.items():
             cfg = config.build(config.DistillParams, config.deep_merge(base, over))
             models = distill.init_models(copy.deepcopy(world.teacher), world.encode, world.encode([""]), cfg=cfg,
-                                         decode=lambda z: decode_latents(world.vae, z), reward=reward)
+                                         decode=LatentDecoder(world.vae), reward=reward)
             distill.train(dataclasses.replace(cfg, steps=1), models, prompts, seed=r)  # warm-up: allocator, LoRA, threads
             t = time.perf_counter()
             distill.train(cfg, models, prompts, seed=r)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dmdr.models import compile_blocks
 from dmdr.real_rewards import AestheticMLP, load_real_reward, projected, read_state_dict
 from tiny import TINY_OPEN_CLIP, register_tiny_open_clip, tiny_clip_tokenizer
 
@@ -35,6 +36,20 @@ def reference_open_clip(model, preprocess, images, texts):
     return torch.nn.functional.cosine_similarity(img, txt)
 
 
+def check_compiled_blocks(reward, images):
+    """`compile` (dmdr.models.compile_blocks) finds the reward's blocks; its scores and their gradient to the
+    images stay the same (aot_eager: dynamo and AOTAutograd traces, run without generated code)."""
+    def score_and_grad():
+        x = images.clone().requires_grad_(True)
+        r = reward(x, TEXTS)
+        r.sum().backward()
+        return r.detach(), x.grad
+    eager = score_and_grad()
+    assert compile_blocks(reward, "aot_eager") > 0
+    compiled = score_and_grad()
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(eager, compiled))
+
+
 @pytest.mark.parametrize("kind,suffix", [("clip", ".safetensors"), ("hps", ".pt")])
 def test_open_clip_rewards_equal_open_clips_own_scoring(arch, kind, suffix, tmp_path):
     torch.manual_seed(0)
@@ -54,6 +69,7 @@ def test_open_clip_rewards_equal_open_clips_own_scoring(arch, kind, suffix, tmp_
     images = uint8_images(48).requires_grad_(True)
     reward(images, TEXTS).sum().backward()
     assert images.grad.abs().sum() > 0
+    check_compiled_blocks(reward, uint8_images(48))
 
 
 def test_pickscore_equals_its_processor_and_scale(tmp_path):
@@ -78,6 +94,7 @@ def test_pickscore_equals_its_processor_and_scale(tmp_path):
         txt = projected(model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]))
         expected = model.logit_scale.exp() * torch.nn.functional.cosine_similarity(img, txt)
     assert torch.allclose(reward(images, TEXTS), expected, atol=1e-4)
+    check_compiled_blocks(reward, uint8_images(48))
 
 
 def test_laion_aesthetic_loads_the_released_head_layout(arch, tmp_path):

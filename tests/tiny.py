@@ -5,7 +5,7 @@ from diffusers import AutoencoderKL
 
 from dmdr.config import DistillParams, build, deep_merge
 from dmdr.distill import init_models
-from dmdr.models import ClipConfig, TinyClip, VelocityModel, build_backbone, build_vae, decode_latents
+from dmdr.models import ClipConfig, TinyClip, VelocityModel, build_backbone, build_vae, LatentDecoder
 from dmdr.rewards import CosineReward
 
 
@@ -25,7 +25,7 @@ def tiny_models(clip, kind: str = "unet", overrides: dict | None = None, reward=
     cfg = build(DistillParams, deep_merge(dict(steps=2, batch=4, ttur=1, log_every=1, mixed_precision="no",
                                                generator_steps=2), overrides or {}))
     reward = reward if reward is not None else CosineReward(clip).requires_grad_(False)
-    models = init_models(teacher, encode, encode([""]), cfg=cfg, decode=lambda z: decode_latents(vae, z),
+    models = init_models(teacher, encode, encode([""]), cfg=cfg, decode=LatentDecoder(vae),
                          reward=reward)
     return cfg, teacher, models
 

@@ -176,6 +176,8 @@ class DistillParams:
     max_nonfinite: int = 5  # abort after this many non-finite losses in a row (each one skips its step)
     gradient_checkpointing: bool = False  # recompute activations in backward (real-scale memory)
     reward_chunk: int = 0  # RL: decode and score this many samples at a time, recomputed in backward; 0: all at once
+    compile: str = "off"  # inductor: torch.compile the models' repeated blocks (GPUs) | aot_eager: traced, no
+    # generated code (checks) | off
     optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes, CUDA)
     generator_weight_decay: float = 0.0  # AdamW's, for the generator (released: 0.01; the fake score's is 0)
     generator_lora: GeneratorLoraParams = field(default_factory=GeneratorLoraParams)  # off: full fine-tuning
@@ -247,7 +249,7 @@ POSITIVE = {"steps", "batch", "lr", "resolution", "max_sequence_length", "eval_s
 CHOICES = {"backbone": ("unet", "sd3"), "timesteps": ("logit_normal", "uniform"), "mixed_precision": ("bf16", "no"),
            "kind": ("generator", "teacher"),
            "loss": ("refl", "hinge"), "optimizer": ("adamw", "adamw8bit"), "real": ("teacher", "init"),
-           "rollout": ("renoise", "trajectory")}
+           "rollout": ("renoise", "trajectory"), "compile": ("off", "inductor", "aot_eager")}
 UNIT_INTERVAL = {"cfg_dropout", "ema_decay", "t_min", "t_max", "hps_label_noise", "pick_label_noise",
                  "aesthetic_label_noise"}
 NON_NEGATIVE = {"weight", "dmd_weight", "scale", "fake_scale", "seed", "checkpoint_every", "generator_weight_decay",

@@ -310,6 +310,11 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
             backbone_of(m).enable_gradient_checkpointing()
         if m is not None:
             master_weights(m, cfg.mixed_precision == "bf16")
+    if cfg.compile != "off":  # after every LoRA is in place: the compiled blocks trace them
+        from .models import compile_blocks
+        for m in (models.generator, fake, real, models.reward, models.decode):
+            if isinstance(m, torch.nn.Module):
+                compile_blocks(m, cfg.compile)
     # each model is prepared with its optimizer in one call, as FSDP requires
     generator, g_opt = acc.prepare(models.generator, optimizer(models.generator.parameters(), cfg.generator_lr, cfg,
                                                                cfg.generator_weight_decay))
@@ -544,7 +549,7 @@ def run_recipe(p, name: str, prompt_dir: Path = Path("data/prompts"), out: Path 
     settings (sampler.json)."""
     from .config import TEACHER, recipe
     from .evaluation import World, curve_metrics
-    from .models import VelocityModel, atomic_dir, decode_latents, load_backbone, require_dir
+    from .models import LatentDecoder, VelocityModel, atomic_dir, load_backbone, require_dir
     from .prompts import load_prompts, load_records, test_specs
     from .rewards import load_reward
     from .world import grammar
@@ -559,7 +564,7 @@ def run_recipe(p, name: str, prompt_dir: Path = Path("data/prompts"), out: Path 
             start_fake = VelocityModel(load_backbone(init / "fake", world.latent_shape))
     reward = load_reward(cfg.rl.reward)
     models = init_models(world.teacher, world.encode, world.encode([""]), start, start_fake, cfg,
-                         decode=lambda z: decode_latents(world.vae, z), reward=reward)
+                         decode=LatentDecoder(world.vae), reward=reward)
     world.vae.requires_grad_(False)
     specs = test_specs(prompt_dir, cfg.curve_prompts_per_tag)
     dense = [grammar.read(r["prompt"]) for r in load_records(prompt_dir / "test_dpg.csv")][: 6 * cfg.curve_prompts_per_tag]

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from . import flow
 from .distill import backbone_of, plain
-from .models import VelocityModel, atomic_dir, decode_latents
+from .models import LatentDecoder, VelocityModel, atomic_dir
 
 FAMILIES = {"StableDiffusion3Pipeline": "sd3", "StableDiffusionXLPipeline": "sdxl"}
 SAMPLER_FILE = "dmdr_sampler.json"
@@ -142,9 +142,10 @@ class Teacher:
         """Keyword arguments every pipeline call of this family takes."""
         return {"max_sequence_length": self.max_sequence_length} if self.family == "sd3" else {}
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    @property
+    def decode(self) -> LatentDecoder:
         """Normalised latents -> images in [-1, 1], differentiable (rewards see decoded images)."""
-        return decode_latents(self.vae, latents.to(self.vae.dtype))
+        return LatentDecoder(self.vae)
 
 
 def family_of(pipeline: DiffusionPipeline, source) -> str:
