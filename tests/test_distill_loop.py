@@ -6,7 +6,8 @@ from dmdr import flow
 from dmdr.config import DistillParams
 from dmdr.distill import backward_simulate, init_models, train
 from dmdr.models import VelocityModel, build_backbone
-from tiny import free_port, tiny_models
+from dmdr.rewards import CosineReward
+from tiny import free_port, tiny_clip, tiny_models
 
 
 @pytest.mark.parametrize("kind", ["unet", "sd3"])
@@ -117,12 +118,15 @@ def test_two_processes_compute_what_one_computes_at_the_same_global_batch(tmp_pa
 
 
 def test_gradient_checkpointing_changes_memory_not_results(clip):
+    """The backbones and the reward's CLIP (RL differentiates through it) recompute their blocks in backward."""
     results = []
     for checkpointing in (False, True):
+        reward = CosineReward(tiny_clip()).requires_grad_(False)  # its own: the setting stays on the model
         cfg, _, models = tiny_models(clip, "unet", {"steps": 2, "rl": {"weight": 0.5},
-                                                    "gradient_checkpointing": checkpointing})
+                                                    "gradient_checkpointing": checkpointing}, reward=reward)
         train(cfg, models, ["a photo of a circle", "two red squares"], seed=0)
         assert models.generator.backbone.is_gradient_checkpointing == checkpointing
+        assert reward.clip.clip.visual.transformer.grad_checkpointing == checkpointing
         results.append(models.generator.state_dict())
     assert all(torch.allclose(results[0][k], results[1][k], atol=1e-6) for k in results[0])
 
@@ -187,11 +191,10 @@ def test_compiled_blocks_change_speed_not_results(clip, kind):
     counters.clear()
     overrides = {"rtdm": {"enabled": True}, "dynadg": {"form": "released", "scale": 0.5, "steps": 4},
                  "rl": {"weight": 0.5, "loss": "hinge"}, "gradient_checkpointing": True}
-    # all built first: the reward's compiled CLIP is also the text encoder that building calls
-    runs = [tiny_models(clip, kind, overrides | {"steps": steps, "compile": compile})
-            for compile, steps in (("off", 2), ("aot_eager", 2), ("aot_eager", 4))]
     results, graphs = [], []
-    for cfg, _, models in runs:
+    for compile, steps in (("off", 2), ("aot_eager", 2), ("aot_eager", 4)):
+        reward = CosineReward(tiny_clip()).requires_grad_(False)  # its own: the shared CLIP stays uncompiled
+        cfg, _, models = tiny_models(clip, kind, overrides | {"steps": steps, "compile": compile}, reward=reward)
         rows = train(cfg, models, ["a photo of a circle", "two red squares"], seed=0)
         results.append((plain(models.generator).state_dict(), rows[2]["loss_dmd"]))
         graphs.append(counters["stats"]["unique_graphs"])

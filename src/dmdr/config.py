@@ -175,7 +175,7 @@ class DistillParams:
     checkpoint_every: int = 20  # generator steps between resumable checkpoints (checkpoints/<recipe>/); 0: none
     max_nonfinite: int = 5  # abort after this many non-finite losses in a row (each one skips its step)
     gradient_checkpointing: bool = False  # recompute activations in backward (real-scale memory)
-    reward_chunk: int = 0  # RL: decode and score this many samples at a time, recomputed in backward; 0: all at once
+    reward_chunk: int = 0  # RL: decode this many samples at a time, recomputed in backward; 0: all at once
     compile: str = "off"  # inductor: torch.compile the models' repeated blocks (GPUs) | aot_eager: traced, no
     # generated code (checks) | off
     optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes, CUDA)

@@ -306,10 +306,13 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
     if needs_reward and (models.reward is None or models.decode is None):
         raise ValueError("RT-DM and RL need Models.reward and Models.decode")
     for m in (models.generator, fake, real):
-        if m is not None and cfg.gradient_checkpointing:
-            backbone_of(m).enable_gradient_checkpointing()
         if m is not None:
             master_weights(m, cfg.mixed_precision == "bf16")
+    if cfg.gradient_checkpointing:  # the reward's too: RL differentiates through it
+        from .models import checkpoint_blocks
+        for m in (models.generator, fake, real, models.reward):
+            if m is not None:
+                checkpoint_blocks(m)
     if cfg.compile != "off":  # after every LoRA is in place: the compiled blocks trace them
         from .models import compile_blocks
         for m in (models.generator, fake, real, models.reward, models.decode):
@@ -371,24 +374,20 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
     def reward_of(latents, texts):
         return models.reward(models.decode(latents.float()), texts)
 
-    def reward_parts(latents, texts) -> list[tuple[float, torch.Tensor]]:
-        """(w_k, r_k) of the reward's terms on decoded latents, with gradient. With `reward_chunk`, the batch is
-        decoded and scored in chunks of that many samples, each recomputed in backward, so that the decoder's
-        full-resolution activations are held for one chunk at a time."""
-        terms = weighted_terms(models.reward)
-
-        def scores(z, chunk):
-            images = models.decode(z.float())
-            return tuple(r(images, chunk) for _, r in terms)
+    def decoded(latents) -> torch.Tensor:
+        """Images of `latents`, with gradient. With `reward_chunk`, decoded that many samples at a time, each chunk
+        recomputed in backward, so that the decoder's full-resolution activations are held for one chunk at a time
+        (the reward models then score the whole batch at once: fewer, larger calls)."""
         n = cfg.reward_chunk
-        if not n or len(texts) <= n:
-            rs = scores(latents, texts)
-        else:
-            from torch.utils.checkpoint import checkpoint
-            chunks = [checkpoint(scores, latents[i:i + n], texts[i:i + n], use_reentrant=False)
-                      for i in range(0, len(texts), n)]
-            rs = [torch.cat(r) for r in zip(*chunks)]
-        return [(w, r) for (w, _), r in zip(terms, rs)]
+        if not n or len(latents) <= n:
+            return models.decode(latents.float())
+        from torch.utils.checkpoint import checkpoint
+        return torch.cat([checkpoint(models.decode, z.float(), use_reentrant=False) for z in latents.split(n)])
+
+    def reward_parts(latents, texts) -> list[tuple[float, torch.Tensor]]:
+        """(w_k, r_k) of the reward's terms on the decoded latents, with gradient."""
+        images = decoded(latents)
+        return [(w, r(images, texts)) for w, r in weighted_terms(models.reward)]
 
     def fake_x0(x_t, t, cond):
         if shared:

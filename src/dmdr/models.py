@@ -14,7 +14,7 @@ from pathlib import Path
 
 import open_clip
 import torch
-from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
+from diffusers import AutoencoderKL, ModelMixin, SD3Transformer2DModel, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -220,6 +220,17 @@ def load_backbone(path: Path, latent_shape: tuple[int, int, int] | None = None):
 def save_diffusers(model, path: Path) -> Path:
     """A diffusers model's save_pretrained (safetensors), atomically."""
     return atomic_dir(path, lambda d: model.save_pretrained(d, safe_serialization=True))
+
+
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Gradient checkpointing (activations recomputed in backward, block by block) in the diffusers models and the
+    open_clip transformers inside `model`. (transformers' CLIP checkpoints only in train mode, so PickScore, held
+    in eval mode, is left as it is.)"""
+    for m in model.modules():
+        if isinstance(m, ModelMixin) and m._supports_gradient_checkpointing:
+            m.enable_gradient_checkpointing()
+        elif isinstance(m, open_clip.transformer.Transformer):
+            m.grad_checkpointing = True
 
 
 # the repeated blocks of the backbones (diffusers' `_repeated_blocks`), of the VAE's decoder and of the CLIP rewards

@@ -385,7 +385,8 @@ def readme_results(results: Path = RESULTS) -> str:
         after_world = sum(v for k, v in timings.items() if k not in ("prompts", "world"))
         parts.append("Stage wall times on this machine (minutes, from the executed notebooks in `runs/`): " + ", ".join(
             f"{k} {v:.1f}" for k, v in timings.items()) + f"; everything after the world: {after_world:.1f}.")
-    for name, what in (("sampling_speed", "Sampling benchmark"), ("step_cost", "Training-step benchmark")):
+    for name, what in (("sampling_speed", "Sampling benchmark"), ("step_cost", "Training-step benchmark"),
+                       ("launch_count", "Launches per real-scale step, counted on CPU")):
         bench = results / "benchmarks" / f"{name}.txt"
         if bench.exists():
             parts.append(f"{what} (`benchmarks/{name}.py`, last run):\n\n```\n" + bench.read_text().strip() + "\n```")
@@ -393,7 +394,7 @@ def readme_results(results: Path = RESULTS) -> str:
         text = bench.read_text().strip()
         history = bench.with_name(bench.stem + "_history.md").as_posix()
         parts.append(f"GPU benchmark (`benchmarks/gpu_step.py` on a lent {bench.stem.split('_')[-1].upper()}, "
-                     f"`{bench.as_posix()}`; earlier runs in `{history}`):\n\n```\n{text}\n```\n\n" + gpu_goals(text))
+                     f"`{bench.as_posix()}`; earlier runs, and changes not yet measured, in `{history}`):\n\n```\n{text}\n```\n\n" + gpu_goals(text))
     for fig in ["figure3_paradigms.png", "figure4_rtdm.png", "cold_start.png", "reward_agreement.png",
                 "teacher_accuracy.png", "distill_curves.png"] + [f"samples_{m}.png" for m in ("teacher", "dmd2-4", "dmdr-4",
                                                                                              "dmd-then-rl-4", "dmdr-1")]:
