@@ -117,6 +117,18 @@ def test_two_processes_compute_what_one_computes_at_the_same_global_batch(tmp_pa
                                                   for k in two["weights"])
 
 
+def test_compiled_blocks_under_two_processes_compute_what_one_eager_process_computes(tmp_path):
+    """Regional compilation inside DDP (each process's blocks traced; DDP's gradient hooks on the traced backward)."""
+    overrides = {"steps": 2, "batch": 4, "dynadg": {"form": "released"}, "rl": {"weight": 0.5},
+                 "gradient_checkpointing": True}
+    eager = torchrun(1, tmp_path / "eager.safetensors", overrides)
+    compiled = torchrun(2, tmp_path / "compiled.safetensors", overrides | {"compile": "aot_eager"})
+    for a, b in zip(eager["rows"][1:], compiled["rows"][1:]):
+        for k in ("loss_fake", "loss_dmd", "reward_x0"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), k
+    assert all(torch.allclose(eager["weights"][k], compiled["weights"][k], atol=5e-5) for k in eager["weights"])
+
+
 def test_gradient_checkpointing_changes_memory_not_results(clip):
     """The backbones and the reward's CLIP (RL differentiates through it) recompute their blocks in backward."""
     results = []
