@@ -121,6 +121,11 @@ def test_lora_scale_interpolates_and_fuses():
     set_lora_scale(model, 2.0)
     adapted = model(x, t, *cond).detach()
     assert not torch.allclose(adapted, base, atol=1e-3)
+    model.backbone.set_adapters(["dynadg"], weights=[2.0])  # peft's own scale: the same function
+    assert torch.allclose(model(x, t, *cond), adapted, atol=1e-6)
+    set_lora_scale(model, 0.0)  # and ours still takes effect after peft wrote its floats
+    assert torch.allclose(model(x, t, *cond), base, atol=1e-6)
+    set_lora_scale(model, 2.0)
     fused = fused_copy(model, 2.0)
     assert not any("lora_" in n for n, _ in fused.named_parameters())
     assert torch.allclose(fused(x, t, *cond), adapted, atol=1e-5)

@@ -184,7 +184,17 @@ def add_generator_lora(model, rank: int, alpha: float) -> None:
 
 
 def set_lora_scale(model, scale: float) -> None:
-    model.backbone.set_adapters([LORA], weights=[scale])
+    """DynaDG's adapter at `scale` (its alpha is its rank: the scale is the multiplier itself). Its layers share one
+    0-dim tensor, set in place: compiled blocks take it as an input, so the annealed scale does not recompile them,
+    and a call costs no walk over the modules. A CPU scalar, so that CUDA kernels read it at full precision."""
+    backbone = model.backbone
+    if not hasattr(backbone, "_dynadg_layers"):  # plain attributes: not in the state dict
+        from peft.tuners.lora import LoraLayer
+        backbone._dynadg_layers = [m for m in backbone.modules() if isinstance(m, LoraLayer) and LORA in m.scaling]
+        backbone._dynadg_scale = torch.zeros(())
+    backbone._dynadg_scale.fill_(scale)
+    for m in backbone._dynadg_layers:  # each call: peft's own set_scale would leave a float there
+        m.scaling[LORA] = backbone._dynadg_scale
 
 
 def fused_copy(model, scale: float = 1.0):

@@ -248,7 +248,9 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     blocks = [m for m in model.modules() if type(m).__name__ in REPEATED_BLOCKS]
     for block in blocks:
-        block.compile(backend=backend)
+        # static shapes: a block called at several shapes (the decoder's, CFG's doubled batch) gets one graph each;
+        # with dynamic graphs a checkpoint's recompute could select another graph than its forward did
+        block.compile(backend=backend, dynamic=False)
     return len(blocks)
 
 
