@@ -176,8 +176,7 @@ class DistillParams:
     max_nonfinite: int = 5  # abort after this many non-finite losses in a row (each one skips its step)
     gradient_checkpointing: bool = False  # recompute activations in backward (real-scale memory)
     reward_chunk: int = 0  # RL: decode this many samples at a time, recomputed in backward; 0: all at once
-    compile: str = "off"  # inductor: torch.compile the models' repeated blocks (GPUs) | aot_eager: traced, no
-    # generated code (checks) | off
+    compile: str = "off"  # inductor: torch.compile each repeated block of the models (GPUs) | aot_eager (checks)
     optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes, CUDA)
     generator_weight_decay: float = 0.0  # AdamW's, for the generator (released: 0.01; the fake score's is 0)
     generator_lora: GeneratorLoraParams = field(default_factory=GeneratorLoraParams)  # off: full fine-tuning

@@ -394,7 +394,8 @@ def readme_results(results: Path = RESULTS) -> str:
         text = bench.read_text().strip()
         history = bench.with_name(bench.stem + "_history.md").as_posix()
         parts.append(f"GPU benchmark (`benchmarks/gpu_step.py` on a lent {bench.stem.split('_')[-1].upper()}, "
-                     f"`{bench.as_posix()}`; earlier runs, and changes not yet measured, in `{history}`):\n\n```\n{text}\n```\n\n" + gpu_goals(text))
+                     f"`{bench.as_posix()}`; earlier runs, and changes not yet measured, in `{history}`):\n\n"
+                     f"```\n{text}\n```\n\n" + gpu_goals(text))
     for fig in ["figure3_paradigms.png", "figure4_rtdm.png", "cold_start.png", "reward_agreement.png",
                 "teacher_accuracy.png", "distill_curves.png"] + [f"samples_{m}.png" for m in ("teacher", "dmd2-4", "dmdr-4",
                                                                                              "dmd-then-rl-4", "dmdr-1")]:
