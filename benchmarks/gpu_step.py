@@ -156,6 +156,21 @@ def loop_step(cfg, teacher, encode, uncond, latent, vae, reward, steps: int, pro
     return (rows[-1]["seconds"] - rows[1]["seconds"]) / steps
 
 
+def loop_configs(batch: int, mixed_precision: str, compile: str = "off") -> dict[str, config.DistillParams]:
+    """The loop's rows (LOOP_ROWS): the sd3-medium preset's stages at local `batch`, TTUR 1, gradient checkpointing,
+    fp32 AdamW states (the issue's memory goal is set for them) and a full-fine-tune generator (its reference), and
+    stage 2 again with the released LoRA generator."""
+    _, stage1, stage2 = config.preset(config.load(Path(__file__).resolve().parents[1] / "params.yaml"), "sd3-medium")
+    for cfg in (stage1, stage2):
+        cfg.batch, cfg.checkpoint_every, cfg.ttur, cfg.gradient_checkpointing = batch, 0, 1, True
+        cfg.optimizer, cfg.generator_lora.enabled = "adamw", False
+        cfg.mixed_precision, cfg.compile = mixed_precision, compile
+    stage2.reward_chunk = 2  # the decoder's backward at 512 px, batch 8, is what breaks 48 GB otherwise
+    lora_stage2 = copy.deepcopy(stage2)
+    lora_stage2.generator_lora.enabled = True
+    return dict(zip(LOOP_ROWS, (stage1, stage2, lora_stage2)))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=4)
@@ -184,15 +199,7 @@ def main():
 
     if dev == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as the released code
-    p = config.load(Path(__file__).resolve().parents[1] / "params.yaml")
-    _, stage1, stage2 = config.preset(p, "sd3-medium")
-    for cfg in (stage1, stage2):
-        cfg.batch, cfg.checkpoint_every, cfg.ttur, cfg.gradient_checkpointing = a.batch, 0, 1, True
-        cfg.optimizer = "adamw"  # fp32 AdamW states: the issue's memory goal is set for them
-        cfg.generator_lora.enabled = False  # the issue's reference: a full-fine-tune generator
-        cfg.mixed_precision = "bf16" if dev == "cuda" else "no"
-        cfg.compile = "inductor" if a.compile else "off"
-    stage2.reward_chunk = 2  # the decoder's backward at 512 px, batch 8, is what breaks 48 GB otherwise
+    configs = loop_configs(a.batch, "bf16" if dev == "cuda" else "no", "inductor" if a.compile else "off")
     torch.manual_seed(0)
     with torch.device(dev):  # random init on the device: minutes faster than on the host for 2 B parameters
         transformer = SD3Transformer2DModel(**(TINY if a.tiny else SD3_MEDIUM))
@@ -224,14 +231,12 @@ def main():
                        a.out.parent / "profile_bare.txt" if a.profile and a.out else None)
     report(f"bare passes of one DMD step (full-fine-tune generator, LoRA-32 fake score): {bare:.3f} s, "
            f"peak {peak_gib():.1f} GiB{memory_note()}")
-    lora_stage2 = copy.deepcopy(stage2)
-    lora_stage2.generator_lora.enabled = True
-    for row, cfg in zip(LOOP_ROWS, (stage1, stage2, lora_stage2)):
+    for row, cfg in configs.items():
         if row not in a.rows:
             continue
         name = LOOP_ROWS[row] + (", compiled blocks" if a.compile else "")
         reset()
-        profile = a.out.parent / "profile_stage1.txt" if a.profile and a.out and cfg is stage1 else None
+        profile = a.out.parent / "profile_stage1.txt" if a.profile and a.out and row == "stage1" else None
         sec = loop_step(cfg, teacher, encode, uncond, latent, vae, reward, a.steps, profile)
         report(f"{name}: {sec:.3f} s per step = {sec / bare:.2f}x the bare passes, peak {peak_gib():.1f} GiB"
                f"{memory_note()}")

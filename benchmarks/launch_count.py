@@ -7,7 +7,6 @@ configurations are benchmarks/gpu_step.py's.
     python benchmarks/launch_count.py [--out FILE]
 """
 import argparse
-import copy
 import dataclasses
 import json
 import sys
@@ -22,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_step as g  # noqa: E402
 from diffusers import AutoencoderKL, SD3Transformer2DModel  # noqa: E402
 
-from dmdr import config  # noqa: E402
 from dmdr.distill import init_models, train  # noqa: E402
 from dmdr.models import LatentDecoder, VelocityModel  # noqa: E402
 
@@ -76,17 +74,11 @@ def main():
              f"SD3 VAE's blocks, ViT-H-14's depth, tiny widths; local batch {a.batch}, TTUR 1, gradient checkpointing"]
     bare = per_step(lambda n: g.bare_passes(teacher, encode, encode([""]), latent, a.batch, n, "cpu"), a.steps)
     lines.append(f"bare passes of one DMD step: {bare:.0f} ops")
-    _, stage1, stage2 = config.preset(config.load(Path(__file__).resolve().parents[1] / "params.yaml"), "sd3-medium")
-    for cfg in (stage1, stage2):
-        cfg.batch, cfg.checkpoint_every, cfg.ttur, cfg.gradient_checkpointing = a.batch, 0, 1, True
-        cfg.optimizer, cfg.generator_lora.enabled, cfg.mixed_precision, cfg.log_every = "adamw", False, "no", 10**9
-    stage2.reward_chunk = 2
-    lora_stage2 = copy.deepcopy(stage2)
-    lora_stage2.generator_lora.enabled = True
-    for row, cfg in zip(g.LOOP_ROWS, (stage1, stage2, lora_stage2)):
+    for row, cfg in g.loop_configs(a.batch, "no").items():
         models = init_models(teacher, encode, encode([""]), cfg=cfg, decode=LatentDecoder(vae), reward=reward,
                              latent_shape=latent)
-        ops = per_step(lambda n: train(dataclasses.replace(cfg, steps=n), models, ["a photo"] * 16, seed=0), a.steps)
+        ops = per_step(lambda n: train(dataclasses.replace(cfg, steps=n, log_every=10**9), models, ["a photo"] * 16,
+                                       seed=0), a.steps)
         lines.append(f"{g.LOOP_ROWS[row]}: {ops:.0f} ops = {ops / bare:.2f}x the bare passes")
     for line in lines:
         print(line)
