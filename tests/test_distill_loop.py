@@ -80,8 +80,9 @@ def test_rl_alone_on_the_guided_teacher_trajectory(clip):
     assert any(not torch.equal(a, b) for a, b in zip(before, models.generator.parameters()))
 
 
-def torchrun(n: int, out, overrides: dict, checkpoint=None) -> dict:
-    """tests/ddp_train.py in n CPU processes (gloo); returns the generator's weights and the logged rows."""
+def torchrun(n: int, out, overrides: dict, checkpoint=None, fsdp: bool = False) -> dict:
+    """tests/ddp_train.py in n CPU processes (gloo), by torchrun or, with `fsdp`, by `accelerate launch` with
+    configs/accelerate/fsdp.yaml; returns the generator's weights and the logged rows."""
     import json
     import os
     import subprocess
@@ -91,8 +92,11 @@ def torchrun(n: int, out, overrides: dict, checkpoint=None) -> dict:
     from safetensors.torch import load_file
     port = free_port()
     root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(port),
-           str(root / "tests" / "ddp_train.py"), str(out), json.dumps(overrides)] + ([str(checkpoint)] if checkpoint else [])
+    launcher = (["accelerate.commands.launch", "--config_file", str(root / "configs" / "accelerate" / "fsdp.yaml"),
+                 "--num_processes", str(n), "--main_process_port", str(port)] if fsdp else
+                ["torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(port)])
+    cmd = [sys.executable, "-m", *launcher, str(root / "tests" / "ddp_train.py"), str(out), json.dumps(overrides)] + (
+        [str(checkpoint)] if checkpoint else [])
     env = dict(os.environ, PYTHONPATH=str(root / "src"), TQDM_DISABLE="1")
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -113,6 +117,31 @@ def test_two_processes_compute_what_one_computes_at_the_same_global_batch(tmp_pa
     assert {p.name for p in (tmp_path / "ckpt").glob("random_states_*")} == {"random_states_0.pkl",
                                                                            "random_states_1.pkl"}
     again = torchrun(2, tmp_path / "again.safetensors", overrides, tmp_path / "ckpt")
+    assert "resumed from" in again["log"] and all(torch.equal(two["weights"][k], again["weights"][k])
+                                                  for k in two["weights"])
+
+
+def test_fsdp_computes_what_one_process_computes_and_resumes_from_its_own_shards(tmp_path):
+    """FSDP2 through configs/accelerate/fsdp.yaml in 2 CPU processes (accelerate's launcher, plugin, prepare and
+    sharding; tests/ddp_train.py switches accelerate's state to FSDP, which accelerate routes only on GPUs): stage 1
+    with every tool and RL, DynaDG's paper form (three sharded models). The same losses and weights as one process;
+    checkpoints are each process's shards in safetensors; resuming from them ends bit-identical."""
+    from safetensors.torch import load_file
+    overrides = {"steps": 2, "batch": 4, "rtdm": {"enabled": True}, "dynadg": {"form": "paper"},
+                 "dynars": {"enabled": True}, "rl": {"weight": 0.5}, "checkpoint_every": 1}
+    one = torchrun(1, tmp_path / "one.safetensors", overrides)
+    two = torchrun(2, tmp_path / "two.safetensors", overrides, tmp_path / "ckpt", fsdp=True)
+    for a, b in zip(one["rows"][1:], two["rows"][1:]):
+        for k in ("loss_fake", "loss_dmd", "reward_rollout", "reward_x0"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), k
+    assert one["weights"].keys() == two["weights"].keys()  # gathered back into the plain generator
+    assert all(torch.allclose(one["weights"][k], two["weights"][k], atol=5e-5) for k in one["weights"])
+    ckpt = tmp_path / "ckpt"
+    shards = [load_file(ckpt / f"model_0.rank_{r}.safetensors") for r in (0, 1)]
+    sharded = [k for k, v in one["weights"].items() if v.dim() and len(v) > 1]
+    assert sharded and all(len(shards[0][k]) + len(shards[1][k]) == len(one["weights"][k]) for k in sharded)
+    assert {p.suffix for p in ckpt.iterdir()} == {".safetensors", ".json", ".pkl"}  # .pkl: accelerate's RNG states
+    again = torchrun(2, tmp_path / "again.safetensors", overrides, ckpt, fsdp=True)
     assert "resumed from" in again["log"] and all(torch.equal(two["weights"][k], again["weights"][k])
                                                   for k in two["weights"])
 

@@ -142,9 +142,12 @@ def test_the_real_runner_trains_both_stages_of_a_preset_exports_and_scores(sd3, 
     assert (out / "dmdr" / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mtime == before
 
 
-def test_the_real_runner_under_two_processes_gives_the_one_process_numbers(sd3, tmp_path):
-    """The runner launched by torchrun in 2 CPU processes (gloo) at the same global batch: exports written once, the
-    evaluation sharded over the processes, the numbers of the 1-process run."""
+@pytest.mark.parametrize("launcher", ["ddp", "fsdp"])
+def test_the_real_runner_under_two_processes_gives_the_one_process_numbers(sd3, tmp_path, launcher):
+    """The runner in 2 CPU processes (gloo) at the same global batch, launched by torchrun (DDP) or by accelerate
+    with configs/accelerate/fsdp.yaml (the trained SD3 transformers sharded by JointTransformerBlock, gathered back
+    for export): exports written once, the evaluation sharded over the processes, the numbers of the 1-process
+    run."""
     import os
     import subprocess
     import sys
@@ -153,11 +156,17 @@ def test_the_real_runner_under_two_processes_gives_the_one_process_numbers(sd3, 
     params = tiny_preset(sd3, tmp_path, batch=4)
     real.main(["--params", str(params), "--out", str(tmp_path / "one")])
     root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(root / "tests" / "real_run.py"), str(tmp_path), "--params", str(params), "--out", str(tmp_path / "two")]
+    port = str(free_port())
+    launch = (["accelerate.commands.launch", "--config_file", str(root / "configs" / "accelerate" / "fsdp.yaml"),
+               "--num_processes", "2", "--main_process_port", port] if launcher == "fsdp" else
+              ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", port])
+    cmd = [sys.executable, "-m", *launch, str(root / "tests" / "real_run.py"), str(tmp_path), "--params", str(params),
+           "--out", str(tmp_path / "two")]
     r = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(root / "src"), TQDM_DISABLE="1"),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert ("FSDP2: generator, real sharded over 2 processes, by JointTransformerBlock" in r.stdout) == (
+        launcher == "fsdp")
     one, two = (json.loads((tmp_path / d / "tiny-sd3" / "metrics.json").read_text()) for d in ("one", "two"))
     assert (one["processes"], two["processes"]) == (1, 2)
     for model in ("teacher", "few_step"):

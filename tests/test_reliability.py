@@ -1,6 +1,7 @@
 """Reliability of training: resume from a checkpoint ends exactly where an uninterrupted run ends; non-finite losses
 are skipped, counted and, repeated, stop the run; a poisoned model never overwrites a good checkpoint; nothing in
 the library unpickles or runs remote code."""
+import json
 import re
 from pathlib import Path
 
@@ -171,3 +172,14 @@ def test_a_generator_of_the_wrong_latent_size_is_refused_before_sampling(tmp_pat
     with pytest.raises(ValueError, match=r"g/config.json: in_channels 4 and sample_size 16 .* expects \(4, 8, 8\)"):
         load_backbone(tmp_path / "g", (4, 8, 8))
     assert load_backbone(tmp_path / "g", (4, 16, 16)).config.sample_size == 16
+
+
+def test_an_fsdp_checkpoint_is_not_resumed_by_another_number_of_processes(tmp_path):
+    """Each process's shards fit only the process count that wrote them: a clear error naming the checkpoint."""
+    from types import SimpleNamespace
+
+    from dmdr import sharded
+    for rank in (0, 1):
+        (tmp_path / f"shards.rank_{rank}.json").write_text(json.dumps({"processes": 2}))
+    with pytest.raises(ValueError, match=rf"{tmp_path}: an FSDP checkpoint of 2 processes cannot be resumed by 1"):
+        sharded.load_state(SimpleNamespace(process_index=0, num_processes=1), tmp_path)

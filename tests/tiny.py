@@ -131,3 +131,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def fsdp_on_cpu() -> None:
+    """FSDP on CPU, for scripts run by `accelerate launch --config_file configs/accelerate/fsdp.yaml`. accelerate
+    routes FSDP only on GPU-type devices: on CPU its state stays MULTI_CPU under the environment the launcher sets
+    from the config. Here the loop's Accelerator is switched to FSDP2 with the plugin that environment describes,
+    as accelerate does on GPUs; the rest (prepare, sharding, gradients) is accelerate's and torch's own."""
+    import os
+
+    import accelerate
+    from accelerate import PartialState
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    import dmdr.distill
+
+    if os.environ.get("ACCELERATE_USE_FSDP") != "true" or torch.cuda.is_available():
+        return
+
+    def accelerator(**kwargs):
+        acc = accelerate.Accelerator(**kwargs)
+        for state in (AcceleratorState, PartialState):
+            state._shared_state["distributed_type"] = DistributedType.FSDP
+        acc.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+        return acc
+
+    dmdr.distill.Accelerator = accelerator
+

@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
-from . import flow, resume
+from . import flow, resume, sharded
 from .config import DistillParams
 from .files import write_csv
 from .rewards import weighted_terms
@@ -250,6 +251,11 @@ def backbone_of(model):
     return (model.model if isinstance(model, flow.Guided) else model).backbone
 
 
+def params_of(opt) -> list[torch.nn.Parameter]:
+    """The parameters an optimizer steps (under FSDP, the sharded ones that replaced those it was built with)."""
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
 def optimizer(params, lr: float, cfg: DistillParams, weight_decay: float = 0.0):
     """AdamW over the trainable `params`, or bitsandbytes' 8-bit AdamW for real-scale memory."""
     params = [p for p in params if p.requires_grad]
@@ -291,14 +297,23 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
     checkpoint of the same settings resumes from it (dmdr.resume). A non-finite loss skips its update and is counted
     (`nonfinite_skipped` in the rows); `max_nonfinite` of them in a row stop the run.
 
-    Under several processes (accelerate: DDP, FSDP, DeepSpeed) `cfg.batch` is the global batch: every process draws
+    Under several processes (accelerate: DDP or FSDP) `cfg.batch` is the global batch: every process draws
     the whole batch's prompts and noise from the same generators and keeps its own slice, batch-wide quantities
     (RT-DM's softmax weights, the non-finite check, logged losses) are gathered, and gradients are averaged; so N
-    processes compute what one process computes at the same global batch."""
+    processes compute what one process computes at the same global batch. Under FSDP (configs/accelerate/fsdp.yaml)
+    the trained models are sharded and, at the end, gathered back into plain modules in `models` on every process.
+    """
     torch.manual_seed(seed)
     rng = torch.Generator().manual_seed(seed)
     prng = np.random.default_rng(seed)
     acc = Accelerator(cpu=not torch.cuda.is_available())
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        raise ValueError("DeepSpeed is not supported: accelerate's DeepSpeed trains one model per Accelerator (its "
+                         "multi-model API is experimental) and this loop trains two in one, the generator and the "
+                         "fake score. Shard with FSDP instead: configs/accelerate/fsdp.yaml")
+    fsdp = sharded.active(acc)
+    if fsdp and not acc.is_fsdp2:
+        raise ValueError("FSDP version 1 is not supported: set fsdp_version: 2 (configs/accelerate/fsdp.yaml)")
     autocast = torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
     if cfg.batch % acc.num_processes:
         raise ValueError(f"batch {cfg.batch} does not divide over {acc.num_processes} processes")
@@ -318,6 +333,11 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
     for m in (models.generator, fake, real):
         if m is not None:
             master_weights(m, cfg.mixed_precision == "bf16")
+    # under FSDP, sharding changes the trained models in place: plain copies (without storage) take their weights
+    # at the end. Taken before checkpointing and compilation, which export and evaluation do not need.
+    trained_models = {"generator": models.generator, "fake": fake if distill and not shared else None,
+                      "real": real if dynadg else None}
+    plain_copies = {k: sharded.storage_free_copy(m) for k, m in trained_models.items() if fsdp and m is not None}
     if cfg.gradient_checkpointing:  # the reward's too: RL differentiates through it
         from .models import checkpoint_blocks
         for m in (models.generator, fake, real, models.reward):
@@ -340,6 +360,10 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
         else:
             d_opt = lora_opt
     trained = [m for m in (generator, fake if distill else None, real if dynadg else None) if m is not None]
+    if fsdp and acc.is_main_process:
+        units = sorted({type(m).__name__.removeprefix("FSDP") for m in generator.modules()
+                        if m is not generator and hasattr(m, "unshard")})
+        print(f"FSDP2: {', '.join(plain_copies)} sharded over {acc.num_processes} processes, by {', '.join(units)}")
     ckpt = (resume.Checkpoint(checkpoint_dir, cfg.checkpoint_every,
                               resume.fingerprint(dataclasses.asdict(cfg), seed, len(prompts), prompts[:8]), rng, prng)
             if checkpoint_dir is not None and cfg.checkpoint_every else None)
@@ -399,6 +423,14 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
         images = decoded(latents)
         return [(w, r(images, texts)) for w, r in weighted_terms(models.reward)]
 
+    def clip_gradients(opt):
+        """Gradient norm clipped to 1 over what `opt` steps. (Under FSDP, torch's own clipping of the sharded
+        gradients: accelerate's compares parameter lists with ==, which fails on two sharded models of one shape.)"""
+        if fsdp:
+            torch.nn.utils.clip_grad_norm_(params_of(opt), 1.0)
+        else:
+            acc.clip_grad_norm_(params_of(opt), 1.0)
+
     def fake_x0(x_t, t, cond):
         if shared:
             set_lora_scale(acc.unwrap_model(fake), cfg.dynadg.fake_scale)
@@ -427,9 +459,10 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
     for step in bar:
         if (step % cfg.log_every == 0 or step == cfg.steps) and not (state and step == start):
             row = {"step": step, "seconds": round(time.time() - t0, 2)}
-            if curve_fn is not None and acc.is_main_process:
+            if curve_fn is not None and (acc.is_main_process or fsdp):  # a sharded model needs every process
                 generator.eval()
-                row |= curve_fn(acc.unwrap_model(generator), step)
+                held_out = curve_fn(acc.unwrap_model(generator), step)
+                row |= held_out if acc.is_main_process else {}
             rows.append(row | last | ({"nonfinite_skipped": skipped} if skipped else {}))
             if curve_path is not None and acc.is_main_process:
                 write_csv(rows, curve_path)
@@ -459,7 +492,7 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
                 if nonfinite("fake-score", fake_loss.detach(), step):
                     continue
                 acc.backward(fake_loss)
-                acc.clip_grad_norm_(lora if shared else fake.parameters(), 1.0)
+                clip_gradients(f_opt)
                 f_opt.step()
                 f_opt.zero_grad(set_to_none=True)
             last["loss_fake"] = float(mean_over_processes(fake_loss))
@@ -471,7 +504,7 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
                     lora_loss = flow.flow_matching_loss(real, x0.float(), cond, score_times(), randn())
                 if not nonfinite("DynaDG", lora_loss.detach(), step):
                     acc.backward(lora_loss)
-                    acc.clip_grad_norm_(lora, 1.0)
+                    clip_gradients(d_opt)
                     d_opt.step()
                     d_opt.zero_grad(set_to_none=True)
             if dynadg:
@@ -519,12 +552,14 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
             continue
         in_a_row = 0
         acc.backward(loss)
-        acc.clip_grad_norm_(generator.parameters(), 1.0)
+        clip_gradients(g_opt)
         g_opt.step()
         g_opt.zero_grad(set_to_none=True)
         bar.set_postfix({k: f"{v:.4f}" for k, v in last.items() if k.startswith("loss")})
+    for k, m in plain_copies.items():
+        setattr(models, k, sharded.gathered(trained_models[k], m, dev))
     if dynadg:
-        set_lora_scale(acc.unwrap_model(real), 0.0)
+        set_lora_scale(models.real, 0.0)
     return rows
 
 

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from . import flow
 from .distill import backbone_of, plain
-from .models import LatentDecoder, VelocityModel, atomic_dir
+from .models import LatentDecoder, VelocityModel, atomic_dir, shard_units
 
 FAMILIES = {"StableDiffusion3Pipeline": "sd3", "StableDiffusionXLPipeline": "sdxl"}
 SAMPLER_FILE = "dmdr_sampler.json"
@@ -41,6 +41,8 @@ class EpsilonAsFlow(torch.nn.Module):
         self.register_buffer("log_sigmas", (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).log().float(),
                              persistent=False)
         self.register_buffer("time_ids", time_ids.float(), persistent=False)
+
+    _no_split_modules = property(lambda self: shard_units(self.backbone))
 
     @property
     def max_t(self) -> float:

@@ -254,6 +254,14 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
     return len(blocks)
 
 
+def shard_units(backbone: nn.Module) -> list[str]:
+    """The blocks FSDP shards the backbone by: diffusers' `_no_split_modules` of its class that occur in it (accelerate
+    raises on a listed class the model lacks). Wrappers pass them on as their own `_no_split_modules`, which
+    accelerate's TRANSFORMER_BASED_WRAP uses when its config names no classes."""
+    present = {type(m).__name__ for m in backbone.modules()}
+    return [n for n in getattr(backbone, "_no_split_modules", None) or [] if n in present]
+
+
 class VelocityModel(nn.Module):
     """Any diffusers flow backbone as v(x_t, t, text states, pooled text), t in [0, 1] (x_t = (1 - t) x0 + t eps,
     v = eps - x0). This is the only place that knows the backbone's call signature."""
@@ -261,6 +269,8 @@ class VelocityModel(nn.Module):
     def __init__(self, backbone):
         super().__init__()
         self.backbone = backbone
+
+    _no_split_modules = property(lambda self: shard_units(self.backbone))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         t = t.expand(x.shape[0]) if t.dim() == 0 else t

@@ -6,7 +6,8 @@ accelerate's global RNG states, which it loads with torch.load(weights_only=True
 rows, the loop's own numpy generator, the fingerprint of the run's settings) and `generators.safetensors` (the loop's
 torch generator and any other tensors of its state, such as an EMA's shadow weights). Nothing is unpickled. A
 checkpoint whose fingerprint differs (other params, other prompts) is ignored rather than resumed; one with
-non-finite weights is never written.
+non-finite weights is never written. Under FSDP every process writes its own shards instead of accelerate's state
+(dmdr.sharded).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import sharded
 from .models import atomic_dir, move_into_place
 
 
@@ -47,7 +49,7 @@ def save(acc, ckpt: Checkpoint, loop: dict, modules, tensors: dict[str, torch.Te
     """Write a checkpoint of `loop` (with the run's fingerprint and generators) atomically: a temporary directory
     renamed over the old one. Returns False, writing nothing, when any weight is non-finite: a good checkpoint is
     never replaced by a poisoned one. `tensors` are saved by name and copied back in place by `load`."""
-    if not all_finite(modules):
+    if not (sharded.all_finite(acc, modules) if sharded.active(acc) else all_finite(modules)):
         return False
     rng, prng = ckpt.rng, ckpt.prng
 
@@ -57,8 +59,14 @@ def save(acc, ckpt: Checkpoint, loop: dict, modules, tensors: dict[str, torch.Te
         loop_state = loop | {"fingerprint": ckpt.fingerprint} | ({"prng": prng.bit_generator.state} if prng else {})
         (d / "loop.json").write_text(json.dumps(loop_state))
 
+    def save_state(d: Path):
+        if sharded.active(acc):
+            sharded.save_state(acc, d)
+        else:
+            acc.save_state(str(d), safe_serialization=True)
+
     if acc.num_processes == 1:
-        atomic_dir(ckpt.path, lambda d: (acc.save_state(str(d), safe_serialization=True), extras(d)))
+        atomic_dir(ckpt.path, lambda d: (save_state(d), extras(d)))
         return True
     # several processes: all write accelerate's state (each its RNG) into one staging directory, the main process
     # adds the loop's files and moves it into place (the loop's generators are the same in every process)
@@ -68,7 +76,7 @@ def save(acc, ckpt: Checkpoint, loop: dict, modules, tensors: dict[str, torch.Te
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     acc.wait_for_everyone()
-    acc.save_state(str(staging), safe_serialization=True)
+    save_state(staging)
     acc.wait_for_everyone()
     if acc.is_main_process:
         extras(staging)
@@ -87,7 +95,10 @@ def load(acc, ckpt: Checkpoint | None, tensors: dict[str, torch.Tensor] | None =
     if loop.pop("fingerprint", None) != ckpt.fingerprint:
         print(f"ignoring checkpoint {path}: it belongs to other settings")
         return None
-    acc.load_state(str(path))
+    if sharded.active(acc):
+        sharded.load_state(acc, path)
+    else:
+        acc.load_state(str(path))
     saved = load_file(path / "generators.safetensors")
     if ckpt.rng is not None:
         ckpt.rng.set_state(saved["rng"])

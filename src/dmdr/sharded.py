@@ -1,0 +1,110 @@
+"""Training under FSDP2 (`accelerate launch --config_file configs/accelerate/fsdp.yaml`): what the loop needs
+beyond DDP.
+
+accelerate shards each trained model per block in place: its parameters become DTensors, each process holding a
+slice. The loop then needs (1) its checkpoints written shard by shard, as safetensors (accelerate's own FSDP
+checkpoints go through torch.distributed.checkpoint, whose metadata file is unpickled when read), and (2) the
+trained models back as plain modules at the end, so that export and evaluation are the code they are under DDP.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from accelerate.checkpointing import load_accelerator_state, save_accelerator_state
+from accelerate.utils import DistributedType
+from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
+
+
+def active(acc) -> bool:
+    return acc.distributed_type == DistributedType.FSDP
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's slice of a sharded tensor (a plain tensor is its own slice)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def storage_free_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` whose parameters and buffers are on the meta device (no memory): the plain module that
+    `gathered` fills once training is done. Taken before sharding, since sharding changes the module in place."""
+    memo = {id(t): torch.nn.Parameter(torch.empty_like(t, device="meta"), t.requires_grad)
+            for t in model.parameters()}
+    memo |= {id(t): torch.empty_like(t, device="meta") for t in model.buffers()}
+    return copy.deepcopy(model, memo)
+
+
+@torch.no_grad()
+def gathered(model: torch.nn.Module, skeleton: torch.nn.Module, device) -> torch.nn.Module:
+    """`skeleton` (from storage_free_copy) holding the full weights of the sharded `model`, on every process. Every
+    process must call it: each parameter is all-gathered in turn, so the peak is one full parameter."""
+    plain = skeleton.to_empty(device=device)
+    source = dict(model.named_parameters()) | dict(model.named_buffers())
+    for name, t in [*plain.named_parameters(), *plain.named_buffers()]:
+        s = source[name]
+        t.copy_(s.full_tensor() if isinstance(s, DTensor) else s)
+    return plain
+
+
+def all_finite(acc, modules) -> bool:
+    """Every weight finite, each process checking its own slices; the same answer on every process."""
+    ok = all(torch.isfinite(local(p)).all() for m in modules for p in m.parameters())
+    return bool(acc.reduce(torch.tensor(float(ok), device=acc.device), "sum") == acc.num_processes)
+
+
+def _optimizer_of(acc_opt):
+    return getattr(acc_opt, "optimizer", acc_opt)
+
+
+def save_state(acc, path: Path) -> None:
+    """Each process writes its slices of every prepared model and optimizer (`model_i.rank_r.safetensors`,
+    `optimizer_i.rank_r.safetensors`, the optimizer's hyperparameters in `optimizer_i.json`) and its RNG states
+    (accelerate's `random_states_r.pkl`, which accelerate reads back with torch.load(weights_only=True))."""
+    path, rank = Path(path), acc.process_index
+    for i, model in enumerate(acc._models):
+        save_file({k: local(v).detach().contiguous() for k, v in model.state_dict().items()},
+                  path / f"model_{i}.rank_{rank}.safetensors")
+    for i, acc_opt in enumerate(acc._optimizers):
+        state = _optimizer_of(acc_opt).state_dict()
+        tensors = {f"{p}.{k}": v for p, s in state["state"].items() for k, v in s.items()}
+        save_file({k: local(v).detach().contiguous() for k, v in tensors.items()},
+                  path / f"optimizer_{i}.rank_{rank}.safetensors")
+        if acc.is_main_process:
+            meta = {"param_groups": state["param_groups"], "sharded": sorted(k for k, v in tensors.items()
+                                                                                if isinstance(v, DTensor))}
+            (path / f"optimizer_{i}.json").write_text(json.dumps(meta))
+    save_accelerator_state(str(path), [], [], [], [], rank, acc.step)
+    (path / f"shards.rank_{rank}.json").write_text(json.dumps({"processes": acc.num_processes}))
+
+
+@torch.no_grad()
+def load_state(acc, path: Path) -> None:
+    """Restore what save_state wrote, into the prepared (sharded) models and optimizers, in place. The shards fit
+    only the number of processes that wrote them."""
+    path, rank = Path(path), acc.process_index
+    wrote = json.loads((path / "shards.rank_0.json").read_text())["processes"]
+    if wrote != acc.num_processes:
+        raise ValueError(f"{path}: an FSDP checkpoint of {wrote} processes cannot be resumed by "
+                         f"{acc.num_processes}; run with {wrote} processes or remove the checkpoint")
+    for i, model in enumerate(acc._models):
+        saved = load_file(path / f"model_{i}.rank_{rank}.safetensors")
+        for k, v in model.state_dict().items():
+            local(v).copy_(saved[k])
+    for i, acc_opt in enumerate(acc._optimizers):
+        opt = _optimizer_of(acc_opt)
+        meta = json.loads((path / f"optimizer_{i}.json").read_text())
+        saved = load_file(path / f"optimizer_{i}.rank_{rank}.safetensors")
+        params = [p for g in opt.param_groups for p in g["params"]]
+        state: dict[int, dict] = {}
+        for key, v in saved.items():
+            p, name = key.split(".", 1)
+            param = params[int(p)]
+            if key in meta["sharded"]:  # the slice back into a tensor sharded as its parameter is
+                v = DTensor.from_local(v.to(param.device), param.device_mesh, param.placements,
+                                       shape=param.shape, stride=param.stride(), run_check=False)
+            state.setdefault(int(p), {})[name] = v
+        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    load_accelerator_state(str(path), [], [], [], [], rank)
