@@ -80,9 +80,10 @@ def test_rl_alone_on_the_guided_teacher_trajectory(clip):
     assert any(not torch.equal(a, b) for a, b in zip(before, models.generator.parameters()))
 
 
-def torchrun(n: int, out, overrides: dict, checkpoint=None, fsdp: bool = False) -> dict:
+def torchrun(n: int, out, overrides: dict, checkpoint=None, fsdp: bool = False, check: bool = True) -> dict:
     """tests/ddp_train.py in n CPU processes (gloo), by torchrun or, with `fsdp`, by `accelerate launch` with
-    configs/accelerate/fsdp.yaml; returns the generator's weights and the logged rows."""
+    configs/accelerate/fsdp.yaml; returns the generator's weights and the logged rows (without `check`, only the
+    exit code and output)."""
     import json
     import os
     import subprocess
@@ -99,6 +100,8 @@ def torchrun(n: int, out, overrides: dict, checkpoint=None, fsdp: bool = False) 
         [str(checkpoint)] if checkpoint else [])
     env = dict(os.environ, PYTHONPATH=str(root / "src"), TQDM_DISABLE="1")
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if not check:
+        return {"returncode": r.returncode, "log": r.stdout + r.stderr}
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return {"weights": load_file(out), "rows": json.loads(out.with_suffix(".json").read_text()), "log": r.stdout}
 
@@ -144,6 +147,13 @@ def test_fsdp_computes_what_one_process_computes_and_resumes_from_its_own_shards
     again = torchrun(2, tmp_path / "again.safetensors", overrides, ckpt, fsdp=True)
     assert "resumed from" in again["log"] and all(torch.equal(two["weights"][k], again["weights"][k])
                                                   for k in two["weights"])
+
+
+def test_8bit_adamw_under_fsdp_is_a_clear_error(tmp_path):
+    """bitsandbytes' 8-bit AdamW does not handle sharded parameters: refused before any model is prepared."""
+    r = torchrun(1, tmp_path / "out.safetensors", {"steps": 1, "batch": 2, "optimizer": "adamw8bit"}, fsdp=True,
+                 check=False)
+    assert r["returncode"] != 0 and "optimizer adamw8bit under FSDP" in r["log"] and "#1633" in r["log"]
 
 
 def test_compiled_blocks_under_two_processes_compute_what_one_eager_process_computes(tmp_path):

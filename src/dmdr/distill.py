@@ -314,6 +314,11 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
     fsdp = sharded.active(acc)
     if fsdp and not acc.is_fsdp2:
         raise ValueError("FSDP version 1 is not supported: set fsdp_version: 2 (configs/accelerate/fsdp.yaml)")
+    if fsdp and cfg.optimizer == "adamw8bit":
+        raise ValueError("optimizer adamw8bit under FSDP: bitsandbytes' 8-bit AdamW does not handle sharded (DTensor) "
+                         "parameters (bitsandbytes issue #1633). Set optimizer: adamw in the preset's stages: FSDP "
+                         "shards AdamW's fp32 states (8 bytes per parameter) over the processes, which beyond 4 "
+                         "processes holds less per GPU than whole 8-bit states (2 bytes per parameter)")
     autocast = torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
     if cfg.batch % acc.num_processes:
         raise ValueError(f"batch {cfg.batch} does not divide over {acc.num_processes} processes")
@@ -556,8 +561,8 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
         g_opt.step()
         g_opt.zero_grad(set_to_none=True)
         bar.set_postfix({k: f"{v:.4f}" for k, v in last.items() if k.startswith("loss")})
-    for k, m in plain_copies.items():
-        setattr(models, k, sharded.gathered(trained_models[k], m, dev))
+    for k, m in plain_copies.items():  # on the host: beside the sharded models, a full SD3.5-Large may not fit a GPU
+        setattr(models, k, sharded.gathered(trained_models[k], m, "cpu"))
     if dynadg:
         set_lora_scale(models.real, 0.0)
     return rows

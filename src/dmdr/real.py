@@ -1,5 +1,6 @@
 """DMDR on a real teacher: `python -m dmdr.real [--preset sd3-medium] [--teacher DIR] [--train-prompts FILE]`,
-or on several GPUs `accelerate launch -m dmdr.real ...` (the presets' batch is then the global batch).
+or on several GPUs `accelerate launch --config_file configs/accelerate/ddp.yaml -m dmdr.real ...` (DDP; fsdp.yaml
+shards the trained models), the presets' batch then being the global batch.
 
 The same loop and losses as the embedded pipeline (dmdr.distill.train), configured by a preset of params.yaml:
 stage 1 (DMD with the preset's DynaDG / DynaRS / RT-DM), then stage 2 (DMD + RL on the paper's rewards), each

@@ -39,8 +39,9 @@ def storage_free_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 @torch.no_grad()
 def gathered(model: torch.nn.Module, skeleton: torch.nn.Module, device) -> torch.nn.Module:
-    """`skeleton` (from storage_free_copy) holding the full weights of the sharded `model`, on every process. Every
-    process must call it: each parameter is all-gathered in turn, so the peak is one full parameter."""
+    """`skeleton` (from storage_free_copy) holding the full weights of the sharded `model` on `device`, on every
+    process. Every process must call it: each parameter is all-gathered in turn, so the peak on the GPU is one full
+    parameter. (A next stage's sharding moves a host copy back to the GPUs.)"""
     plain = skeleton.to_empty(device=device)
     source = dict(model.named_parameters()) | dict(model.named_buffers())
     for name, t in [*plain.named_parameters(), *plain.named_buffers()]:
