@@ -142,18 +142,19 @@ def test_the_real_runner_trains_both_stages_of_a_preset_exports_and_scores(sd3, 
     assert (out / "dmdr" / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mtime == before
 
 
-@pytest.mark.parametrize("launcher", ["ddp", "fsdp"])
-def test_the_real_runner_under_two_processes_gives_the_one_process_numbers(sd3, tmp_path, launcher):
+@pytest.mark.parametrize("family,launcher,units", [
+    ("sd3", "ddp", None), ("sd3", "fsdp", "JointTransformerBlock"),
+    ("sdxl", "fsdp", "BasicTransformerBlock, CrossAttnUpBlock2D, ResnetBlock2D, UpBlock2D")])
+def test_the_real_runner_under_two_processes_gives_the_one_process_numbers(request, tmp_path, family, launcher, units):
     """The runner in 2 CPU processes (gloo) at the same global batch, launched by torchrun (DDP) or by accelerate
-    with configs/accelerate/fsdp.yaml (the trained SD3 transformers sharded by JointTransformerBlock, gathered back
-    for export): exports written once, the evaluation sharded over the processes, the numbers of the 1-process
-    run."""
+    with configs/accelerate/fsdp.yaml (the trained backbones sharded by their blocks, gathered back for export):
+    exports written once, the evaluation sharded over the processes, the numbers of the 1-process run."""
     import os
     import subprocess
     import sys
 
     from dmdr import real
-    params = tiny_preset(sd3, tmp_path, batch=4)
+    params = tiny_preset(request.getfixturevalue(family), tmp_path, batch=4, shift=3.0 if family == "sd3" else 1.0)
     real.main(["--params", str(params), "--out", str(tmp_path / "one")])
     root = Path(__file__).resolve().parents[1]
     port = str(free_port())
@@ -165,8 +166,8 @@ def test_the_real_runner_under_two_processes_gives_the_one_process_numbers(sd3, 
     r = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(root / "src"), TQDM_DISABLE="1"),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert ("FSDP2: generator, real sharded over 2 processes, by JointTransformerBlock" in r.stdout) == (
-        launcher == "fsdp")
+    assert ("FSDP2:" in r.stdout) == (launcher == "fsdp")
+    assert not units or f"FSDP2: generator, real sharded over 2 processes, by {units}\n" in r.stdout
     one, two = (json.loads((tmp_path / d / "tiny-sd3" / "metrics.json").read_text()) for d in ("one", "two"))
     assert (one["processes"], two["processes"]) == (1, 2)
     for model in ("teacher", "few_step"):
