@@ -231,6 +231,20 @@ def test_reusing_the_fake_updates_rollout_draws_one_batch_per_step(clip):
     assert counts == [2 * 3, 2 * 2]
 
 
+def test_reusing_the_rollout_calls_the_generator_once_at_its_point(clip):
+    """With rollout_reuse the generator's call at the renoised point, which the fake update trains on and the
+    generator update differentiates, is made once (with gradient), not once for each: no step calls the generator
+    twice on the same input."""
+    cfg, _, models = tiny_models(clip, "unet", {"steps": 4, "ttur": 1, "rollout_reuse": True})
+    calls = []
+    models.generator.register_forward_pre_hook(lambda m, args: calls.append((args[0].detach().clone(),
+                                                                              torch.is_grad_enabled())))
+    train(cfg, models, ["a photo of a circle", "two red squares"], seed=0)
+    with_grad = [x for x, grad in calls if grad]
+    assert len(with_grad) == cfg.steps  # one differentiated call per step, and it is the fake's sample too
+    assert not any(torch.equal(x, y) for i, (x, _) in enumerate(calls) for y, _ in calls[i + 1:])
+
+
 @pytest.mark.parametrize("kind", ["unet", "sd3"])
 def test_compiled_blocks_change_speed_not_results(clip, kind):
     """`compile` traces each repeated block (dynamo + AOTAutograd; `aot_eager` runs the traced graphs without

@@ -482,14 +482,21 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
         if distill:
             generator.eval()
             fake.train()
-            for _ in range(cfg.ttur):
+            for i in range(cfg.ttur):
                 texts, cond = batch()
                 with torch.no_grad(), autocast:
-                    x0, final, point = backward_simulate(generator, start_noise(), cond, times, rng, cfg.rollout,
-                                                         need_final=cfg.rtdm.tilt_fake or reuse_final, randn=randn)
+                    x_t, t_k, final = rollout(generator, start_noise(), cond, times, rng, cfg.rollout,
+                                              cfg.rtdm.tilt_fake or reuse_final, randn)
                     w = (fake_weights(batch_wide(reward_of(final, texts)), cfg.rtdm.beta)[mine]
                          if cfg.rtdm.tilt_fake else None)
-                reused = texts, cond, point, final
+                # released: the generator update reuses the last inner step's call, so that call is made once, with
+                # gradient and in train mode as the update would make it, and only its detached sample trains the fake
+                keep = cfg.rollout_reuse and i == cfg.ttur - 1
+                if keep:
+                    generator.train()
+                with torch.set_grad_enabled(keep), autocast:
+                    x0 = flow.generator_step(generator, x_t, t_k, cond)
+                reused, x0 = (texts, cond, x0, final), x0.detach()
                 if shared:
                     set_lora_scale(acc.unwrap_model(fake), cfg.dynadg.fake_scale)
                 with autocast:
@@ -518,9 +525,8 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
         generator.train()
         loss_dmd = loss_rl = torch.zeros((), device=dev)
         with autocast:
-            if cfg.rollout_reuse and distill:  # released: the last fake update's rollout, G called again with grad
-                texts, cond, (x_t, t_k), final = reused
-                x0 = flow.generator_step(generator, x_t, t_k, cond)
+            if cfg.rollout_reuse and distill:  # released: the last fake update's rollout and its call with grad
+                texts, cond, x0, final = reused
             else:
                 texts, cond = batch()
                 x0, final, _ = backward_simulate(generator, start_noise(), cond, times, rng, cfg.rollout,
