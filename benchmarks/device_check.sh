@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # What only a GPU can show, for one call of a lent device (about 10 minutes; each part time-limited, in order of
 # value, each writing its result as soon as it has one):
-#   1. the loop's stage-1 and stage-2 step against the bare passes, eager (the issue's 1.25x goal);
+#   1. the loop's stage-1 and stage-2 step against the bare passes, eager (the issue's 1.25x goal), with profiles of
+#      two steps of the bare passes and of stage 1 (set-up and first step excluded) beside the result;
 #   2. stage 2 with compiled blocks (compile: inductor), against eager bare passes of the same run;
 #   3. stage 2 under FSDP2 through configs/accelerate/fsdp.yaml in one process (accelerate's own FSDP routing on a
 #      GPU, sharded parameters in fused AdamW, the gather at the end), at SD3-Medium scale.
 #
-#   bash benchmarks/device_check.sh OUT_DIR
+#   bash benchmarks/device_check.sh OUT_DIR        (the parts' limits add up to 9 minutes)
 set -u
 out=${1:?usage: device_check.sh OUT_DIR}
 mkdir -p "$out"
@@ -20,7 +21,7 @@ part() {  # part NAME SECONDS COMMAND...: run it with a time limit, keep its log
     grep -v -i "warn" "$out/$name.log" | tail -8
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
-part eager 270 python benchmarks/gpu_step.py --no-sampling --rows stage1 stage2 --out "$out/gpu_step.txt"
-part compiled 240 python benchmarks/gpu_step.py --no-sampling --compile --rows stage2 --out "$out/gpu_step_compiled.txt"
-part fsdp 120 python -m accelerate.commands.launch --config_file configs/accelerate/fsdp.yaml --num_processes 1 \
+part eager 240 python benchmarks/gpu_step.py --no-sampling --rows stage1 stage2 --profile --out "$out/gpu_step.txt"
+part compiled 210 python benchmarks/gpu_step.py --no-sampling --compile --rows stage2 --out "$out/gpu_step_compiled.txt"
+part fsdp 90 python -m accelerate.commands.launch --config_file configs/accelerate/fsdp.yaml --num_processes 1 \
     benchmarks/gpu_step.py --no-sampling --rows stage2 --out "$out/gpu_step_fsdp.txt"

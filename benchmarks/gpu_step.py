@@ -92,11 +92,17 @@ def timed(fn, steps: int) -> float:
     return (time.perf_counter() - t) / steps
 
 
-def profiled(fn, path: Path) -> None:
-    """A torch profile of `fn` (kernels and host time per op) written to `path`."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])) as prof:
-        fn()
+def profiled(fn, path: Path, skip: int = 0, active: int = 0) -> None:
+    """A torch profile of `fn()` (kernels and host time per op) written to `path`; with `skip` and `active`, of
+    profiler steps skip .. skip + active - 1 only, `fn(step)` calling `step()` at each step's start."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    steps = schedule(wait=skip, warmup=0, active=active) if active else None
+    with profile(activities=activities, schedule=steps) as prof:
+        def step():
+            sync()
+            prof.step()
+        fn(step) if active else fn()
         sync()
     key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
     table = prof.key_averages()
@@ -145,15 +151,17 @@ def bare_passes(teacher, encode, uncond, latent, batch: int, steps: int, dev: st
 
 def loop_step(cfg, teacher, encode, uncond, latent, vae, reward, steps: int, profile: Path | None = None) -> float:
     """Seconds per step of dmdr.distill.train under `cfg`: the time between its first and last logged step (the
-    loop's set-up and first step excluded), after a warm-up run. With `profile`, a torch profile of one more
-    two-step run (its set-up included) is written there."""
+    loop's set-up and first step excluded), after a warm-up run. With `profile`, a torch profile of two steps of one
+    more run (its set-up and first step excluded, as in the timing) is written there."""
     models = init_models(teacher, encode, uncond, cfg=cfg, decode=LatentDecoder(vae),
                          reward=reward, latent_shape=latent)
     prompts = ["a photo"] * 64
     cfg.steps, cfg.log_every = 2, 10**9
     train(cfg, models, prompts, seed=0)
-    if profile:
-        profiled(lambda: train(cfg, models, prompts, seed=2), profile)
+    if profile:  # curve_fn, called at each step's start, marks the profiler's steps: set-up, step 0, then 1-2
+        cfg.steps, cfg.log_every = 3, 1
+        profiled(lambda step: train(cfg, models, prompts, seed=2, curve_fn=lambda g, i: step() or {}), profile,
+                 skip=2, active=2)
     cfg.steps, cfg.log_every = steps + 1, 1
     rows = train(cfg, models, prompts, seed=1)
     return (rows[-1]["seconds"] - rows[1]["seconds"]) / steps
