@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dmdr.config import ParamsError, load, recipe
+from dmdr.config import ParamsError, load, overrides, preset, recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,3 +80,19 @@ def test_unknown_recipe_and_bad_yaml(tmp_path):
     bad.write_text("seed: [1,\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load(bad)
+
+
+def test_command_line_changes_merge_over_the_file_and_are_checked():
+    """dmdr.real's --set, as `dvc exp run -S`: dotted keys, YAML values, checked like the file's own."""
+    changes = overrides(["presets.sd3-medium.stage1.optimizer=adamw", "presets.sd3-medium.stage1.batch=16",
+                         "seed=3"])
+    p = load(ROOT / "params.yaml", changes)
+    _, stage1, stage2 = preset(p, "sd3-medium")
+    assert (stage1.optimizer, stage1.batch, stage2.optimizer, p.seed) == ("adamw", 16, "adamw8bit", 3)
+    with pytest.raises(ParamsError, match=r"presets\.sd3-medium\.stage1\.optimizr: unknown key"):
+        load(ROOT / "params.yaml", overrides(["presets.sd3-medium.stage1.optimizr=adamw"]))
+    with pytest.raises(ParamsError, match=r"presets\.sd3-medium\.stage1\.batch: expected int"):
+        load(ROOT / "params.yaml", overrides(["presets.sd3-medium.stage1.batch=many"]))
+    for bad in ("seed", "=3", "a..b=1"):
+        with pytest.raises(ParamsError, match="expected KEY=VALUE"):
+            overrides([bad])

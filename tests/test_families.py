@@ -117,8 +117,9 @@ def tiny_preset(sd3, tmp_path, batch: int = 2, shift: float = 3.0) -> Path:
 
 
 def test_the_real_runner_trains_both_stages_of_a_preset_exports_and_scores(sd3, tmp_path, monkeypatch):
-    """`python -m dmdr.real` on a tiny preset: both stages exported, no checkpoint left, the result and the teacher
-    scored by every reward of the preset; a rerun finds both stages done."""
+    """`python -m dmdr.real` on a tiny preset, one key changed on the command line: both stages exported, no
+    checkpoint left, the result and the teacher scored by every reward of the preset; a rerun finds both stages
+    done."""
     from dmdr import config, real
     from dmdr.families import DYNADG_LORA_FILE
     params = tiny_preset(sd3, tmp_path)
@@ -129,10 +130,10 @@ def test_the_real_runner_trains_both_stages_of_a_preset_exports_and_scores(sd3, 
     forward = real.PromptPrefix.forward
     monkeypatch.setattr(real.PromptPrefix, "forward", lambda self, images, texts: seen.append(self.prefix) or
                         forward(self, images, texts))
-    real.main(["--params", str(params)])
+    real.main(["--params", str(params), "--set", "presets.tiny-sd3.reward_models.hps.train_prompt_prefix=A sketch"])
     out = tmp_path / "out" / "tiny-sd3"
     assert (out / "stage1" / "fake" / "config.json").exists() and (out / "dmdr" / "model_index.json").exists()
-    assert seen and set(seen) == {"A photo"}  # stage 2 trained on HPS of the prefixed prompts
+    assert seen and set(seen) == {"A sketch"}  # stage 2 trained on HPS of the prefixed prompts (the --set prefix)
     assert (out / "stage1" / DYNADG_LORA_FILE).exists() and len(loaded) == 1  # stage 2 continued stage 1's LoRA
     assert not any((out / "checkpoints").glob("*/loop.json"))  # finished stages leave no checkpoint behind
     m = json.loads((out / "metrics.json").read_text())

@@ -395,7 +395,29 @@ def eval_model(p: Params, name: str) -> EvalModel:
     return m
 
 
-def load(path: str | Path = "params.yaml") -> Params:
+def overrides(assignments: list[str]) -> dict:
+    """`KEY=VALUE` assignments (dotted keys, YAML values), as `dvc exp run -S` takes them, as one nested dict:
+    ['presets.sd3-medium.stage1.optimizer=adamw'] -> {'presets': {'sd3-medium': {'stage1': {'optimizer': 'adamw'}}}}."""
+    out: dict = {}
+    for a in assignments:
+        key, eq, value = a.partition("=")
+        if not eq or not key.strip() or any(not k for k in key.strip().split(".")):
+            raise ParamsError(f"{a!r}: expected KEY=VALUE with a dotted KEY")
+        *parents, last = key.strip().split(".")
+        node = out
+        for k in parents:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ParamsError(f"{a!r}: {k} is set to a value and to a mapping")
+        try:
+            node[last] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ParamsError(f"{a!r}: the value is not valid YAML ({e})") from None
+    return out
+
+
+def load(path: str | Path = "params.yaml", changes: dict | None = None) -> Params:
+    """params.yaml, with `changes` (a nested dict, see `overrides`) merged over it, checked as a whole."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -404,7 +426,7 @@ def load(path: str | Path = "params.yaml") -> Params:
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML ({e})") from None
     try:
-        p = build(Params, raw)
+        p = build(Params, deep_merge(raw, changes or {}))
         for name in p.recipes:  # validate every recipe and model entry up front
             recipe(p, name)
         for name in p.evaluate.models:

@@ -316,9 +316,10 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
         raise ValueError("FSDP version 1 is not supported: set fsdp_version: 2 (configs/accelerate/fsdp.yaml)")
     if fsdp and cfg.optimizer == "adamw8bit":
         raise ValueError("optimizer adamw8bit under FSDP: bitsandbytes' 8-bit AdamW does not handle sharded (DTensor) "
-                         "parameters (bitsandbytes issue #1633). Set optimizer: adamw in the preset's stages: FSDP "
-                         "shards AdamW's fp32 states (8 bytes per parameter) over the processes, which beyond 4 "
-                         "processes holds less per GPU than whole 8-bit states (2 bytes per parameter)")
+                         "parameters (bitsandbytes issue #1633). Set optimizer: adamw in the preset's stages (with "
+                         "dmdr.real: --set presets.NAME.stage1.optimizer=adamw --set presets.NAME.stage2.optimizer="
+                         "adamw): FSDP shards AdamW's fp32 states (8 bytes per parameter) over the processes, which "
+                         "beyond 4 processes holds less per GPU than whole 8-bit states (2 bytes per parameter)")
     autocast = torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
     if cfg.batch % acc.num_processes:
         raise ValueError(f"batch {cfg.batch} does not divide over {acc.num_processes} processes")

@@ -183,8 +183,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train-prompts", help="training prompts, one per line (default: real.train_prompts)")
     ap.add_argument("--eval-prompts", help="prompts to score the result on (default: real.eval_prompts)")
     ap.add_argument("--out", help="output directory (default: real.out)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="change a key of the params file (dotted, YAML value; repeatable), as `dvc exp run -S`: "
+                         "--set presets.sd3-medium.stage1.optimizer=adamw")
     a = ap.parse_args(argv)
-    result = run(config.load(a.params), a.preset, a.teacher, a.train_prompts, a.eval_prompts, a.out)
+    result = run(config.load(a.params, config.overrides(a.set)), a.preset, a.teacher, a.train_prompts,
+                 a.eval_prompts, a.out)
     print(json.dumps(result, indent=1))
 
 
