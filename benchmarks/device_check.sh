@@ -8,6 +8,13 @@
 #      GPU, sharded parameters in fused AdamW, the gather at the end), at SD3-Medium scale.
 #
 #   bash benchmarks/device_check.sh OUT_DIR        (the parts' limits add up to 9 minutes)
+#
+# The lent machine has its own torch but not all of dmdr's pinned pure-Python packages, and reaches no index: fetch
+# them here first, then carry the folder and install it there (the device tool's `carry` and `$OUT`):
+#   pip download --no-deps -d .whl diffusers==0.42.1 open_clip_torch==3.3.0 accelerate==1.15.0 \
+#       ftfy wcwidth importlib_metadata
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:src
+#   HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_DISABLE=1 bash benchmarks/device_check.sh "$OUT"
 set -u
 out=${1:?usage: device_check.sh OUT_DIR}
 mkdir -p "$out"
