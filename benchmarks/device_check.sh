@@ -8,6 +8,8 @@
 #      GPU, sharded parameters in fused AdamW, the gather at the end), at SD3-Medium scale.
 #
 #   bash benchmarks/device_check.sh OUT_DIR        (the parts' limits add up to 9 minutes)
+#   bash benchmarks/device_check.sh OUT_DIR --tiny --steps 1    (a dry run of the script on CPU: extra arguments
+#                                                                go to every benchmarks/gpu_step.py call)
 #
 # The lent machine has its own torch but not all of dmdr's pinned pure-Python packages, and reaches no index: fetch
 # them here first, then carry the folder and install it there (the device tool's `carry` and `$OUT`):
@@ -16,7 +18,8 @@
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:src
 #   HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_DISABLE=1 bash benchmarks/device_check.sh "$OUT"
 set -u
-out=${1:?usage: device_check.sh OUT_DIR}
+out=${1:?usage: device_check.sh OUT_DIR [gpu_step.py arguments]}
+shift
 mkdir -p "$out"
 part() {  # part NAME SECONDS COMMAND...: run it with a time limit, keep its log, show its tail
     local name=$1 limit=$2
@@ -27,8 +30,8 @@ part() {  # part NAME SECONDS COMMAND...: run it with a time limit, keep its log
     echo "exit $? after $((SECONDS - start)) s" | tee -a "$out/$name.log"
     grep -v -i "warn" "$out/$name.log" | tail -8
 }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
-part eager 240 python benchmarks/gpu_step.py --no-sampling --rows stage1 stage2 --profile --out "$out/gpu_step.txt"
-part compiled 210 python benchmarks/gpu_step.py --no-sampling --compile --rows stage2 --out "$out/gpu_step_compiled.txt"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no GPU"; } | tee "$out/device.txt"
+part eager 240 python benchmarks/gpu_step.py --no-sampling --rows stage1 stage2 --profile --out "$out/gpu_step.txt" "$@"
+part compiled 210 python benchmarks/gpu_step.py --no-sampling --compile --rows stage2 --out "$out/gpu_step_compiled.txt" "$@"
 part fsdp 90 python -m accelerate.commands.launch --config_file configs/accelerate/fsdp.yaml --num_processes 1 \
-    benchmarks/gpu_step.py --no-sampling --rows stage2 --out "$out/gpu_step_fsdp.txt"
+    benchmarks/gpu_step.py --no-sampling --rows stage2 --out "$out/gpu_step_fsdp.txt" "$@"
