@@ -28,6 +28,7 @@ from . import flow, resume, sharded
 from .config import DistillParams
 from .files import write_csv
 from .rewards import weighted_terms
+from .sharded import params_of
 
 
 # --- the equations --------------------------------------------------------------------------------------------
@@ -249,11 +250,6 @@ def master_weights(model, bf16: bool) -> None:
 def backbone_of(model):
     """The diffusers backbone inside a velocity model (or its CFG wrapper)."""
     return (model.model if isinstance(model, flow.Guided) else model).backbone
-
-
-def params_of(opt) -> list[torch.nn.Parameter]:
-    """The parameters an optimizer steps (under FSDP, the sharded ones that replaced those it was built with)."""
-    return [p for g in opt.param_groups for p in g["params"]]
 
 
 def optimizer(params, lr: float, cfg: DistillParams, weight_decay: float = 0.0):

@@ -41,15 +41,19 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def all_finite(modules) -> bool:
-    return all(torch.isfinite(p).all() for m in modules for p in m.parameters())
+def all_finite(acc, modules) -> bool:
+    """Every weight finite, each process checking its own slices; under FSDP the processes agree on the answer."""
+    ok = all(torch.isfinite(sharded.local(p)).all() for m in modules for p in m.parameters())
+    if sharded.active(acc):
+        ok = acc.reduce(torch.tensor(float(ok), device=acc.device), "sum") == acc.num_processes
+    return bool(ok)
 
 
 def save(acc, ckpt: Checkpoint, loop: dict, modules, tensors: dict[str, torch.Tensor] | None = None) -> bool:
     """Write a checkpoint of `loop` (with the run's fingerprint and generators) atomically: a temporary directory
     renamed over the old one. Returns False, writing nothing, when any weight is non-finite: a good checkpoint is
     never replaced by a poisoned one. `tensors` are saved by name and copied back in place by `load`."""
-    if not (sharded.all_finite(acc, modules) if sharded.active(acc) else all_finite(modules)):
+    if not all_finite(acc, modules):
         return False
     rng, prng = ckpt.rng, ckpt.prng
 

@@ -50,10 +50,10 @@ def gathered(model: torch.nn.Module, skeleton: torch.nn.Module, device) -> torch
     return plain
 
 
-def all_finite(acc, modules) -> bool:
-    """Every weight finite, each process checking its own slices; the same answer on every process."""
-    ok = all(torch.isfinite(local(p)).all() for m in modules for p in m.parameters())
-    return bool(acc.reduce(torch.tensor(float(ok), device=acc.device), "sum") == acc.num_processes)
+def params_of(opt) -> list[torch.nn.Parameter]:
+    """The parameters an optimizer steps, in its state's order (under FSDP, the sharded ones that replaced those it
+    was built with)."""
+    return [p for g in opt.param_groups for p in g["params"]]
 
 
 def _optimizer_of(acc_opt):
@@ -98,7 +98,7 @@ def load_state(acc, path: Path) -> None:
         opt = _optimizer_of(acc_opt)
         meta = json.loads((path / f"optimizer_{i}.json").read_text())
         saved = load_file(path / f"optimizer_{i}.rank_{rank}.safetensors")
-        params = [p for g in opt.param_groups for p in g["params"]]
+        params = params_of(opt)
         state: dict[int, dict] = {}
         for key, v in saved.items():
             p, name = key.split(".", 1)
