@@ -115,12 +115,17 @@ TINY_OPEN_CLIP = "dmdr-tiny-vit"
 def register_tiny_open_clip(directory) -> str:
     """Register a tiny open_clip architecture (open_clip's own tokenizer) under TINY_OPEN_CLIP; returns its name."""
     import json
+    import os
+    from pathlib import Path
 
     import open_clip
     cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    path = directory / f"{TINY_OPEN_CLIP}.json"
-    path.write_text(json.dumps(cfg))
+    path = Path(directory) / f"{TINY_OPEN_CLIP}.json"
+    if not path.exists():  # the processes of a launch share the file: written whole, by a rename, never truncated
+        staging = path.with_name(f".{path.name}.{os.getpid()}")
+        staging.write_text(json.dumps(cfg))
+        os.replace(staging, path)
     open_clip.add_model_config(path)
     return TINY_OPEN_CLIP
 
