@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dmdr.config import ParamsError, load, overrides, preset, recipe
+from dmdr.config import ParamsError, dotted, load, overrides, preset, recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,3 +96,5 @@ def test_command_line_changes_merge_over_the_file_and_are_checked():
     for bad in ("seed", "=3", "a..b=1"):
         with pytest.raises(ParamsError, match="expected KEY=VALUE"):
             overrides([bad])
+    assert dotted(changes) == {"presets.sd3-medium.stage1.optimizer": "adamw", "presets.sd3-medium.stage1.batch": 16,
+                               "seed": 3}  # the inverse: how a record's differences are named

@@ -119,9 +119,9 @@ def tiny_preset(sd3, tmp_path, batch: int = 2, shift: float = 3.0) -> Path:
 def test_the_real_runner_trains_both_stages_of_a_preset_exports_and_scores(sd3, tmp_path, monkeypatch):
     """`python -m dmdr.real` on a tiny preset, one key changed on the command line: both stages exported, no
     checkpoint left, the result and the teacher scored by every reward of the preset; a rerun finds both stages
-    done."""
+    done, and one with other settings is refused, naming them."""
     from dmdr import config, real
-    from dmdr.families import DYNADG_LORA_FILE
+    from dmdr.families import DYNADG_LORA_FILE, TRAINING_FILE
     params = tiny_preset(sd3, tmp_path)
     loaded = []
     load = real.load_lora_state
@@ -138,9 +138,17 @@ def test_the_real_runner_trains_both_stages_of_a_preset_exports_and_scores(sd3, 
     assert not any((out / "checkpoints").glob("*/loop.json"))  # finished stages leave no checkpoint behind
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["few_step"]) == {"hps", "clip", "nfe"} and m["few_step"]["nfe"] == 4 and m["teacher"]["nfe"] == 4
-    before = (out / "dmdr" / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mtime
-    real.run(config.load(params))  # both stages exported: nothing retrains
-    assert (out / "dmdr" / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mtime == before
+    records = {s: json.loads((out / s / TRAINING_FILE).read_text()) for s in ("stage1", "dmdr")}
+    assert records["dmdr"]["settings"]["starts_from"] == records["stage1"]["fingerprint"]
+    assert records["dmdr"]["settings"]["reward_models"]["hps"]["train_prompt_prefix"] == "A sketch"
+    weights = out / "dmdr" / "transformer" / "diffusion_pytorch_model.safetensors"
+    before = weights.stat().st_mtime
+    real.run(config.load(params, config.overrides(["presets.tiny-sd3.reward_models.hps.train_prompt_prefix=A sketch"])))
+    assert weights.stat().st_mtime == before  # both stages exported with these settings: nothing retrains
+    with pytest.raises(config.ParamsError, match=r"dmdr was trained with other settings.*"
+                       r"reward_models\.hps\.train_prompt_prefix: 'A sketch' then, 'A photo' now"):
+        real.run(config.load(params))  # stage 2's reward differs: refused, not reused or overwritten
+    assert weights.stat().st_mtime == before
 
 
 @pytest.mark.parametrize("family,launcher,units", [

@@ -309,6 +309,14 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def dotted(nested: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}: a nested dict's leaves under the dotted keys `overrides` takes."""
+    out = {}
+    for k, v in nested.items():
+        out |= dotted(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v}
+    return out
+
+
 TEACHER = "models/world/teacher"
 DISTILL_DIR = "models/distill/"
 REWARD_NAMES = ("clip", "hps", "pick", "aesthetic")

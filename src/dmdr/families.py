@@ -185,6 +185,7 @@ def load_teacher(source: str | Path, resolution: int, max_sequence_length: int =
 
 
 DYNADG_LORA_FILE = "dynadg_lora.safetensors"
+TRAINING_FILE = "dmdr_training.json"  # what the exported model was trained with (dmdr.real.training_record)
 
 
 def sampler_settings(teacher: Teacher, steps: int, shift: float) -> dict:
@@ -209,12 +210,13 @@ def scheduler_for(teacher: Teacher, shift: float):
 
 
 def export(generator: torch.nn.Module, teacher: Teacher, out: Path, steps: int, shift: float = 1.0,
-           fake: torch.nn.Module | None = None, dynadg_lora: dict | None = None) -> Path:
+           fake: torch.nn.Module | None = None, dynadg_lora: dict | None = None, record: dict | None = None) -> Path:
     """Save a diffusers pipeline directory: the teacher's pipeline with the distilled generator's weights and its
     few-step scheduler, plus SAMPLER_FILE (steps, sigmas, guidance) for the few-step call:
     `pipe(prompt, sigmas=s["sigmas"], guidance_scale=s["guidance_scale"])`. A `fake` score is saved in `fake/`
     (ignored by diffusers) so that a next stage continues it, and DynaDG's shared LoRA (`dynadg_lora`, released
-    form) in DYNADG_LORA_FILE. A LoRA generator is merged into its backbone."""
+    form) in DYNADG_LORA_FILE, the settings it was trained with (`record`) in TRAINING_FILE. A LoRA generator is
+    merged into its backbone."""
     settings = sampler_settings(teacher, steps, shift)
     pipe = type(teacher.pipeline)(**(teacher.pipeline.components | {teacher.component: backbone_of(plain(generator)),
                                                                     "scheduler": scheduler_for(teacher, shift)}))
@@ -226,6 +228,8 @@ def export(generator: torch.nn.Module, teacher: Teacher, out: Path, steps: int, 
             backbone_of(fake).save_pretrained(d / "fake", safe_serialization=True)
         if dynadg_lora is not None:
             save_file(dynadg_lora, d / DYNADG_LORA_FILE)
+        if record is not None:
+            (d / TRAINING_FILE).write_text(json.dumps(record, indent=1, sort_keys=True))
     return atomic_dir(out, write)
 
 

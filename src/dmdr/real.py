@@ -11,18 +11,21 @@ reward model of the preset (`<out>/metrics.json`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import shutil
 from pathlib import Path
 
+import diffusers
 import torch
 from accelerate import PartialState
 from accelerate.utils import reduce
 from safetensors.torch import load_file
 
-from . import config
+from . import config, resume
 from .distill import fused_copy, init_models, load_lora_state, lora_state, train
-from .families import DYNADG_LORA_FILE, Teacher, export, load_exported, load_teacher
+from .families import DYNADG_LORA_FILE, TRAINING_FILE, Teacher, export, load_exported, load_teacher
 from .files import write_json
 from .models import VelocityModel, load_backbone
 from .prompts import load_prompts
@@ -73,13 +76,56 @@ def load_rewards(spec: str, reward_models: dict, dtype: torch.dtype = torch.floa
     return reward.to(process_state().device, dtype)
 
 
+def training_record(pre: config.PresetParams, cfg: config.DistillParams, teacher: str, seed: int,
+                    prompts: list[str], starts_from: dict | None = None) -> dict:
+    """What defines a stage's trained model, written beside its export (TRAINING_FILE): the teacher, the preset's
+    resolution and text length, the reward models the stage trains on, the stage's settings, the seed, the training
+    prompts (by content) and the record of the stage it starts from (by fingerprint). Not the number of processes:
+    N processes compute what one does."""
+    used = sorted(parse_spec(cfg.rl.reward)) if cfg.rl.weight > 0 or cfg.rtdm.enabled else []
+    reward_models = {r: config.build(config.RewardModelParams, pre.reward_models[r], f"reward_models.{r}")
+                     for r in used}
+    settings = {"teacher": teacher, "resolution": pre.resolution, "max_sequence_length": pre.max_sequence_length,
+                "reward_models": {r: dataclasses.asdict(w) for r, w in reward_models.items()},
+                "stage": dataclasses.asdict(cfg), "seed": seed,
+                "train_prompts": {"count": len(prompts),
+                                  "sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()},
+                "starts_from": starts_from["fingerprint"] if starts_from else None}
+    settings = json.loads(json.dumps(settings, default=str))  # as it reads back from the file
+    return {"fingerprint": resume.fingerprint(settings), "settings": settings,
+            "trained_with": {"processes": process_state().num_processes, "torch": torch.__version__,
+                             "diffusers": diffusers.__version__}}
+
+
+def exported(done: Path) -> bool:
+    return (done / "model_index.json").exists()
+
+
+def check_trained_as(done: Path, record: dict) -> None:
+    """A stage already exported is reused only if this run would train it the same way; otherwise an error names
+    the settings that differ, and nothing is overwritten."""
+    path = done / TRAINING_FILE
+    if not path.exists():
+        print(f"{done}: no {TRAINING_FILE} (exported before dmdr wrote one), reused as it is")
+        return
+    saved = json.loads(path.read_text())
+    if saved.get("fingerprint") == record["fingerprint"]:
+        return
+    before, now = config.dotted(saved.get("settings", {})), config.dotted(record["settings"])
+    changed = [f"{k}: {before.get(k, '(none)')!r} then, {now.get(k, '(none)')!r} now"
+               for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)]
+    raise config.ParamsError(f"{done} was trained with other settings than this run's ({'; '.join(changed)}): "
+                             f"remove it to train the stage again, or pass another --out")
+
+
 def stage(cfg, teacher: Teacher, prompts: list[str], seed: int, out: Path, name: str, reward,
-          start: VelocityModel | None = None, start_fake: VelocityModel | None = None, previous: Path | None = None):
-    """Train one stage (resuming from `<out>/checkpoints/<name>`) and export it to `<out>/<name>`; a stage already
-    exported is loaded instead. Returns (generator, fake score) for the next stage. DynaDG's released form continues
-    the shared LoRA exported by the `previous` stage, as the released code's stage 2 resumes stage 1's."""
+          record: dict | None = None, start: VelocityModel | None = None, start_fake: VelocityModel | None = None, previous: Path | None = None):
+    """Train one stage (resuming from `<out>/checkpoints/<name>`) and export it to `<out>/<name>` with its
+    training `record` (TRAINING_FILE); a stage already exported is loaded instead. Returns (generator, fake
+    score) for the next stage. DynaDG's released form continues the shared LoRA exported by the `previous` stage, as
+    the released code's stage 2 resumes stage 1's."""
     done = out / name
-    if (done / "model_index.json").exists():
+    if exported(done):  # run() has checked that it was trained as this run would train it
         print(f"{done} exists: stage {name} is done")
         generator = teacher.wrap(load_backbone(done / teacher.component))
         fake = teacher.wrap(load_backbone(done / "fake")) if (done / "fake").is_dir() else None
@@ -98,7 +144,7 @@ def stage(cfg, teacher: Teacher, prompts: list[str], seed: int, out: Path, name:
     state = process_state()
     if state.is_main_process:
         export(models.generator, teacher, done, cfg.generator_steps, cfg.shift, fake=fake,
-               dynadg_lora=lora_state(models.real) if shared else None)
+               dynadg_lora=lora_state(models.real) if shared else None, record=record)
         shutil.rmtree(checkpoint, ignore_errors=True)  # exported: nothing left to resume
     state.wait_for_everyone()
     return models.generator, fake
@@ -157,14 +203,21 @@ def run(p: config.Params, name: str | None = None, teacher_source: str | None = 
     prompts = load_prompts(Path(train_prompts))
     # under bf16 the teacher (text encoders, VAE, the real score) is held in bf16; trained copies are fp32 masters
     bf16 = cfg1.mixed_precision == "bf16" and cfg2.mixed_precision == "bf16"
-    teacher = load_teacher(teacher_source or pre.teacher, pre.resolution, pre.max_sequence_length,
+    source = teacher_source or pre.teacher
+    records = {"stage1": training_record(pre, cfg1, source, p.seed, prompts)}
+    records["dmdr"] = training_record(pre, cfg2, source, p.seed, prompts, starts_from=records["stage1"])
+    for done, record in records.items():  # before the teacher loads: a mismatch is found in seconds
+        if exported(out / done):
+            check_trained_as(out / done, record)
+    teacher = load_teacher(source, pre.resolution, pre.max_sequence_length,
                            torch.bfloat16 if bf16 else torch.float32)
     teacher.pipeline.to(process_state().device)  # under accelerate launch: this process's GPU
     reward = {cfg.rl.reward: load_rewards(cfg.rl.reward, pre.reward_models, teacher.pipeline.dtype)
               for cfg in (cfg1, cfg2) if cfg.rl.weight > 0 or cfg.rtdm.enabled}
-    generator, fake = stage(cfg1, teacher, prompts, p.seed, out, "stage1", reward.get(cfg1.rl.reward))
-    stage(cfg2, teacher, prompts, p.seed, out, "dmdr", reward.get(cfg2.rl.reward), start=generator, start_fake=fake,
-          previous=out / "stage1")
+    generator, fake = stage(cfg1, teacher, prompts, p.seed, out, "stage1", reward.get(cfg1.rl.reward),
+                            records["stage1"])
+    stage(cfg2, teacher, prompts, p.seed, out, "dmdr", reward.get(cfg2.rl.reward), records["dmdr"], start=generator,
+          start_fake=fake, previous=out / "stage1")
     result = {"stage1": str(out / "stage1"), "dmdr": str(out / "dmdr")}
     eval_prompts = eval_prompts or p.real.eval_prompts
     if eval_prompts:  # sampled by every process, its share of the prompts
