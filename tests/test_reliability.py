@@ -96,12 +96,28 @@ def test_a_world_stand_in_resumes_exactly_and_a_finished_one_is_not_retrained(ki
     assert all(torch.equal(x, y) for x, y in zip(whole.state_dict().values(), again.state_dict().values()))
 
 
-def test_a_checkpoint_of_other_settings_is_not_resumed(clip, tmp_path):
+def test_a_checkpoint_of_other_settings_is_not_resumed(clip, tmp_path, capsys):
     cfg, _, models = tiny_models(clip, "unet", {"steps": 2, "checkpoint_every": 1})
     train(cfg, models, PROMPTS, seed=0, checkpoint_dir=tmp_path)
     cfg, _, models = tiny_models(clip, "unet", {"steps": 2, "checkpoint_every": 1, "generator_lr": 0.5})
     rows = train(cfg, models, PROMPTS, seed=0, checkpoint_dir=tmp_path)
     assert [r["step"] for r in rows] == [0, 1, 2]  # started over
+    capsys.readouterr()
+    train(cfg, models, PROMPTS, seed=0, checkpoint_dir=tmp_path, run_identity="another teacher")
+    assert "ignoring checkpoint" in capsys.readouterr().out  # the same settings, another run (the real runner's)
+    train(cfg, models, PROMPTS, seed=0, checkpoint_dir=tmp_path, run_identity="another teacher")
+    assert "resumed from" in capsys.readouterr().out
+
+
+def test_the_files_a_run_reads_are_in_its_identity(tmp_path):
+    from dmdr.resume import files_fingerprint
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "weights").write_bytes(b"teacher")
+    (tmp_path / "reward").write_bytes(b"reward")
+    first = files_fingerprint(tmp_path / "teacher", tmp_path / "reward", tmp_path / "none")
+    assert files_fingerprint(tmp_path / "teacher", tmp_path / "reward", tmp_path / "none") == first
+    (tmp_path / "teacher" / "weights").write_bytes(b"retrained")
+    assert files_fingerprint(tmp_path / "teacher", tmp_path / "reward", tmp_path / "none") != first
 
 
 class NanReward(torch.nn.Module):

@@ -284,13 +284,14 @@ class Models:
 
 
 def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, curve_fn=None,
-          curve_path: Path | None = None, checkpoint_dir: Path | None = None) -> list[dict]:
+          curve_path: Path | None = None, checkpoint_dir: Path | None = None, run_identity: str = "") -> list[dict]:
     """The one training loop: fake-score updates (TTUR) then one generator update with
     L = dmd_weight * L_DMD(RT-DM weights) + lambda * L_RL. `curve_fn(generator, step)` returns held-out numbers
     logged every `log_every` generator steps, written to `curve_path` as CSV. Returns the logged rows.
 
     With `checkpoint_dir`, the whole state is saved there every `checkpoint_every` steps and a run finding a
-    checkpoint of the same settings resumes from it (dmdr.resume). A non-finite loss skips its update and is counted
+    checkpoint of the same settings resumes from it (dmdr.resume); `run_identity` names what else defines the run
+    (the real runner's training record: teacher, reward models, the stage it starts from). A non-finite loss skips its update and is counted
     (`nonfinite_skipped` in the rows); `max_nonfinite` of them in a row stop the run.
 
     Under several processes (accelerate: DDP or FSDP) `cfg.batch` is the global batch: every process draws
@@ -367,7 +368,8 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
                         if m is not generator and hasattr(m, "unshard")})
         print(f"FSDP2: {', '.join(plain_copies)} sharded over {acc.num_processes} processes, by {', '.join(units)}")
     ckpt = (resume.Checkpoint(checkpoint_dir, cfg.checkpoint_every,
-                              resume.fingerprint(dataclasses.asdict(cfg), seed, len(prompts), prompts[:8]), rng, prng)
+                              resume.fingerprint(dataclasses.asdict(cfg), seed, len(prompts), prompts[:8],
+                                                 *((run_identity,) if run_identity else ())), rng, prng)
             if checkpoint_dir is not None and cfg.checkpoint_every else None)
     times = models.times if models.times is not None else flow.generator_times(cfg.generator_steps, cfg.shift)
     t_max = min(cfg.t_max, models.max_t)
@@ -628,7 +630,9 @@ def run_recipe(p, name: str, prompt_dir: Path = Path("data/prompts"), out: Path 
                              train_prompts[: len(specs)])
 
     checkpoint = checkpoints / name
-    rows = train(cfg, models, train_prompts, seed, curve_fn, curves / f"{name}.csv", checkpoint)
+    read = [Path("models/world"), Path("models/rewards")] + ([Path(cfg.init)] if cfg.init != TEACHER else [])
+    rows = train(cfg, models, train_prompts, seed, curve_fn, curves / f"{name}.csv", checkpoint,
+                 run_identity=resume.files_fingerprint(*read))
 
     def write(d: Path):
         backbone_of(plain(models.generator)).save_pretrained(d, safe_serialization=True)

@@ -139,7 +139,8 @@ def stage(cfg, teacher: Teacher, prompts: list[str], seed: int, out: Path, name:
     if shared and previous is not None and (previous / DYNADG_LORA_FILE).exists():
         load_lora_state(models.real, cfg.dynadg.rank, load_file(previous / DYNADG_LORA_FILE))
     checkpoint = out / "checkpoints" / name
-    train(cfg, models, prompts, seed, curve_path=out / "curves" / f"{name}.csv", checkpoint_dir=checkpoint)
+    train(cfg, models, prompts, seed, curve_path=out / "curves" / f"{name}.csv", checkpoint_dir=checkpoint,
+          run_identity=record["fingerprint"] if record else "")
     fake = fused_copy(models.real, cfg.dynadg.fake_scale) if shared else models.fake
     state = process_state()
     if state.is_main_process:

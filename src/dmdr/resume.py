@@ -41,6 +41,22 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def files_fingerprint(*paths: Path) -> str:
+    """A short hash of the names and bytes of every file under `paths` (a missing path counts as empty): the models
+    a run reads, in its checkpoints' identity, so that a checkpoint trained against others (a retrained teacher or
+    reward) is not resumed."""
+    h = hashlib.sha256()
+    for root in map(Path, paths):
+        if root.is_dir():
+            files = sorted(f for f in root.rglob("*") if f.is_file())
+        else:
+            files = [root] if root.is_file() else []
+        for f in files:
+            h.update(f"{f}\0".encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def all_finite(acc, modules) -> bool:
     """Every weight finite, each process checking its own slices; under FSDP the processes agree on the answer."""
     ok = all(torch.isfinite(sharded.local(p)).all() for m in modules for p in m.parameters())
