@@ -29,6 +29,43 @@ def test_dmd_training_step_updates_both_networks(clip, kind):
     assert all(torch.equal(a, b) for a, b in zip(before_t, teacher.parameters()))  # the real score stays frozen
 
 
+def test_logged_rows_go_to_experiment_trackers(clip, tmp_path):
+    """Tracking: accelerate's trackers get the run's settings once, every logged row at its step, then finish (here
+    a recording GeneralTracker, the extension point accelerate's TensorBoard and W&B trackers share)."""
+    from accelerate.tracking import GeneralTracker
+
+    from dmdr.distill import Tracking
+
+    class Recorder(GeneralTracker):
+        name, requires_logging_directory = "recorder", False
+
+        def __init__(self):
+            super().__init__()
+            self.settings, self.logged, self.finished = None, [], False
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            self.settings = values
+
+        def log(self, values, step=None, **kwargs):
+            self.logged.append((step, values))
+
+        def finish(self):
+            self.finished = True
+
+    recorder = Recorder()
+    cfg, _, models = tiny_models(clip, "unet", {"steps": 2, "rl": {"weight": 1.0}})
+    rows = train(cfg, models, ["a photo of a circle", "a blue square"], seed=0, curve_fn=lambda g, step: {"probe": 0.5},
+                 tracking=Tracking([recorder], tmp_path, "tiny-stage", {"stage.rl.weight": 1.0}))
+    assert recorder.settings == {"stage.rl.weight": 1.0} and recorder.finished
+    assert [step for step, _ in recorder.logged] == [r["step"] for r in rows] == [0, 1, 2]
+    assert recorder.logged[1][1]["loss_dmd"] == rows[1]["loss_dmd"] and recorder.logged[2][1]["probe"] == 0.5
+    assert "step" not in recorder.logged[1][1]
+
+
 def test_backward_simulation_gradient_reaches_one_call_only(clip):
     torch.manual_seed(0)
     g = VelocityModel(build_backbone("unet", 16, 16, channels=(16, 16), head_dim=8))

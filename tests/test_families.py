@@ -263,6 +263,26 @@ def test_the_real_runner_on_an_sdxl_preset(sdxl, tmp_path):
     assert type(generator).__name__ == "EpsilonAsFlow"
 
 
+def test_trackers_are_named_installed_ones_and_take_a_stages_record(monkeypatch):
+    """real.log_with: accelerate's names, each installed (accelerate would drop a missing one silently); a stage's
+    training record goes to them flat, with scalar values (TensorBoard's hparams)."""
+    import accelerate.tracking
+    from accelerate.utils import LoggerType
+
+    from dmdr import config, real
+    assert real.trackers("") == []
+    with pytest.raises(config.ParamsError, match=r"real\.log_with: 'tensorbord' is not a tracker of accelerate"):
+        real.trackers("tensorbord")
+    monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: [LoggerType.TENSORBOARD])
+    assert real.trackers("tensorboard, ") == ["tensorboard"]
+    with pytest.raises(config.ParamsError, match=r"real\.log_with: wandb is not installed .*pip install wandb"):
+        real.trackers("tensorboard,wandb")
+    pre, stage1, _ = config.preset(config.load(Path(__file__).parents[1] / "params.yaml"), "sd3-medium")
+    settings = real.tracker_settings(real.training_record(pre, stage1, "teacher-dir", 0, ["a cat"]))
+    assert settings["stage.optimizer"] == "adamw8bit" and settings["teacher"] == "teacher-dir"
+    assert all(isinstance(v, (bool, int, float, str)) for v in settings.values()) and "fingerprint" in settings
+
+
 def test_a_training_prompt_prefix_reaches_the_reward():
     from dmdr.real import PromptPrefix
 

@@ -227,6 +227,7 @@ class RealParams:
     train_prompts: str = ""  # training prompts, one per line
     eval_prompts: str = ""  # prompts whose few-step samples are scored by every reward; empty: none
     out: str = "models/real"
+    log_with: str = ""  # experiment trackers of accelerate for the training curves: tensorboard, wandb, ... (comma-separated)
 
 
 @dataclass

@@ -283,15 +283,28 @@ class Models:
     max_t: float = 1.0  # the noisiest flow time the scores are defined at (< 1 for a VP schedule such as SDXL's)
 
 
+@dataclass
+class Tracking:
+    """Experiment trackers that the loop's logged rows also go to: accelerate's (`log_with`: 'tensorboard', 'wandb',
+    'dvclive', ... or GeneralTracker instances), a run `name` with its settings (`config`: flat, scalar values),
+    local logs under `directory`."""
+    log_with: list
+    directory: Path
+    name: str
+    config: dict = dataclasses.field(default_factory=dict)
+
+
 def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, curve_fn=None,
-          curve_path: Path | None = None, checkpoint_dir: Path | None = None, run_identity: str = "") -> list[dict]:
+          curve_path: Path | None = None, checkpoint_dir: Path | None = None, run_identity: str = "",
+          tracking: Tracking | None = None) -> list[dict]:
     """The one training loop: fake-score updates (TTUR) then one generator update with
     L = dmd_weight * L_DMD(RT-DM weights) + lambda * L_RL. `curve_fn(generator, step)` returns held-out numbers
     logged every `log_every` generator steps, written to `curve_path` as CSV. Returns the logged rows.
 
     With `checkpoint_dir`, the whole state is saved there every `checkpoint_every` steps and a run finding a
     checkpoint of the same settings resumes from it (dmdr.resume); `run_identity` names what else defines the run
-    (the real runner's training record: teacher, reward models, the stage it starts from). A non-finite loss skips its update and is counted
+    (the real runner's training record: teacher, reward models, the stage it starts from). With `tracking`, each
+    logged row also goes to experiment trackers (TensorBoard, W&B, ...). A non-finite loss skips its update and is counted
     (`nonfinite_skipped` in the rows); `max_nonfinite` of them in a row stop the run.
 
     Under several processes (accelerate: DDP or FSDP) `cfg.batch` is the global batch: every process draws
@@ -303,7 +316,10 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
     torch.manual_seed(seed)
     rng = torch.Generator().manual_seed(seed)
     prng = np.random.default_rng(seed)
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    acc = Accelerator(cpu=not torch.cuda.is_available(), log_with=tracking.log_with if tracking else None,
+                      project_dir=tracking.directory if tracking else None)
+    if tracking:
+        acc.init_trackers(tracking.name, config=tracking.config)
     if acc.distributed_type == DistributedType.DEEPSPEED:
         raise ValueError("DeepSpeed is not supported: accelerate's DeepSpeed trains one model per Accelerator (its "
                          "multi-model API is experimental) and this loop trains two in one, the generator and the "
@@ -468,6 +484,8 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
                 held_out = curve_fn(acc.unwrap_model(generator), step)
                 row |= held_out if acc.is_main_process else {}
             rows.append(row | last | ({"nonfinite_skipped": skipped} if skipped else {}))
+            if tracking:
+                acc.log({k: v for k, v in rows[-1].items() if k != "step" and isinstance(v, (int, float))}, step=step)
             if curve_path is not None and acc.is_main_process:
                 write_csv(rows, curve_path)
         if step == cfg.steps:
@@ -570,6 +588,8 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
         setattr(models, k, sharded.gathered(trained_models[k], m, "cpu"))
     if dynadg:
         set_lora_scale(models.real, 0.0)
+    if tracking:
+        acc.end_training()
     return rows
 
 

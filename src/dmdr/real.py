@@ -24,7 +24,7 @@ from accelerate.utils import reduce
 from safetensors.torch import load_file
 
 from . import config, resume
-from .distill import fused_copy, init_models, load_lora_state, lora_state, train
+from .distill import Tracking, fused_copy, init_models, load_lora_state, lora_state, train
 from .families import DYNADG_LORA_FILE, TRAINING_FILE, Teacher, export, load_exported, load_teacher
 from .files import write_json
 from .models import VelocityModel, load_backbone
@@ -97,6 +97,27 @@ def training_record(pre: config.PresetParams, cfg: config.DistillParams, teacher
                              "diffusers": diffusers.__version__}}
 
 
+def trackers(log_with: str) -> list[str]:
+    """real.log_with ('tensorboard', 'wandb,tensorboard', ...) as accelerate's tracker names, each checked to be
+    installed (accelerate itself would leave a missing one out without a word)."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+    names = [n.strip() for n in log_with.split(",") if n.strip()]
+    for n in names:
+        if n not in LoggerType.list():
+            raise config.ParamsError(f"real.log_with: {n!r} is not a tracker of accelerate "
+                                     f"(one of {', '.join(LoggerType.list())})")
+        if n != "all" and LoggerType(n) not in get_available_trackers():
+            raise config.ParamsError(f"real.log_with: {n} is not installed in this environment (pip install {n})")
+    return names
+
+
+def tracker_settings(record: dict) -> dict:
+    """A training record as trackers take a run's settings: flat, scalar values (TensorBoard's hparams)."""
+    flat = {"fingerprint": record["fingerprint"]} | config.dotted(record["settings"])
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat.items()}
+
+
 def exported(done: Path) -> bool:
     return (done / "model_index.json").exists()
 
@@ -119,9 +140,10 @@ def check_trained_as(done: Path, record: dict) -> None:
 
 
 def stage(cfg, teacher: Teacher, prompts: list[str], seed: int, out: Path, name: str, reward,
-          record: dict | None = None, start: VelocityModel | None = None, start_fake: VelocityModel | None = None, previous: Path | None = None):
+          record: dict | None = None, log_with: list[str] | None = None, start: VelocityModel | None = None, start_fake: VelocityModel | None = None, previous: Path | None = None):
     """Train one stage (resuming from `<out>/checkpoints/<name>`) and export it to `<out>/<name>` with its
-    training `record` (TRAINING_FILE); a stage already exported is loaded instead. Returns (generator, fake
+    training `record` (TRAINING_FILE); a stage already exported is loaded instead. With trackers (`log_with`), the
+    logged rows also go to the run `<preset>-<name>` (local logs under `<out>/logs`). Returns (generator, fake
     score) for the next stage. DynaDG's released form continues the shared LoRA exported by the `previous` stage, as
     the released code's stage 2 resumes stage 1's."""
     done = out / name
@@ -139,8 +161,10 @@ def stage(cfg, teacher: Teacher, prompts: list[str], seed: int, out: Path, name:
     if shared and previous is not None and (previous / DYNADG_LORA_FILE).exists():
         load_lora_state(models.real, cfg.dynadg.rank, load_file(previous / DYNADG_LORA_FILE))
     checkpoint = out / "checkpoints" / name
+    tracking = (Tracking(log_with, out / "logs", f"{out.name}-{name}", tracker_settings(record) if record else {})
+                if log_with else None)
     train(cfg, models, prompts, seed, curve_path=out / "curves" / f"{name}.csv", checkpoint_dir=checkpoint,
-          run_identity=record["fingerprint"] if record else "")
+          run_identity=record["fingerprint"] if record else "", tracking=tracking)
     fake = fused_copy(models.real, cfg.dynadg.fake_scale) if shared else models.fake
     state = process_state()
     if state.is_main_process:
@@ -202,6 +226,7 @@ def run(p: config.Params, name: str | None = None, teacher_source: str | None = 
     if not train_prompts:
         raise config.ParamsError("real.train_prompts: required (a file of training prompts, one per line)")
     prompts = load_prompts(Path(train_prompts))
+    log_with = trackers(p.real.log_with)
     # under bf16 the teacher (text encoders, VAE, the real score) is held in bf16; trained copies are fp32 masters
     bf16 = cfg1.mixed_precision == "bf16" and cfg2.mixed_precision == "bf16"
     source = teacher_source or pre.teacher
@@ -216,9 +241,9 @@ def run(p: config.Params, name: str | None = None, teacher_source: str | None = 
     reward = {cfg.rl.reward: load_rewards(cfg.rl.reward, pre.reward_models, teacher.pipeline.dtype)
               for cfg in (cfg1, cfg2) if cfg.rl.weight > 0 or cfg.rtdm.enabled}
     generator, fake = stage(cfg1, teacher, prompts, p.seed, out, "stage1", reward.get(cfg1.rl.reward),
-                            records["stage1"])
-    stage(cfg2, teacher, prompts, p.seed, out, "dmdr", reward.get(cfg2.rl.reward), records["dmdr"], start=generator,
-          start_fake=fake, previous=out / "stage1")
+                            records["stage1"], log_with)
+    stage(cfg2, teacher, prompts, p.seed, out, "dmdr", reward.get(cfg2.rl.reward), records["dmdr"], log_with,
+          start=generator, start_fake=fake, previous=out / "stage1")
     result = {"stage1": str(out / "stage1"), "dmdr": str(out / "dmdr")}
     eval_prompts = eval_prompts or p.real.eval_prompts
     if eval_prompts:  # sampled by every process, its share of the prompts
