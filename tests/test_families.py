@@ -5,8 +5,10 @@ pipeline's few-step sampling is the generator's."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dmdr import flow
 from dmdr.config import DistillParams, build
@@ -138,6 +140,12 @@ def test_the_real_runner_trains_both_stages_of_a_preset_exports_and_scores(sd3, 
     assert not any((out / "checkpoints").glob("*/loop.json"))  # finished stages leave no checkpoint behind
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["few_step"]) == {"hps", "clip", "nfe"} and m["few_step"]["nfe"] == 4 and m["teacher"]["nfe"] == 4
+    samples = {s: sorted(p.name for p in (out / "samples" / s).glob("*.png")) for s in ("stage1", "dmdr")}
+    assert samples["stage1"] == samples["dmdr"] == ["step_000000.png", "step_000001.png", "step_000002.png"]
+    png = lambda s, step: np.asarray(Image.open(out / "samples" / s / f"step_{step:06d}.png"))
+    assert png("stage1", 0).shape == (16 + 4, 3 * (16 + 2) + 2, 3)  # the 3 eval prompts side by side, 16 px
+    assert not np.array_equal(png("stage1", 0), png("stage1", 2))  # the samples follow training
+    assert np.array_equal(png("stage1", 2), png("dmdr", 0))  # stage 2 starts where stage 1 ended (a zero LoRA)
     records = {s: json.loads((out / s / TRAINING_FILE).read_text()) for s in ("stage1", "dmdr")}
     assert records["dmdr"]["settings"]["starts_from"] == records["stage1"]["fingerprint"]
     assert records["dmdr"]["settings"]["reward_models"]["hps"]["train_prompt_prefix"] == "A sketch"

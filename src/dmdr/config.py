@@ -227,6 +227,7 @@ class RealParams:
     train_prompts: str = ""  # training prompts, one per line
     eval_prompts: str = ""  # prompts whose few-step samples are scored by every reward; empty: none
     out: str = "models/real"
+    sample_prompts: int = 4  # each logged step: the generator's samples of this many prompts saved as one PNG
     log_with: str = ""  # experiment trackers of accelerate for the training curves: tensorboard, wandb, ... (comma-separated)
 
 
@@ -253,7 +254,7 @@ CHOICES = {"backbone": ("unet", "sd3"), "timesteps": ("logit_normal", "uniform")
 UNIT_INTERVAL = {"cfg_dropout", "ema_decay", "t_min", "t_max", "hps_label_noise", "pick_label_noise",
                  "aesthetic_label_noise"}
 NON_NEGATIVE = {"weight", "dmd_weight", "scale", "fake_scale", "seed", "checkpoint_every", "generator_weight_decay",
-                "reward_chunk"}
+                "reward_chunk", "sample_prompts"}
 POSITIVE |= {"beta", "rank", "alpha", "a", "b", "prompts", "max_nonfinite"}
 FORMS = {"rtdm": ("exp", "reward"), "dynadg": ("off", "paper", "released")}
 

@@ -409,11 +409,9 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
     def rand():
         return to_dev(torch.rand(cfg.batch, generator=rng)[mine].contiguous())
 
-    def start_noise():
-        """The generator's starting noise at times[0]: pure noise at t = 1; below (a VP schedule's end, or SDXL's
-        one-step timestep 399) the pipeline's start, VP noise, which is eps sqrt(t^2 + (1 - t)^2) as a flow point."""
-        t0 = float(times[0])
-        return randn() if t0 == 1.0 else randn() * math.sqrt(t0 ** 2 + (1 - t0) ** 2)
+    def start_noise():  # the generator's starting point at times[0]
+        scale = flow.start_noise_scale(float(times[0]))
+        return randn() if scale == 1.0 else randn() * scale
 
     def score_times():  # noise levels of the fake score's diffusion loss, within the scores' range
         return rand() if models.max_t == 1.0 else rand() * models.max_t

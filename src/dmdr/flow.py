@@ -5,6 +5,8 @@ A conditioning `cond` is a pair (text states, pooled text) from `TinyClip.encode
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -89,6 +91,13 @@ def sample_teacher(model, noise: torch.Tensor, cond: Cond, uncond: Cond, steps: 
 def generator_times(steps: int, shift: float = 1.0) -> torch.Tensor:
     """The few-step generator's noise levels: linspace(1, 0.001, N + 1), shifted (released code)."""
     return shift_time(torch.linspace(1.0, 0.001, steps + 1), shift)
+
+
+def start_noise_scale(t0: float) -> float:
+    """The std of the generator's starting point at times[0]: 1 for pure noise at t = 1; below (a VP schedule's
+    end, or SDXL's one-step timestep 399) the pipeline starts from VP noise, which is eps sqrt(t^2 + (1 - t)^2) as a
+    flow point."""
+    return 1.0 if t0 == 1.0 else math.sqrt(t0 ** 2 + (1 - t0) ** 2)
 
 
 def generator_step(model, x_t: torch.Tensor, t: float, cond: Cond) -> torch.Tensor:

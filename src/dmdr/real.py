@@ -23,7 +23,7 @@ from accelerate import PartialState
 from accelerate.utils import reduce
 from safetensors.torch import load_file
 
-from . import config, resume
+from . import config, flow, resume
 from .distill import Tracking, fused_copy, init_models, load_lora_state, lora_state, train
 from .families import DYNADG_LORA_FILE, TRAINING_FILE, Teacher, export, load_exported, load_teacher
 from .files import write_json
@@ -118,6 +118,28 @@ def tracker_settings(record: dict) -> dict:
     return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat.items()}
 
 
+def sample_images(teacher: Teacher, prompts: list[str], times: torch.Tensor, seed: int, directory: Path):
+    """A curve_fn that shows training: at each logged step, the generator's few-step samples of `prompts` from the
+    same noise every time, side by side in `<directory>/step_<step>.png` (written by the main process; under FSDP
+    every process samples, as the sharded generator needs)."""
+    from torchvision.utils import save_image
+    noise = torch.randn((len(prompts), *teacher.latent_shape), generator=torch.Generator().manual_seed(seed))
+    noise = noise * flow.start_noise_scale(float(times[0]))
+    bf16 = teacher.pipeline.dtype == torch.bfloat16  # trained fp32 masters meet bf16 text states as in the loop
+
+    @torch.no_grad()
+    def curve_fn(generator, step: int) -> dict:
+        device = next(generator.parameters()).device
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            x0 = flow.sample_generator(generator, noise.to(device), teacher.encode(prompts), times)
+            images = teacher.decode(x0).float()
+        if process_state().is_main_process:
+            directory.mkdir(parents=True, exist_ok=True)
+            save_image((images.clamp(-1, 1) + 1) / 2, directory / f"step_{step:06d}.png", nrow=len(prompts))
+        return {}
+    return curve_fn
+
+
 def exported(done: Path) -> bool:
     return (done / "model_index.json").exists()
 
@@ -140,10 +162,12 @@ def check_trained_as(done: Path, record: dict) -> None:
 
 
 def stage(cfg, teacher: Teacher, prompts: list[str], seed: int, out: Path, name: str, reward,
-          record: dict | None = None, log_with: list[str] | None = None, start: VelocityModel | None = None, start_fake: VelocityModel | None = None, previous: Path | None = None):
+          record: dict | None = None, log_with: list[str] | None = None, sample_prompts: list[str] | None = None,
+          start: VelocityModel | None = None, start_fake: VelocityModel | None = None, previous: Path | None = None):
     """Train one stage (resuming from `<out>/checkpoints/<name>`) and export it to `<out>/<name>` with its
     training `record` (TRAINING_FILE); a stage already exported is loaded instead. With trackers (`log_with`), the
-    logged rows also go to the run `<preset>-<name>` (local logs under `<out>/logs`). Returns (generator, fake
+    logged rows also go to the run `<preset>-<name>` (local logs under `<out>/logs`); with `sample_prompts`, each
+    logged step's samples of them go to `<out>/samples/<name>/`. Returns (generator, fake
     score) for the next stage. DynaDG's released form continues the shared LoRA exported by the `previous` stage, as
     the released code's stage 2 resumes stage 1's."""
     done = out / name
@@ -163,7 +187,9 @@ def stage(cfg, teacher: Teacher, prompts: list[str], seed: int, out: Path, name:
     checkpoint = out / "checkpoints" / name
     tracking = (Tracking(log_with, out / "logs", f"{out.name}-{name}", tracker_settings(record) if record else {})
                 if log_with else None)
-    train(cfg, models, prompts, seed, curve_path=out / "curves" / f"{name}.csv", checkpoint_dir=checkpoint,
+    samples = (sample_images(teacher, sample_prompts, models.times, seed, out / "samples" / name)
+               if sample_prompts else None)
+    train(cfg, models, prompts, seed, samples, out / "curves" / f"{name}.csv", checkpoint,
           run_identity=record["fingerprint"] if record else "", tracking=tracking)
     fake = fused_copy(models.real, cfg.dynadg.fake_scale) if shared else models.fake
     state = process_state()
@@ -240,12 +266,13 @@ def run(p: config.Params, name: str | None = None, teacher_source: str | None = 
     teacher.pipeline.to(process_state().device)  # under accelerate launch: this process's GPU
     reward = {cfg.rl.reward: load_rewards(cfg.rl.reward, pre.reward_models, teacher.pipeline.dtype)
               for cfg in (cfg1, cfg2) if cfg.rl.weight > 0 or cfg.rtdm.enabled}
+    eval_prompts = eval_prompts or p.real.eval_prompts
+    watched = (load_prompts(Path(eval_prompts)) if eval_prompts else prompts)[:p.real.sample_prompts]
     generator, fake = stage(cfg1, teacher, prompts, p.seed, out, "stage1", reward.get(cfg1.rl.reward),
-                            records["stage1"], log_with)
-    stage(cfg2, teacher, prompts, p.seed, out, "dmdr", reward.get(cfg2.rl.reward), records["dmdr"], log_with,
+                            records["stage1"], log_with, watched)
+    stage(cfg2, teacher, prompts, p.seed, out, "dmdr", reward.get(cfg2.rl.reward), records["dmdr"], log_with, watched,
           start=generator, start_fake=fake, previous=out / "stage1")
     result = {"stage1": str(out / "stage1"), "dmdr": str(out / "dmdr")}
-    eval_prompts = eval_prompts or p.real.eval_prompts
     if eval_prompts:  # sampled by every process, its share of the prompts
         metrics = evaluate(teacher, out / "dmdr", pre, cfg2.real_cfg, load_prompts(Path(eval_prompts)), p.seed)
         if process_state().is_main_process:
