@@ -140,6 +140,7 @@ def test_the_real_runner_trains_both_stages_of_a_preset_exports_and_scores(sd3, 
     assert not any((out / "checkpoints").glob("*/loop.json"))  # finished stages leave no checkpoint behind
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["few_step"]) == {"hps", "clip", "nfe"} and m["few_step"]["nfe"] == 4 and m["teacher"]["nfe"] == 4
+    assert (out / "curves.png").exists()
     samples = {s: sorted(p.name for p in (out / "samples" / s).glob("*.png")) for s in ("stage1", "dmdr")}
     assert samples["stage1"] == samples["dmdr"] == ["step_000000.png", "step_000001.png", "step_000002.png"]
     png = lambda s, step: np.asarray(Image.open(out / "samples" / s / f"step_{step:06d}.png"))
@@ -269,6 +270,22 @@ def test_the_real_runner_on_an_sdxl_preset(sdxl, tmp_path):
     assert set(m["few_step"]) == {"hps", "clip", "nfe"} and m["few_step"]["nfe"] == 4
     generator, _ = real.stage(None, load_teacher(sdxl, 16), [], 0, out, "dmdr", None)  # done: loaded, SDXL-wrapped
     assert type(generator).__name__ == "EpsilonAsFlow"
+
+
+def test_a_real_runs_curves_are_drawn_a_panel_per_logged_quantity_a_line_per_stage(tmp_path):
+    from dmdr.files import write_csv
+    from dmdr.report import plot_training, plt
+    with pytest.raises(FileNotFoundError, match="no training curves"):
+        plot_training(tmp_path)
+    write_csv([{"step": 0, "seconds": 1.0}, {"step": 10, "seconds": 9.0, "loss_dmd": 0.5, "loss_fake": 1.0}],
+              tmp_path / "curves" / "stage1.csv")
+    write_csv([{"step": 0, "seconds": 1.0}, {"step": 10, "seconds": 9.0, "loss_dmd": 0.4, "reward_x0": 0.3}],
+              tmp_path / "curves" / "dmdr.csv")
+    fig = plot_training(tmp_path)
+    panels = {ax.get_title(): [line.get_label() for line in ax.get_lines()] for ax in fig.axes if ax.get_title()}
+    assert panels == {"loss_dmd": ["stage1", "dmdr"], "loss_fake": ["stage1"], "reward_x0": ["dmdr"]}
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    plt.close(fig)
 
 
 def test_trackers_are_named_installed_ones_and_take_a_stages_record(monkeypatch):

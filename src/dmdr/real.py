@@ -30,6 +30,7 @@ from .files import write_json
 from .models import VelocityModel, load_backbone
 from .prompts import load_prompts
 from .real_rewards import load_real_reward
+from .report import plot_training, plt
 from .rewards import Combined, parse_spec
 
 
@@ -165,11 +166,11 @@ def stage(cfg, teacher: Teacher, prompts: list[str], seed: int, out: Path, name:
           record: dict | None = None, log_with: list[str] | None = None, sample_prompts: list[str] | None = None,
           start: VelocityModel | None = None, start_fake: VelocityModel | None = None, previous: Path | None = None):
     """Train one stage (resuming from `<out>/checkpoints/<name>`) and export it to `<out>/<name>` with its
-    training `record` (TRAINING_FILE); a stage already exported is loaded instead. With trackers (`log_with`), the
-    logged rows also go to the run `<preset>-<name>` (local logs under `<out>/logs`); with `sample_prompts`, each
-    logged step's samples of them go to `<out>/samples/<name>/`. Returns (generator, fake
-    score) for the next stage. DynaDG's released form continues the shared LoRA exported by the `previous` stage, as
-    the released code's stage 2 resumes stage 1's."""
+    training `record` (TRAINING_FILE); a stage already exported is loaded instead. Returns (generator, fake score)
+    for the next stage. DynaDG's released form continues the shared LoRA exported by the `previous` stage, as the
+    released code's stage 2 resumes stage 1's. Watching it: with trackers (`log_with`) the logged rows also go to
+    the run `<preset>-<name>` (local logs under `<out>/logs`); with `sample_prompts`, each logged step's samples of
+    them go to `<out>/samples/<name>/`."""
     done = out / name
     if exported(done):  # run() has checked that it was trained as this run would train it
         print(f"{done} exists: stage {name} is done")
@@ -196,6 +197,7 @@ def stage(cfg, teacher: Teacher, prompts: list[str], seed: int, out: Path, name:
     if state.is_main_process:
         export(models.generator, teacher, done, cfg.generator_steps, cfg.shift, fake=fake,
                dynadg_lora=lora_state(models.real) if shared else None, record=record)
+        plt.close(plot_training(out))  # <out>/curves.png: every stage so far
         shutil.rmtree(checkpoint, ignore_errors=True)  # exported: nothing left to resume
     state.wait_for_everyone()
     return models.generator, fake

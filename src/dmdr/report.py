@@ -123,6 +123,37 @@ def plot_curves(curves: dict[str, str | Path], out: Path | None = None):
     return fig
 
 
+def plot_training(run: str | Path, out: Path | None = None):
+    """A `dmdr.real` run's training curves (`<run>/curves/<stage>.csv`, rewritten at each logged step, so this can
+    be drawn during training): one panel per logged quantity against generator steps, one line per stage.
+    Written to `<run>/curves.png` unless `out` says otherwise."""
+    run = Path(run)
+    paths = sorted((run / "curves").glob("*.csv"), key=lambda p: (p.stem != "stage1", p.stem))
+    if not paths:
+        raise FileNotFoundError(f"{run / 'curves'}: no training curves (*.csv) yet")
+    stages = {p.stem: read_csv(p) for p in paths}
+    keys = list(dict.fromkeys(k for rows in stages.values() for r in rows for k, v in r.items()
+                              if k not in ("step", "seconds") and isinstance(v, float)))
+    cols = min(4, len(keys)) or 1
+    lines = (len(keys) + cols - 1) // cols or 1
+    fig, axes = plt.subplots(lines, cols, figsize=(3.6 * cols, 2.8 * lines), squeeze=False)
+    for ax, k in zip(axes.flat, keys):
+        for i, (stage, rows) in enumerate(stages.items()):  # a stage keeps its colour in every panel
+            points = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), float)]
+            if points:
+                ax.plot(*zip(*points), "o-", ms=2, lw=1, color=f"C{i}", label=stage)
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("generator step", fontsize=8)
+    for ax in axes.flat[len(keys):]:
+        ax.axis("off")
+    legend = {label: h for ax in axes.flat for h, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(legend.values(), legend.keys(), fontsize=7, loc="upper right")
+    fig.suptitle(run.name, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out or run / "curves.png", dpi=130)
+    return fig
+
+
 def plot_reward_agreement(metrics_path: str | Path, out: Path | None = None):
     """Held-out pairwise agreement of each reward model with the gold preference (0.5: chance)."""
     m = json.loads(Path(metrics_path).read_text())
@@ -445,5 +476,11 @@ def update_readme(readme: Path = Path("README.md"), results: Path = RESULTS) -> 
         readme.write_text(new)
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["readme"]:
-    update_readme()
+if __name__ == "__main__":
+    if sys.argv[1:] == ["readme"]:
+        update_readme()
+    elif len(sys.argv) == 3 and sys.argv[1] == "training":
+        plot_training(sys.argv[2])
+        print(f"wrote {Path(sys.argv[2]) / 'curves.png'}")
+    else:
+        sys.exit("usage: python -m dmdr.report readme | training RUN_DIR (e.g. models/real/sd3-medium)")
