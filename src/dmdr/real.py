@@ -126,13 +126,15 @@ def sample_images(teacher: Teacher, prompts: list[str], times: torch.Tensor, see
     from torchvision.utils import save_image
     noise = torch.randn((len(prompts), *teacher.latent_shape), generator=torch.Generator().manual_seed(seed))
     noise = noise * flow.start_noise_scale(float(times[0]))
+    with torch.no_grad():  # the same prompts every time: encoded once, as the loop encodes its batches
+        cond = teacher.encode(prompts)
     bf16 = teacher.pipeline.dtype == torch.bfloat16  # trained fp32 masters meet bf16 text states as in the loop
 
     @torch.no_grad()
     def curve_fn(generator, step: int) -> dict:
         device = next(generator.parameters()).device
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            x0 = flow.sample_generator(generator, noise.to(device), teacher.encode(prompts), times)
+            x0 = flow.sample_generator(generator, noise.to(device), cond, times)
             images = teacher.decode(x0).float()
         if process_state().is_main_process:
             directory.mkdir(parents=True, exist_ok=True)
@@ -269,14 +271,15 @@ def run(p: config.Params, name: str | None = None, teacher_source: str | None = 
     reward = {cfg.rl.reward: load_rewards(cfg.rl.reward, pre.reward_models, teacher.pipeline.dtype)
               for cfg in (cfg1, cfg2) if cfg.rl.weight > 0 or cfg.rtdm.enabled}
     eval_prompts = eval_prompts or p.real.eval_prompts
-    watched = (load_prompts(Path(eval_prompts)) if eval_prompts else prompts)[:p.real.sample_prompts]
+    evaluated = load_prompts(Path(eval_prompts)) if eval_prompts else []
+    watched = (evaluated or prompts)[:p.real.sample_prompts]
     generator, fake = stage(cfg1, teacher, prompts, p.seed, out, "stage1", reward.get(cfg1.rl.reward),
                             records["stage1"], log_with, watched)
     stage(cfg2, teacher, prompts, p.seed, out, "dmdr", reward.get(cfg2.rl.reward), records["dmdr"], log_with, watched,
           start=generator, start_fake=fake, previous=out / "stage1")
     result = {"stage1": str(out / "stage1"), "dmdr": str(out / "dmdr")}
     if eval_prompts:  # sampled by every process, its share of the prompts
-        metrics = evaluate(teacher, out / "dmdr", pre, cfg2.real_cfg, load_prompts(Path(eval_prompts)), p.seed)
+        metrics = evaluate(teacher, out / "dmdr", pre, cfg2.real_cfg, evaluated, p.seed)
         if process_state().is_main_process:
             write_json(metrics, out / "metrics.json")
         result["metrics"] = metrics
