@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # What only a GPU can show, for one call of a lent device (about 10 minutes; each part time-limited, in order of
 # value, each writing its result as soon as it has one):
-#   1. the loop's stage-1 and stage-2 step against the bare passes, eager (the issue's 1.25x goal), with profiles of
+#   1. the loop's stage-1 and stage-2 step in mixed_precision bf16-weights (bf16 weights without autocast, fp32
+#      masters) against the bare passes of the issue's reference setting (the 1.25x goal), eager, with profiles of
 #      two steps of the bare passes and of stage 1 (set-up and first step excluded) beside the result;
-#   2. stage 2 with compiled blocks (compile: inductor), against eager bare passes of the same run;
-#   3. stage 2 under FSDP2 through configs/accelerate/fsdp.yaml in one process (accelerate's own FSDP routing on a
-#      GPU, sharded parameters in fused AdamW, the gather at the end), at SD3-Medium scale.
+#   2. stage 2 in mixed_precision bf16 (autocast over fp32 trained weights, the presets' setting and the earlier
+#      runs'), against the same reference;
+#   3. stage 2 in bf16-weights with compiled blocks (compile: inductor);
+#   4. stage 2 under FSDP2 through configs/accelerate/fsdp.yaml in one process (accelerate's own FSDP routing on a
+#      GPU, sharded parameters in fused AdamW, the gather at the end), at SD3-Medium scale, in bf16 (bf16-weights is
+#      refused under FSDP).
 #
 #   bash benchmarks/device_check.sh OUT_DIR        (the parts' limits add up to 9 minutes)
 #   bash benchmarks/device_check.sh OUT_DIR --tiny --steps 1    (a dry run of the script on CPU: extra arguments
@@ -31,7 +35,11 @@ part() {  # part NAME SECONDS COMMAND...: run it with a time limit, keep its log
     grep -v -i "warn" "$out/$name.log" | tail -8
 }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no GPU"; } | tee "$out/device.txt"
-part eager 240 python benchmarks/gpu_step.py --no-sampling --rows stage1 stage2 --profile --out "$out/gpu_step.txt" "$@"
-part compiled 210 python benchmarks/gpu_step.py --no-sampling --compile --rows stage2 --out "$out/gpu_step_compiled.txt" "$@"
+part eager 210 python benchmarks/gpu_step.py --no-sampling --rows stage1 stage2 --precision bf16-weights --profile \
+    --out "$out/gpu_step.txt" "$@"
+part autocast 120 python benchmarks/gpu_step.py --no-sampling --rows stage2 --precision bf16 \
+    --out "$out/gpu_step_autocast.txt" "$@"
+part compiled 120 python benchmarks/gpu_step.py --no-sampling --compile --rows stage2 --precision bf16-weights \
+    --out "$out/gpu_step_compiled.txt" "$@"
 part fsdp 90 python -m accelerate.commands.launch --config_file configs/accelerate/fsdp.yaml --num_processes 1 \
-    benchmarks/gpu_step.py --no-sampling --rows stage2 --out "$out/gpu_step_fsdp.txt" "$@"
+    benchmarks/gpu_step.py --no-sampling --rows stage2 --precision bf16 --out "$out/gpu_step_fsdp.txt" "$@"

@@ -1,17 +1,20 @@
 """GPU benchmark of the real-scale loop (issue "Real models and scale", run it on a lent GPU): an SD3-Medium
-transformer with random weights (2.03 B parameters; text conditioning as random tensors of SD3's shapes), bf16
-autocast over fp32 master weights (frozen weights stored in bf16), gradient checkpointing, 512 px, local batch 8.
+transformer with random weights (2.03 B parameters; text conditioning as random tensors of SD3's shapes), frozen
+weights in bf16, gradient checkpointing, 512 px, local batch 8.
 
 Measured in one run, on one device:
 - bare passes: the model calls of one DMD step written out by hand (3 rollout forwards, generator forward +
   backward, real-score CFG forward, fake-score forward, fake-score LoRA forward + backward, both AdamW steps), with a
-  full-fine-tune generator and a rank-32 LoRA fake score on the teacher;
-- the library's loop (dmdr.distill.train) doing the same step (TTUR 1): stage 1 (DynaDG's released shared LoRA,
-  DynaRS) and stage 2 (+ hinge rewards through an SD3 VAE decoder and a random ViT-H-14 CLIP), each as seconds per
-  step, its ratio to the bare passes, and peak GPU memory; stage 2 also with the released LoRA generator;
+  full-fine-tune generator and a rank-32 LoRA fake score on the teacher; in the issue's reference setting (bf16
+  weights and AdamW states, no fp32 master copy) and in the loop's precision;
+- the library's loop (dmdr.distill.train) doing the same step (TTUR 1) in `--precision` (bf16: autocast over fp32
+  trained weights; bf16-weights: bf16 weights without autocast, fp32 masters in the optimizer): stage 1 (DynaDG's
+  released shared LoRA, DynaRS) and stage 2 (+ hinge rewards through an SD3 VAE decoder and a random ViT-H-14 CLIP),
+  each as seconds per step, its ratio to the bare passes, and peak GPU memory; stage 2 also with the released LoRA
+  generator;
 - sampling latency at 1024 px: the 4-step generator against 28- and 50-step CFG sampling.
 
-    python benchmarks/gpu_step.py [--steps 4] [--batch 8] [--resolution 512] [--out FILE]
+    python benchmarks/gpu_step.py [--steps 4] [--batch 8] [--resolution 512] [--precision bf16-weights] [--out FILE]
     python benchmarks/gpu_step.py --compile --rows stage2 --no-sampling   # the loop with compiled blocks
     python benchmarks/gpu_step.py --tiny     # the same code on a tiny transformer, on CPU: a check that it runs
     python -m accelerate.commands.launch --config_file configs/accelerate/fsdp.yaml --num_processes 1 \
@@ -31,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from diffusers import AutoencoderKL, SD3Transformer2DModel  # noqa: E402
 
 from dmdr import config, flow  # noqa: E402
-from dmdr.distill import add_lora, init_models, master_weights, set_lora_scale, train  # noqa: E402
+from dmdr.distill import MasterWeights, add_lora, init_models, master_weights, set_lora_scale, train  # noqa: E402
 from dmdr.models import LatentDecoder, VelocityModel  # noqa: E402
 
 SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
@@ -61,6 +64,7 @@ class ClipReward(torch.nn.Module):
 
     def forward(self, images, texts):
         x = torch.nn.functional.interpolate(images.float(), size=(self.size, self.size), mode="bicubic")
+        x = x.to(next(self.model.parameters()).dtype)  # in the model's dtype (bf16-weights: no autocast)
         return torch.nn.functional.normalize(self.model.encode_image(x).float(), dim=-1) @ self.text.float()
 
 
@@ -110,24 +114,33 @@ def profiled(fn, path: Path, skip: int = 0, active: int = 0) -> None:
                     + table.table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=70))
 
 
-def bare_passes(teacher, encode, uncond, latent, batch: int, steps: int, dev: str, profile: Path | None = None) -> float:
-    """Seconds of the model calls of one DMD step, written out by hand: the floor the loop is compared with."""
+BARE = {"reference": "the issue's setting: bf16 weights and AdamW states, no master copy, no autocast",
+        "bf16": "bf16 autocast over fp32 trained weights",
+        "bf16-weights": "bf16 weights without autocast, AdamW on fp32 masters", "no": "fp32"}
+
+
+def bare_passes(teacher, encode, uncond, latent, batch: int, steps: int, dev: str, precision: str = "reference",
+                profile: Path | None = None) -> float:
+    """Seconds of the model calls of one DMD step, written out by hand: the floor the loop is compared with, its
+    weights held as `precision` says (BARE)."""
+    held = "bf16-weights" if precision == "reference" else precision
     generator = copy.deepcopy(teacher).requires_grad_(True)
-    master_weights(generator, dev == "cuda")
+    master_weights(generator, held)
     guide = copy.deepcopy(teacher)
     lora = add_lora(guide, 32)
-    master_weights(guide, dev == "cuda")
+    master_weights(guide, held)
     for m in (generator, guide):
         m.backbone.enable_gradient_checkpointing()
+    masters = [MasterWeights(ps) for ps in (generator.parameters(), lora)] if precision == "bf16-weights" else []
+    stepped = [m.masters for m in masters] or [list(generator.parameters()), lora]
     fused = dev == "cuda"
-    g_opt = torch.optim.AdamW(generator.parameters(), lr=1e-6, fused=fused)
-    f_opt = torch.optim.AdamW(lora, lr=1e-6, fused=fused)
+    opts = [torch.optim.AdamW(ps, lr=1e-6, fused=fused) for ps in stepped]
     cond, unc = encode(["a photo"] * batch), flow.expand(uncond, batch)
     t = torch.full((batch,), 0.5, device=dev)
     x = torch.randn(batch, *latent, device=dev)
 
     def step():
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=held == "bf16"):
             with torch.no_grad():
                 for _ in range(3):
                     generator(x, t, *cond)
@@ -138,14 +151,17 @@ def bare_passes(teacher, encode, uncond, latent, batch: int, steps: int, dev: st
                 set_lora_scale(guide, 2.0)
                 guide(x, t, *cond)
             guide(x, t, *cond).float().square().mean().backward()
-        g_opt.step()
-        f_opt.step()
-        g_opt.zero_grad(set_to_none=True)
-        f_opt.zero_grad(set_to_none=True)
+        for m in masters:
+            m.take_grads()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for m in masters:
+            m.give_weights()
     sec = timed(step, steps)
     if profile:
         profiled(lambda: [step() for _ in range(2)], profile)
-    del generator, guide, g_opt, f_opt
+    del generator, guide, opts, masters
     return sec
 
 
@@ -195,6 +211,9 @@ def main():
     ap.add_argument("--compile", action="store_true",
                     help="the loop's rows with compiled blocks (compile: inductor; the bare passes stay eager)")
     ap.add_argument("--rows", nargs="+", choices=LOOP_ROWS, default=list(LOOP_ROWS), help="which loop rows to time")
+    ap.add_argument("--precision", choices=("bf16", "bf16-weights"), default="bf16",
+                    help="the loop's mixed_precision (bf16: autocast over fp32 trained weights; bf16-weights: bf16 "
+                         "weights without autocast, fp32 masters in the optimizer)")
     a = ap.parse_args()
     if a.tiny:
         a.resolution, a.sample_resolution = min(a.resolution, 64), min(a.sample_resolution, 128)
@@ -210,7 +229,7 @@ def main():
 
     if dev == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as the released code
-    configs = loop_configs(a.batch, "bf16" if dev == "cuda" else "no", "inductor" if a.compile else "off")
+    configs = loop_configs(a.batch, a.precision, "inductor" if a.compile else "off")
     torch.manual_seed(0)
     with torch.device(dev):  # random init on the device: minutes faster than on the host for 2 B parameters
         transformer = SD3Transformer2DModel(**(TINY if a.tiny else SD3_MEDIUM))
@@ -227,9 +246,8 @@ def main():
     latent = (c.in_channels, a.resolution // 8, a.resolution // 8)
     report(f"device: {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}, torch {torch.__version__}; "
            f"transformer {sum(x.numel() for x in transformer.parameters()) / 1e9:.2f} B parameters; "
-           f"{a.resolution} px, local batch {a.batch}; {'bf16 autocast, ' if dev == 'cuda' else 'fp32, '}fp32 master "
-           f"weights and AdamW states, frozen weights in bf16, gradient checkpointing; {a.steps} timed steps each "
-           f"(TTUR 1: one fake-score and one generator update)")
+           f"{a.resolution} px, local batch {a.batch}; the loop in mixed_precision {a.precision} with fp32 AdamW states, frozen weights in bf16, "
+           f"gradient checkpointing; {a.steps} timed steps each (TTUR 1: one fake-score and one generator update)")
 
     def reset():
         gc.collect()
@@ -237,11 +255,14 @@ def main():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
 
-    reset()
-    bare = bare_passes(teacher, encode, uncond, latent, a.batch, a.steps, dev,
-                       a.out.parent / "profile_bare.txt" if a.profile and a.out else None)
-    report(f"bare passes of one DMD step (full-fine-tune generator, LoRA-32 fake score): {bare:.3f} s, "
-           f"peak {peak_gib():.1f} GiB{memory_note()}")
+    bare = {}  # the issue's reference setting, and the loop's precision
+    for kind in dict.fromkeys(("reference", a.precision)):
+        reset()
+        bare[kind] = bare_passes(teacher, encode, uncond, latent, a.batch, a.steps, dev, kind,
+                                 a.out.parent / "profile_bare.txt" if a.profile and a.out and kind == a.precision
+                                 else None)
+        report(f"bare passes of one DMD step ({BARE[kind]}; full-fine-tune generator, LoRA-32 fake score): "
+               f"{bare[kind]:.3f} s, peak {peak_gib():.1f} GiB{memory_note()}")
     for row, cfg in configs.items():
         if row not in a.rows:
             continue
@@ -250,7 +271,8 @@ def main():
         reset()
         profile = a.out.parent / "profile_stage1.txt" if a.profile and a.out and row == "stage1" else None
         sec = loop_step(cfg, teacher, encode, uncond, latent, vae, reward, a.steps, profile)
-        report(f"{name}: {sec:.3f} s per step = {sec / bare:.2f}x the bare passes, peak {peak_gib():.1f} GiB"
+        report(f"{name}: {sec:.3f} s per step = {sec / bare['reference']:.2f}x the bare passes of the reference "
+               f"setting ({sec / bare[a.precision]:.2f}x those in {a.precision}), peak {peak_gib():.1f} GiB"
                f"{memory_note()}")
 
     if a.no_sampling:

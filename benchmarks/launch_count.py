@@ -72,7 +72,7 @@ def main():
     latent = (c.in_channels, 16, 16)  # op counts do not depend on the resolution
     lines = [f"aten ops per step (~ kernel launches in eager mode), mean of {a.steps} steps; SD3-Medium's depth, the "
              f"SD3 VAE's blocks, ViT-H-14's depth, tiny widths; local batch {a.batch}, TTUR 1, gradient checkpointing"]
-    bare = per_step(lambda n: g.bare_passes(teacher, encode, encode([""]), latent, a.batch, n, "cpu"), a.steps)
+    bare = per_step(lambda n: g.bare_passes(teacher, encode, encode([""]), latent, a.batch, n, "cpu", "no"), a.steps)
     lines.append(f"bare passes of one DMD step: {bare:.0f} ops")
     for row, cfg in g.loop_configs(a.batch, "no").items():
         models = init_models(teacher, encode, encode([""]), cfg=cfg, decode=LatentDecoder(vae), reward=reward,

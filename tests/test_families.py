@@ -86,7 +86,7 @@ def test_a_directory_that_is_not_a_pipeline_is_named(tmp_path):
         load_teacher(tmp_path, resolution=16)
 
 
-def tiny_preset(sd3, tmp_path, batch: int = 2, shift: float = 3.0) -> Path:
+def tiny_preset(sd3, tmp_path, batch: int = 2, shift: float = 3.0, precision: str | None = None) -> Path:
     """params.yaml with a preset 'tiny-sd3' on the tiny pipeline: stage 1 (DynaDG's released shared LoRA, DynaRS),
     stage 2 as released (hinge RL on an HPS-format reward, a LoRA generator, stage 1's shared LoRA continued);
     rewards in HPS's torch format and as safetensors."""
@@ -103,6 +103,7 @@ def tiny_preset(sd3, tmp_path, batch: int = 2, shift: float = 3.0) -> Path:
     (tmp_path / "train.txt").write_text("a photo of a cat\ntwo red squares\na blue circle\n")
     (tmp_path / "eval.txt").write_text("a green triangle\nthree dogs\none cat\n")
     fast = dict(steps=2, batch=batch, ttur=1, log_every=1, generator_steps=4, shift=shift, checkpoint_every=1)
+    fast |= {"mixed_precision": precision} if precision else {}  # else params.yaml's distill default
     raw = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
     raw["presets"] = {"tiny-sd3": {
         "teacher": str(sd3), "resolution": 16, "max_sequence_length": 8, "eval_steps": 2,
@@ -258,11 +259,13 @@ def test_dmdr_on_a_real_sdxl_pipeline_then_export(sdxl, tmp_path, steps):
     assert torch.allclose(ours, theirs, atol=1e-4)
 
 
-def test_the_real_runner_on_an_sdxl_preset(sdxl, tmp_path):
+@pytest.mark.parametrize("precision", [None, "bf16-weights"])
+def test_the_real_runner_on_an_sdxl_preset(sdxl, tmp_path, precision):
     """`python -m dmdr.real` with an SDXL teacher: both stages (stage 2 continuing stage 1's shared LoRA), exports
-    that load as SDXL pipelines, the result and the teacher scored."""
+    that load as SDXL pipelines, the result and the teacher scored; in params.yaml's precision and with every model
+    in bf16 (fp32 masters)."""
     from dmdr import real
-    params = tiny_preset(sdxl, tmp_path, shift=1.0)
+    params = tiny_preset(sdxl, tmp_path, shift=1.0, precision=precision)
     real.main(["--params", str(params)])
     out = tmp_path / "out" / "tiny-sd3"
     assert (out / "dmdr" / "unet" / "config.json").exists() and (out / "stage1" / "fake" / "config.json").exists()

@@ -125,3 +125,17 @@ def test_a_killed_run_resumes_and_two_fresh_runs_give_identical_results(smoke, k
                          if k.startswith("distill@")}
     outs = lambda stage: [(o["path"], o["md5"]) for o in stage["outs"] if o["path"].startswith("models/")]
     assert {k: outs(v) for k, v in lock(smoke).items()} == {k: outs(v) for k, v in lock(killed).items()}
+
+
+def test_the_gpu_goals_are_read_off_the_benchmarks_output():
+    from dmdr.report import gpu_goals
+    old = ("stage 2 (DMD + hinge CLIP reward through the VAE): 2.048 s per step = 1.96x the bare passes, peak 43.7 GiB "
+           "(51.8 GiB reserved, 0 allocator retries)\nsampling at 1024 px, batch 4, per image: 4-step generator 0.111 s, "
+           "28-step CFG 1.532 s, 50-step CFG 2.734 s; 50-step CFG / 4-step = 24.7x (NFE bound 25x)")
+    assert gpu_goals(old) == ("Goals of the issue on this device: stage-2 step at most 1.25x the bare passes (in the "
+                              "loop's precision): 1.96x, not met; stage-2 peak within 48 GB: 46.9 GB allocated, met; "
+                              "4-step sampling at least 22x faster than 50-step CFG: 24.7x, met.")
+    new = ("stage 2 (DMD + hinge CLIP reward through the VAE): 1.100 s per step = 1.20x the bare passes of the reference "
+           "setting (1.10x those in bf16-weights), peak 45.0 GiB (50.0 GiB reserved, 0 allocator retries)")
+    assert gpu_goals(new) == ("Goals of the issue on this device: stage-2 step at most 1.25x the bare passes of the "
+                              "reference setting: 1.20x, met; stage-2 peak within 48 GB: 48.3 GB allocated, not met.")

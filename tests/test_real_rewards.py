@@ -1,6 +1,7 @@
 """The paper's reward models through their real classes (open_clip, transformers CLIPModel, the LAION head) at tiny
 sizes, saved in their released formats: the differentiable scores equal the libraries' own preprocessing and
 scoring, and gradients reach the images."""
+import copy
 import open_clip
 import pytest
 import torch
@@ -50,6 +51,17 @@ def check_compiled_blocks(reward, images):
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(eager, compiled))
 
 
+def check_bf16(reward, images, texts=TEXTS):
+    """Held in bf16 and run without autocast (mixed_precision bf16-weights), a reward takes fp32 images in [-1, 1],
+    scores them in fp32, near its fp32 scores, and passes a gradient to them."""
+    x = images.clone().requires_grad_(True)
+    scores = copy.deepcopy(reward).to(torch.bfloat16)(x, texts)
+    scores.sum().backward()
+    expected = reward(images, texts).detach()
+    assert scores.dtype == torch.float32 and x.grad.abs().sum() > 0
+    assert (scores.detach() - expected).abs().max() <= 0.05 * expected.abs().max()
+
+
 @pytest.mark.parametrize("kind,suffix", [("clip", ".safetensors"), ("hps", ".pt")])
 def test_open_clip_rewards_equal_open_clips_own_scoring(arch, kind, suffix, tmp_path):
     torch.manual_seed(0)
@@ -69,6 +81,7 @@ def test_open_clip_rewards_equal_open_clips_own_scoring(arch, kind, suffix, tmp_
     images = uint8_images(48).requires_grad_(True)
     reward(images, TEXTS).sum().backward()
     assert images.grad.abs().sum() > 0
+    check_bf16(reward, uint8_images(48))
     check_compiled_blocks(reward, uint8_images(48))
 
 
@@ -94,6 +107,7 @@ def test_pickscore_equals_its_processor_and_scale(tmp_path):
         txt = projected(model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]))
         expected = model.logit_scale.exp() * torch.nn.functional.cosine_similarity(img, txt)
     assert torch.allclose(reward(images, TEXTS), expected, atol=1e-4)
+    check_bf16(reward, uint8_images(48))
     check_compiled_blocks(reward, uint8_images(48))
 
 
@@ -111,6 +125,7 @@ def test_laion_aesthetic_loads_the_released_head_layout(arch, tmp_path):
         expected = head.eval()(torch.nn.functional.normalize(reward.model.encode_image(reward.preprocess(images)),
                                                              dim=-1)).squeeze(-1)
     assert torch.allclose(reward(images), expected) and reward(images).shape == (2,)
+    check_bf16(reward, uint8_images(48), None)
 
 
 class Payload:

@@ -29,19 +29,21 @@ class Crash(Exception):
     pass
 
 
-def test_resume_ends_exactly_where_an_uninterrupted_run_ends(clip, tmp_path):
-    cfg, _, models = tiny_models(clip, "unet", STAGE1_AND_RL)
+@pytest.mark.parametrize("precision", ["no", "bf16-weights"])  # bf16-weights: the fp32 masters are checkpointed
+def test_resume_ends_exactly_where_an_uninterrupted_run_ends(clip, tmp_path, precision):
+    settings = STAGE1_AND_RL | {"mixed_precision": precision}
+    cfg, _, models = tiny_models(clip, "unet", settings)
     rows = train(cfg, models, PROMPTS, seed=0, curve_fn=probe, checkpoint_dir=tmp_path / "whole")
 
     def crash_at_3(generator, step):
         if step == 3:
             raise Crash
         return probe(generator, step)
-    cfg, _, first = tiny_models(clip, "unet", STAGE1_AND_RL)
+    cfg, _, first = tiny_models(clip, "unet", settings)
     with pytest.raises(Crash):
         train(cfg, first, PROMPTS, seed=0, curve_fn=crash_at_3, checkpoint_dir=tmp_path / "cut")
     assert (tmp_path / "cut" / "loop.json").exists() and (tmp_path / "cut" / "model.safetensors").exists()
-    cfg, _, again = tiny_models(clip, "unet", STAGE1_AND_RL)  # a new process: fresh models, then resume
+    cfg, _, again = tiny_models(clip, "unet", settings)  # a new process: fresh models, then resume
     resumed = train(cfg, again, PROMPTS, seed=0, curve_fn=probe, checkpoint_dir=tmp_path / "cut")
     strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
     assert strip(resumed) == strip(rows)

@@ -169,7 +169,7 @@ class DistillParams:
     t_min: float = 0.02
     t_max: float = 0.98
     shift: float = 1.0  # generator time shift s t / (1 + (s - 1) t)
-    mixed_precision: str = "bf16"
+    mixed_precision: str = "bf16"  # bf16 (autocast, fp32 trained weights) | bf16-weights (bf16, fp32 masters) | no
     log_every: int = 25
     curve_prompts_per_tag: int = 4
     checkpoint_every: int = 20  # generator steps between resumable checkpoints (checkpoints/<recipe>/); 0: none
@@ -247,7 +247,7 @@ class Params:
 POSITIVE = {"steps", "batch", "lr", "resolution", "max_sequence_length", "eval_steps", "n_train", "test_per_tag",
             "generator_lr", "fake_lr", "ttur", "generator_steps",
             "images_per_prompt", "log_every", "eval_every", "pool_size", "width", "embed_dim", "heads", "layers"}
-CHOICES = {"backbone": ("unet", "sd3"), "timesteps": ("logit_normal", "uniform"), "mixed_precision": ("bf16", "no"),
+CHOICES = {"backbone": ("unet", "sd3"), "timesteps": ("logit_normal", "uniform"), "mixed_precision": ("bf16", "bf16-weights", "no"),
            "kind": ("generator", "teacher"),
            "loss": ("refl", "hinge"), "optimizer": ("adamw", "adamw8bit"), "real": ("teacher", "init"),
            "rollout": ("renoise", "trajectory"), "compile": ("off", "inductor", "aot_eager")}
@@ -265,6 +265,8 @@ def _check_value(key: str, name: str, value):
         if value not in FORMS[parent]:
             raise ParamsError(f"{key}: must be one of {FORMS[parent]}, got {value!r}")
         return
+    if name == "mixed_precision" and value == "bf16-weights" and key.startswith("world."):
+        raise ParamsError(f"{key}: bf16-weights is a mode of the distillation loop; the world's models take bf16 or no")
     if name in POSITIVE and value <= 0:
         raise ParamsError(f"{key}: must be positive, got {value!r}")
     if name in CHOICES and value not in CHOICES[name]:

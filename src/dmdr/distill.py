@@ -234,14 +234,44 @@ def load_lora_state(model, rank: int, state: dict[str, torch.Tensor]) -> None:
         raise ValueError(f"the saved DynaDG LoRA does not fit this model: {result.unexpected_keys[:3]} ...")
 
 
-def master_weights(model, bf16: bool) -> None:
-    """Trained weights in fp32 (bf16 AdamW steps at the released learning rates round away to nothing); under bf16
-    autocast, the frozen ones stored in bf16 as the released code stores them (autocast computes in bf16 anyway)."""
+def master_weights(model, mixed_precision: str) -> None:
+    """How a model's weights are held in training. bf16 (autocast): trained weights in fp32 (bf16 AdamW steps at
+    the released learning rates round away to nothing), frozen ones in bf16 as the released code stores them
+    (autocast computes in bf16 anyway). bf16-weights: every weight in bf16 and no autocast, so no per-op casts; the
+    optimizer steps fp32 masters of the trained ones (MasterWeights)."""
     for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-        elif bf16:
+        if mixed_precision == "bf16-weights" or (mixed_precision == "bf16" and not p.requires_grad):
             p.data = p.data.to(torch.bfloat16)
+        elif p.requires_grad:
+            p.data = p.data.float()
+
+
+class MasterWeights:
+    """fp32 master copies of a model's bf16 trained weights (mixed_precision bf16-weights): the optimizer steps the
+    masters, the model computes with their bf16 roundings."""
+
+    def __init__(self, params):
+        self.params = list(params)
+        self.masters = [torch.nn.Parameter(p.detach().float()) for p in self.params]
+
+    @torch.no_grad()
+    def take_grads(self) -> None:
+        """The model's bf16 gradients (averaged over processes by then) as the masters' fp32 ones, one at a time."""
+        for p, m in zip(self.params, self.masters):
+            if p.grad is not None:
+                m.grad, p.grad = p.grad.float(), None
+
+    @torch.no_grad()
+    def give_weights(self) -> None:
+        """The masters' bf16 roundings into the model."""
+        for p, m in zip(self.params, self.masters):
+            p.copy_(m)
+
+    def release(self) -> None:
+        """The model takes the fp32 masters themselves: after training it holds fp32 trained weights, as under
+        autocast."""
+        for p, m in zip(self.params, self.masters):
+            p.data = m.data
 
 
 # --- the loop -------------------------------------------------------------------------------------------------
@@ -333,6 +363,9 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
                          "dmdr.real: --set presets.NAME.stage1.optimizer=adamw --set presets.NAME.stage2.optimizer="
                          "adamw): FSDP shards AdamW's fp32 states (8 bytes per parameter) over the processes, which "
                          "beyond 4 processes holds less per GPU than whole 8-bit states (2 bytes per parameter)")
+    if fsdp and cfg.mixed_precision == "bf16-weights":
+        raise ValueError("mixed_precision bf16-weights under FSDP is not supported (FSDP2's own mixed precision "
+                         "policy would hold the masters); use mixed_precision: bf16 (autocast)")
     autocast = torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
     if cfg.batch % acc.num_processes:
         raise ValueError(f"batch {cfg.batch} does not divide over {acc.num_processes} processes")
@@ -351,7 +384,7 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
         raise ValueError("RT-DM and RL need Models.reward and Models.decode")
     for m in (models.generator, fake, real):
         if m is not None:
-            master_weights(m, cfg.mixed_precision == "bf16")
+            master_weights(m, cfg.mixed_precision)
     # under FSDP, sharding changes the trained models in place: plain copies (without storage) take their weights
     # at the end. Taken before checkpointing and compilation, which export and evaluation do not need.
     trained_models = {"generator": models.generator, "fake": fake if distill and not shared else None,
@@ -367,13 +400,23 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
         for m in (models.generator, fake, real, models.reward, models.decode):
             if isinstance(m, torch.nn.Module):
                 compile_blocks(m, cfg.compile)
+    masters: dict[str, MasterWeights] = {}  # bf16-weights: the fp32 weights each optimizer steps, by its name
+
+    def optimizer_of(name: str, params, lr: float, weight_decay: float = 0.0):
+        params = [p for p in params if p.requires_grad]
+        if cfg.mixed_precision == "bf16-weights":
+            masters[name] = MasterWeights(params)
+            params = masters[name].masters
+        return optimizer(params, lr, cfg, weight_decay)
+
     # each model is prepared with its optimizer in one call, as FSDP requires
-    generator, g_opt = acc.prepare(models.generator, optimizer(models.generator.parameters(), cfg.generator_lr, cfg,
-                                                               cfg.generator_weight_decay))
+    generator, g_opt = acc.prepare(models.generator, optimizer_of("generator", models.generator.parameters(),
+                                                                  cfg.generator_lr, cfg.generator_weight_decay))
     if distill and not shared:
-        fake, f_opt = acc.prepare(fake, optimizer(fake.parameters(), cfg.fake_lr, cfg))
+        fake, f_opt = acc.prepare(fake, optimizer_of("fake", fake.parameters(), cfg.fake_lr))
     if dynadg:  # its LoRA is trained state, so it goes into checkpoints
-        real, lora_opt = acc.prepare(real, optimizer(lora, cfg.fake_lr if shared else cfg.dynadg.lr, cfg))
+        real, lora_opt = acc.prepare(real, optimizer_of("fake" if shared else "dynadg", lora,
+                                                        cfg.fake_lr if shared else cfg.dynadg.lr))
         if shared:
             fake, f_opt = real, lora_opt
         else:
@@ -449,14 +492,29 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
         else:
             acc.clip_grad_norm_(params_of(opt), 1.0)
 
+    def update(loss, opt, name: str) -> None:
+        """Backward, the gradient norm clipped to 1, one step of `opt` (of the fp32 masters under bf16-weights)."""
+        acc.backward(loss)
+        if name in masters:
+            masters[name].take_grads()
+        clip_gradients(opt)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if name in masters:
+            masters[name].give_weights()
+
+    master_state = {f"master.{name}.{i}": m for name, w in masters.items() for i, m in enumerate(w.masters)}
+
     def fake_x0(x_t, t, cond):
         if shared:
             set_lora_scale(acc.unwrap_model(fake), cfg.dynadg.fake_scale)
         return flow.x0_from_velocity(x_t, fake(x_t, t, *cond), t)
 
     rows, t0, last, start, skipped, in_a_row = [], time.time(), {}, 0, 0, 0
-    if (state := resume.load(acc, ckpt)) is not None:
+    if (state := resume.load(acc, ckpt, master_state)) is not None:
         rows, last, start, skipped = state["rows"], state["last"], state["step"], state["skipped"]
+        for w in masters.values():
+            w.give_weights()
 
     def nonfinite(what: str, value: torch.Tensor, step: int) -> bool:
         """True (and counted) when a loss is NaN or Inf: its update is skipped; `max_nonfinite` of them without a
@@ -489,7 +547,8 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
         if step == cfg.steps:
             break
         if ckpt is not None and step > start and step % ckpt.every == 0:
-            if not resume.save(acc, ckpt, {"step": step, "rows": rows, "last": last, "skipped": skipped}, trained):
+            if not resume.save(acc, ckpt, {"step": step, "rows": rows, "last": last, "skipped": skipped}, trained,
+                               master_state):
                 raise FloatingPointError(f"non-finite weights at step {step}: not checkpointed; the last good "
                                          f"checkpoint stays in {checkpoint_dir}")
         last = {}
@@ -518,10 +577,7 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
                     fake_loss = flow.flow_matching_loss(fake, x0.float(), cond, score_times(), randn(), w)
                 if nonfinite("fake-score", fake_loss.detach(), step):
                     continue
-                acc.backward(fake_loss)
-                clip_gradients(f_opt)
-                f_opt.step()
-                f_opt.zero_grad(set_to_none=True)
+                update(fake_loss, f_opt, "fake")
             last["loss_fake"] = float(mean_over_processes(fake_loss))
             scale = dynadg_scale(step, cfg.dynadg.steps, cfg.dynadg.scale) if dynadg else 0.0
             if dynadg and not shared and scale > 0:
@@ -530,10 +586,7 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
                 with autocast:
                     lora_loss = flow.flow_matching_loss(real, x0.float(), cond, score_times(), randn())
                 if not nonfinite("DynaDG", lora_loss.detach(), step):
-                    acc.backward(lora_loss)
-                    clip_gradients(d_opt)
-                    d_opt.step()
-                    d_opt.zero_grad(set_to_none=True)
+                    update(lora_loss, d_opt, "dynadg")
             if dynadg:
                 last["dynadg_scale"] = scale
         # generator: Eq. 3 with Eq. 1 (RT-DM-weighted, Eq. 4) as its distillation term
@@ -577,11 +630,10 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
         if nonfinite("generator", loss.detach(), step):
             continue
         in_a_row = 0
-        acc.backward(loss)
-        clip_gradients(g_opt)
-        g_opt.step()
-        g_opt.zero_grad(set_to_none=True)
+        update(loss, g_opt, "generator")
         bar.set_postfix({k: f"{v:.4f}" for k, v in last.items() if k.startswith("loss")})
+    for w in masters.values():
+        w.release()
     for k, m in plain_copies.items():  # on the host: beside the sharded models, a full SD3.5-Large may not fit a GPU
         setattr(models, k, sharded.gathered(trained_models[k], m, "cpu"))
     if dynadg:

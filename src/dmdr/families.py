@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from . import flow
 from .distill import backbone_of, plain
-from .models import LatentDecoder, VelocityModel, atomic_dir, shard_units
+from .models import LatentDecoder, VelocityModel, atomic_dir, computed_in, returned_as, shard_units
 
 FAMILIES = {"StableDiffusion3Pipeline": "sd3", "StableDiffusionXLPipeline": "sdxl"}
 SAMPLER_FILE = "dmdr_sampler.json"
@@ -64,10 +64,11 @@ class EpsilonAsFlow(torch.nn.Module):
         a = (1 + k * k).rsqrt().view(-1, 1, 1, 1)
         s = k.view(-1, 1, 1, 1) * a
         x_vp = x * (a + s)
-        eps = self.backbone(x_vp, self.timestep(k), encoder_hidden_states=states,
-                            added_cond_kwargs={"text_embeds": pooled,
-                                               "time_ids": self.time_ids.expand(x.shape[0], -1)}).sample
-        return eps - (x_vp - s * eps) / a
+        b = self.backbone
+        eps = b(computed_in(b, x_vp), self.timestep(k), encoder_hidden_states=computed_in(b, states),
+                added_cond_kwargs={"text_embeds": computed_in(b, pooled),
+                                   "time_ids": self.time_ids.expand(x.shape[0], -1)}).sample
+        return returned_as(eps - (x_vp - s * eps) / a, x)
 
 
 @dataclass

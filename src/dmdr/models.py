@@ -166,6 +166,19 @@ def decode_latents(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
     return vae.decode(z / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)).sample
 
 
+def computed_in(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`x` in the dtype of `module`'s weights: a model held in bf16 and run without autocast (mixed_precision
+    bf16-weights) computes in it. Under autocast, which casts per op, `x` is left as it is."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(next(module.parameters()).dtype)
+
+
+def returned_as(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A model's output in its caller's dtype (fp32 flow arithmetic on bf16 outputs), except under autocast."""
+    return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)
+
+
 class LatentDecoder(nn.Module):
     """decode_latents as a module (latents cast to the VAE's dtype), so that the loop can compile its blocks."""
 
@@ -274,7 +287,9 @@ class VelocityModel(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
-        if isinstance(self.backbone, UNet2DConditionModel):
-            return self.backbone(x, t * 1000, encoder_hidden_states=states, class_labels=pooled).sample
-        return self.backbone(hidden_states=x, timestep=t * 1000, encoder_hidden_states=states,
-                             pooled_projections=pooled).sample
+        b = self.backbone
+        x_in, states, pooled = computed_in(b, x), computed_in(b, states), computed_in(b, pooled)
+        if isinstance(b, UNet2DConditionModel):
+            return returned_as(b(x_in, t * 1000, encoder_hidden_states=states, class_labels=pooled).sample, x)
+        return returned_as(b(hidden_states=x_in, timestep=t * 1000, encoder_hidden_states=states,
+                             pooled_projections=pooled).sample, x)

@@ -257,8 +257,8 @@ def run(p: config.Params, name: str | None = None, teacher_source: str | None = 
         raise config.ParamsError("real.train_prompts: required (a file of training prompts, one per line)")
     prompts = load_prompts(Path(train_prompts))
     log_with = trackers(p.real.log_with)
-    # under bf16 the teacher (text encoders, VAE, the real score) is held in bf16; trained copies are fp32 masters
-    bf16 = cfg1.mixed_precision == "bf16" and cfg2.mixed_precision == "bf16"
+    # under bf16 the teacher (text encoders, VAE, the real score) is held in bf16; trained weights have fp32 masters
+    bf16 = cfg1.mixed_precision != "no" and cfg2.mixed_precision != "no"
     source = teacher_source or pre.teacher
     records = {"stage1": training_record(pre, cfg1, source, p.seed, prompts)}
     records["dmdr"] = training_record(pre, cfg2, source, p.seed, prompts, starts_from=records["stage1"])

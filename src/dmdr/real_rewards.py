@@ -8,7 +8,8 @@
 - aesthetic: the LAION aesthetic MLP on the L2-normalised image embedding of OpenAI CLIP ViT-L/14.
 
 Preprocessing is the models' own (resize of the shortest side with the given interpolation and antialiasing,
-centre crop, mean / std), written with torch ops so gradients reach the images. Checkpoints load as safetensors or
+centre crop, mean / std), written with torch ops so gradients reach the images. The pixels enter a model in its
+weights' dtype (a model held in bf16 runs without autocast under mixed_precision bf16-weights); scores are fp32. Checkpoints load as safetensors or
 with torch.load(weights_only=True) (the HPS and aesthetic files are plain state dicts); nothing runs remote code.
 """
 from __future__ import annotations
@@ -79,9 +80,9 @@ class OpenClipReward(nn.Module):
         self.preprocess = open_clip_preprocess(model)
 
     def forward(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
-        device = next(self.model.parameters()).device
-        img = F.normalize(self.model.encode_image(self.preprocess(images).to(device)), dim=-1)
-        txt = F.normalize(self.model.encode_text(self.tokenizer(texts).to(device)), dim=-1)
+        w = next(self.model.parameters())
+        img = F.normalize(self.model.encode_image(self.preprocess(images).to(w.device, w.dtype)).float(), dim=-1)
+        txt = F.normalize(self.model.encode_text(self.tokenizer(texts).to(w.device)).float(), dim=-1)
         return self.scale * (img * txt).sum(-1)
 
 
@@ -98,10 +99,11 @@ class PickScore(nn.Module):
     def forward(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
         device = next(self.model.parameters()).device
         tokens = self.tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt").to(device)
-        img = F.normalize(projected(self.model.get_image_features(pixel_values=self.preprocess(images).to(device))),
-                          dim=-1)
-        txt = F.normalize(projected(self.model.get_text_features(**tokens)), dim=-1)
-        return self.model.logit_scale.exp() * (img * txt).sum(-1)
+        # (transformers casts the pixels to the model's dtype itself)
+        img = F.normalize(projected(self.model.get_image_features(pixel_values=self.preprocess(images).to(device)))
+                          .float(), dim=-1)
+        txt = F.normalize(projected(self.model.get_text_features(**tokens)).float(), dim=-1)
+        return self.model.logit_scale.float().exp() * (img * txt).sum(-1)
 
 
 def projected(features) -> torch.Tensor:
@@ -130,9 +132,9 @@ class LaionAesthetic(nn.Module):
         self.preprocess = open_clip_preprocess(clip_model)
 
     def forward(self, images: torch.Tensor, texts: list[str] | None = None) -> torch.Tensor:
-        device = next(self.model.parameters()).device
-        img = F.normalize(self.model.encode_image(self.preprocess(images).to(device)), dim=-1)
-        return self.head(img).squeeze(-1)
+        w = next(self.model.parameters())
+        img = F.normalize(self.model.encode_image(self.preprocess(images).to(w.device, w.dtype)).float(), dim=-1)
+        return self.head(img.to(w.dtype)).float().squeeze(-1)
 
 
 def open_clip_model(arch: str, checkpoint: str | Path, quick_gelu: bool = False):

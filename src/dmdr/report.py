@@ -438,13 +438,15 @@ def readme_results(results: Path = RESULTS) -> str:
 def gpu_goals(text: str) -> str:
     """The issue's goals for the real-scale step, read off a gpu_step.py output: the full-fine-tune stage-2 step at
     most 1.25x the bare model passes and within 48 GB, 4-step sampling at least 22x faster than 50-step CFG."""
-    stage2 = re.search(r"^stage 2 \(.*?: ([\d.]+) s per step = ([\d.]+)x the bare passes, peak ([\d.]+) GiB",
-                       text, re.M)
+    stage2 = re.search(r"^stage 2 \(.*?: ([\d.]+) s per step = ([\d.]+)x the bare passes( of the reference setting)?"
+                       r".*?, peak ([\d.]+) GiB", text, re.M)
     speedup = re.search(r"50-step CFG / 4-step = ([\d.]+)x", text)
     goals = []
     if stage2:
-        ratio, gb = float(stage2[2]), float(stage2[3]) * 2**30 / 1e9
-        goals += [f"stage-2 step at most 1.25x the bare passes: {ratio:.2f}x, {'met' if ratio <= 1.25 else 'not met'}",
+        ratio, gb = float(stage2[2]), float(stage2[4]) * 2**30 / 1e9
+        # runs before the reference setting was measured compared with bare passes in the loop's own precision
+        against = "the bare passes" + (" of the reference setting" if stage2[3] else " (in the loop's precision)")
+        goals += [f"stage-2 step at most 1.25x {against}: {ratio:.2f}x, {'met' if ratio <= 1.25 else 'not met'}",
                   f"stage-2 peak within 48 GB: {gb:.1f} GB allocated, {'met' if gb <= 48 else 'not met'}"]
     if speedup:
         goals.append(f"4-step sampling at least 22x faster than 50-step CFG: {float(speedup[1]):.1f}x, "
