@@ -1,4 +1,5 @@
 """The one DMD training loop runs on both diffusers backbone classes and updates the generator and the fake score."""
+import numpy as np
 import pytest
 import torch
 
@@ -31,7 +32,8 @@ def test_dmd_training_step_updates_both_networks(clip, kind):
 
 def test_logged_rows_go_to_experiment_trackers(clip, tmp_path):
     """Tracking: accelerate's trackers get the run's settings once, every logged row at its step, then finish (here
-    a recording GeneralTracker, the extension point accelerate's TensorBoard and W&B trackers share)."""
+    a recording GeneralTracker, the extension point accelerate's TensorBoard and W&B trackers share); image arrays
+    among the held-out values go to the trackers' log_images, not into the rows."""
     from accelerate.tracking import GeneralTracker
 
     from dmdr.distill import Tracking
@@ -41,7 +43,7 @@ def test_logged_rows_go_to_experiment_trackers(clip, tmp_path):
 
         def __init__(self):
             super().__init__()
-            self.settings, self.logged, self.finished = None, [], False
+            self.settings, self.logged, self.images, self.finished = None, [], [], False
 
         @property
         def tracker(self):
@@ -53,17 +55,25 @@ def test_logged_rows_go_to_experiment_trackers(clip, tmp_path):
         def log(self, values, step=None, **kwargs):
             self.logged.append((step, values))
 
+        def log_images(self, values, step=None, **kwargs):
+            self.images.append((step, values))
+
         def finish(self):
             self.finished = True
 
     recorder = Recorder()
     cfg, _, models = tiny_models(clip, "unet", {"steps": 2, "rl": {"weight": 1.0}})
-    rows = train(cfg, models, ["a photo of a circle", "a blue square"], seed=0, curve_fn=lambda g, step: {"probe": 0.5},
+    grid = np.zeros((2, 8, 8, 3), dtype=np.uint8)
+    rows = train(cfg, models, ["a photo of a circle", "a blue square"], seed=0,
+                 curve_fn=lambda g, step: {"probe": 0.5, "samples": grid + step},
                  tracking=Tracking([recorder], tmp_path, "tiny-stage", {"stage.rl.weight": 1.0}))
     assert recorder.settings == {"stage.rl.weight": 1.0} and recorder.finished
     assert [step for step, _ in recorder.logged] == [r["step"] for r in rows] == [0, 1, 2]
     assert recorder.logged[1][1]["loss_dmd"] == rows[1]["loss_dmd"] and recorder.logged[2][1]["probe"] == 0.5
     assert "step" not in recorder.logged[1][1]
+    assert [(step, set(v), int(v["samples"][0, 0, 0, 0])) for step, v in recorder.images] == [
+        (0, {"samples"}, 0), (1, {"samples"}, 1), (2, {"samples"}, 2)]
+    assert not any("samples" in r for r in rows) and not any("samples" in v for _, v in recorder.logged)
 
 
 def test_backward_simulation_gradient_reaches_one_call_only(clip):

@@ -324,12 +324,21 @@ class Tracking:
     config: dict = dataclasses.field(default_factory=dict)
 
 
+def log_images(trackers, images: dict[str, np.ndarray], step: int) -> None:
+    """Images (N, H, W, C uint8 arrays) to the trackers that take them (accelerate's TensorBoard, W&B, ClearML, ...;
+    TensorBoard is told the layout, the others take the images one by one)."""
+    for t in trackers:
+        if hasattr(t, "log_images"):
+            t.log_images(images, step=step, **({"dataformats": "NHWC"} if t.name == "tensorboard" else {}))
+
+
 def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, curve_fn=None,
           curve_path: Path | None = None, checkpoint_dir: Path | None = None, run_identity: str = "",
           tracking: Tracking | None = None) -> list[dict]:
     """The one training loop: fake-score updates (TTUR) then one generator update with
     L = dmd_weight * L_DMD(RT-DM weights) + lambda * L_RL. `curve_fn(generator, step)` returns held-out numbers
-    logged every `log_every` generator steps, written to `curve_path` as CSV. Returns the logged rows.
+    logged every `log_every` generator steps, written to `curve_path` as CSV (values that are image arrays, N x H x W x C
+    uint8, go to the trackers instead). Returns the logged rows.
 
     With `checkpoint_dir`, the whole state is saved there every `checkpoint_every` steps and a run finding a
     checkpoint of the same settings resumes from it (dmdr.resume); `run_identity` names what else defines the run
@@ -534,14 +543,18 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
     bar = tqdm(range(start, cfg.steps + 1), desc=f"{'DMD' if distill else ''}{'+RL' if rl else ''}", mininterval=5)
     for step in bar:
         if (step % cfg.log_every == 0 or step == cfg.steps) and not (state and step == start):
-            row = {"step": step, "seconds": round(time.time() - t0, 2)}
+            row, images = {"step": step, "seconds": round(time.time() - t0, 2)}, {}
             if curve_fn is not None and (acc.is_main_process or fsdp):  # a sharded model needs every process
                 generator.eval()
                 held_out = curve_fn(acc.unwrap_model(generator), step)
+                images = {k: held_out.pop(k) for k in [k for k, v in held_out.items()
+                                                       if isinstance(v, np.ndarray) and v.ndim == 4]}
                 row |= held_out if acc.is_main_process else {}
             rows.append(row | last | ({"nonfinite_skipped": skipped} if skipped else {}))
             if tracking:
                 acc.log({k: v for k, v in rows[-1].items() if k != "step" and isinstance(v, (int, float))}, step=step)
+                if images and acc.is_main_process:
+                    log_images(acc.trackers, images, step)
             if curve_path is not None and acc.is_main_process:
                 write_csv(rows, curve_path)
         if step == cfg.steps:

@@ -122,7 +122,8 @@ def tracker_settings(record: dict) -> dict:
 def sample_images(teacher: Teacher, prompts: list[str], times: torch.Tensor, seed: int, directory: Path):
     """A curve_fn that shows training: at each logged step, the generator's few-step samples of `prompts` from the
     same noise every time, side by side in `<directory>/step_<step>.png` (written by the main process; under FSDP
-    every process samples, as the sharded generator needs)."""
+    every process samples, as the sharded generator needs), and as `samples` (N x H x W x C uint8) to the
+    experiment trackers that take images."""
     from torchvision.utils import save_image
     noise = torch.randn((len(prompts), *teacher.latent_shape), generator=torch.Generator().manual_seed(seed))
     noise = noise * flow.start_noise_scale(float(times[0]))
@@ -136,10 +137,12 @@ def sample_images(teacher: Teacher, prompts: list[str], times: torch.Tensor, see
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             x0 = flow.sample_generator(generator, noise.to(device), cond, times)
             images = teacher.decode(x0).float()
-        if process_state().is_main_process:
-            directory.mkdir(parents=True, exist_ok=True)
-            save_image((images.clamp(-1, 1) + 1) / 2, directory / f"step_{step:06d}.png", nrow=len(prompts))
-        return {}
+        if not process_state().is_main_process:
+            return {}
+        pixels = (images.clamp(-1, 1) + 1) / 2
+        directory.mkdir(parents=True, exist_ok=True)
+        save_image(pixels, directory / f"step_{step:06d}.png", nrow=len(prompts))
+        return {"samples": (pixels * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()}  # to the trackers
     return curve_fn
 
 
