@@ -199,11 +199,14 @@ def test_fsdp_computes_what_one_process_computes_and_resumes_from_its_own_shards
                                                   for k in two["weights"])
 
 
-def test_8bit_adamw_under_fsdp_is_a_clear_error(tmp_path):
-    """bitsandbytes' 8-bit AdamW does not handle sharded parameters: refused before any model is prepared."""
-    r = torchrun(1, tmp_path / "out.safetensors", {"steps": 1, "batch": 2, "optimizer": "adamw8bit"}, fsdp=True,
-                 check=False)
-    assert r["returncode"] != 0 and "optimizer adamw8bit under FSDP" in r["log"] and "#1633" in r["log"]
+@pytest.mark.parametrize("setting,message", [
+    ({"optimizer": "adamw8bit"}, "optimizer adamw8bit under FSDP: bitsandbytes' 8-bit AdamW does not handle sharded"),
+    ({"mixed_precision": "bf16-weights"}, "mixed_precision bf16-weights under FSDP is not supported")])
+def test_what_fsdp_cannot_train_is_a_clear_error(tmp_path, setting, message):
+    """Refused before any model is prepared: bitsandbytes' 8-bit AdamW (it does not handle sharded parameters,
+    bitsandbytes #1633) and bf16-weights (its masters would be FSDP's own mixed precision)."""
+    r = torchrun(1, tmp_path / "out.safetensors", {"steps": 1, "batch": 2} | setting, fsdp=True, check=False)
+    assert r["returncode"] != 0 and message in r["log"]
 
 
 def test_compiled_blocks_under_two_processes_compute_what_one_eager_process_computes(tmp_path):
