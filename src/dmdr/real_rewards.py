@@ -58,6 +58,13 @@ def open_clip_preprocess(model) -> Preprocess:
                       cfg.get("resize_mode", "shortest"))
 
 
+def image_embedding(model, preprocess: Preprocess, images: torch.Tensor) -> torch.Tensor:
+    """The L2-normalised fp32 embedding of images in [-1, 1] by an open_clip model, the pixels in its weights'
+    device and dtype."""
+    w = next(model.parameters())
+    return F.normalize(model.encode_image(preprocess(images).to(w.device, w.dtype)).float(), dim=-1)
+
+
 def read_state_dict(path: Path) -> dict:
     """Weights from safetensors, or from a torch file of plain tensors (weights_only: no code is unpickled); a
     checkpoint that nests them under 'state_dict' (HPS) is unwrapped."""
@@ -80,9 +87,8 @@ class OpenClipReward(nn.Module):
         self.preprocess = open_clip_preprocess(model)
 
     def forward(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
-        w = next(self.model.parameters())
-        img = F.normalize(self.model.encode_image(self.preprocess(images).to(w.device, w.dtype)).float(), dim=-1)
-        txt = F.normalize(self.model.encode_text(self.tokenizer(texts).to(w.device)).float(), dim=-1)
+        img = image_embedding(self.model, self.preprocess, images)
+        txt = F.normalize(self.model.encode_text(self.tokenizer(texts).to(img.device)).float(), dim=-1)
         return self.scale * (img * txt).sum(-1)
 
 
@@ -132,9 +138,8 @@ class LaionAesthetic(nn.Module):
         self.preprocess = open_clip_preprocess(clip_model)
 
     def forward(self, images: torch.Tensor, texts: list[str] | None = None) -> torch.Tensor:
-        w = next(self.model.parameters())
-        img = F.normalize(self.model.encode_image(self.preprocess(images).to(w.device, w.dtype)).float(), dim=-1)
-        return self.head(img.to(w.dtype)).float().squeeze(-1)
+        img = image_embedding(self.model, self.preprocess, images)
+        return self.head(img.to(next(self.head.parameters()).dtype)).float().squeeze(-1)
 
 
 def open_clip_model(arch: str, checkpoint: str | Path, quick_gelu: bool = False):
