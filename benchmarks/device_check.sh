@@ -8,8 +8,8 @@
 #      runs'), against the same reference;
 #   3. stage 2 in bf16-weights with compiled blocks (compile: inductor);
 #   4. stage 2 under FSDP2 through configs/accelerate/fsdp.yaml in one process (accelerate's own FSDP routing on a
-#      GPU, sharded parameters in fused AdamW, the gather at the end), at SD3-Medium scale, in bf16 (bf16-weights is
-#      refused under FSDP).
+#      GPU, sharded parameters in fused AdamW, the gather at the end), at SD3-Medium scale, in bf16-weights (FSDP's
+#      own mixed precision: fp32 shards gathered in bf16, no master copy), against part 1.
 #
 #   bash benchmarks/device_check.sh OUT_DIR        (the parts' limits add up to 9 minutes)
 #   bash benchmarks/device_check.sh OUT_DIR --tiny --steps 1    (a dry run of the script on CPU: extra arguments
@@ -42,4 +42,4 @@ part autocast 120 python benchmarks/gpu_step.py --no-sampling --rows stage2 --pr
 part compiled 120 python benchmarks/gpu_step.py --no-sampling --compile --rows stage2 --precision bf16-weights \
     --out "$out/gpu_step_compiled.txt" "$@"
 part fsdp 90 python -m accelerate.commands.launch --config_file configs/accelerate/fsdp.yaml --num_processes 1 \
-    benchmarks/gpu_step.py --no-sampling --rows stage2 --precision bf16 --out "$out/gpu_step_fsdp.txt" "$@"
+    benchmarks/gpu_step.py --no-sampling --rows stage2 --precision bf16-weights --out "$out/gpu_step_fsdp.txt" "$@"

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+import torch  # noqa: E402
 from accelerate import PartialState  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
@@ -22,7 +23,12 @@ if __name__ == "__main__":
     checkpoint = Path(sys.argv[3]) if len(sys.argv) > 3 else None
     fsdp_on_cpu()
     cfg, _, models = tiny_models(tiny_clip(), "unet", overrides)
+    computed_in = set()  # the dtypes the generator's layers compute in, printed for the tests
+    for layer in models.generator.modules():
+        if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+            layer.register_forward_pre_hook(lambda _, args: computed_in.add(str(args[0].dtype)))
     rows = train(cfg, models, PROMPTS, seed=0, checkpoint_dir=checkpoint)
     if PartialState().is_main_process:
+        print("generator computed in", " ".join(sorted(computed_in)))
         save_file({k: v.contiguous() for k, v in models.generator.state_dict().items()}, out)
         out.with_suffix(".json").write_text(json.dumps(rows))

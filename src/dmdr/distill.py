@@ -234,16 +234,31 @@ def load_lora_state(model, rank: int, state: dict[str, torch.Tensor]) -> None:
         raise ValueError(f"the saved DynaDG LoRA does not fit this model: {result.unexpected_keys[:3]} ...")
 
 
-def master_weights(model, mixed_precision: str) -> None:
+def master_weights(model, mixed_precision: str, fsdp: bool = False) -> None:
     """How a model's weights are held in training. bf16 (autocast): trained weights in fp32 (bf16 AdamW steps at
     the released learning rates round away to nothing), frozen ones in bf16 as the released code stores them
     (autocast computes in bf16 anyway). bf16-weights: every weight in bf16 and no autocast, so no per-op casts; the
-    optimizer steps fp32 masters of the trained ones (MasterWeights)."""
+    optimizer steps fp32 masters of the trained ones (MasterWeights). Under FSDP, bf16-weights holds them as bf16
+    does: the fp32 shards are the masters, and FSDP's own mixed precision (fsdp_mixed_precision) gathers them in
+    bf16 to compute."""
+    every_weight_bf16 = mixed_precision == "bf16-weights" and not fsdp
     for p in model.parameters():
-        if mixed_precision == "bf16-weights" or (mixed_precision == "bf16" and not p.requires_grad):
+        if every_weight_bf16 or (mixed_precision != "no" and not p.requires_grad):
             p.data = p.data.to(torch.bfloat16)
         elif p.requires_grad:
             p.data = p.data.float()
+
+
+def fsdp_mixed_precision(mixed_precision: str):
+    """FSDP2's mixed precision policy for `mixed_precision`. bf16-weights: each unit's fp32 shards gathered in bf16
+    and computed in bf16 without autocast, gradients reduced in fp32 into the fp32 shards, which AdamW steps (the
+    masters, with no copy). Inputs are not cast by FSDP: the model wrappers cast their states (models.computed_in),
+    not the time, which in bf16 would move the noise level by up to 1/256 of itself. Otherwise none (autocast, or
+    fp32)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    if mixed_precision != "bf16-weights":
+        return None
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
 class MasterWeights:
@@ -372,9 +387,8 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
                          "dmdr.real: --set presets.NAME.stage1.optimizer=adamw --set presets.NAME.stage2.optimizer="
                          "adamw): FSDP shards AdamW's fp32 states (8 bytes per parameter) over the processes, which "
                          "beyond 4 processes holds less per GPU than whole 8-bit states (2 bytes per parameter)")
-    if fsdp and cfg.mixed_precision == "bf16-weights":
-        raise ValueError("mixed_precision bf16-weights under FSDP is not supported (FSDP2's own mixed precision "
-                         "policy would hold the masters); use mixed_precision: bf16 (autocast)")
+    if fsdp:  # set for each call: the plugin is accelerate's process-wide state, shared by the stages
+        acc.state.fsdp_plugin.mixed_precision_policy = fsdp_mixed_precision(cfg.mixed_precision)
     autocast = torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
     if cfg.batch % acc.num_processes:
         raise ValueError(f"batch {cfg.batch} does not divide over {acc.num_processes} processes")
@@ -393,7 +407,7 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
         raise ValueError("RT-DM and RL need Models.reward and Models.decode")
     for m in (models.generator, fake, real):
         if m is not None:
-            master_weights(m, cfg.mixed_precision)
+            master_weights(m, cfg.mixed_precision, fsdp)
     # under FSDP, sharding changes the trained models in place: plain copies (without storage) take their weights
     # at the end. Taken before checkpointing and compilation, which export and evaluation do not need.
     trained_models = {"generator": models.generator, "fake": fake if distill and not shared else None,
@@ -413,7 +427,7 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
 
     def optimizer_of(name: str, params, lr: float, weight_decay: float = 0.0):
         params = [p for p in params if p.requires_grad]
-        if cfg.mixed_precision == "bf16-weights":
+        if cfg.mixed_precision == "bf16-weights" and not fsdp:  # under FSDP its fp32 shards are the masters
             masters[name] = MasterWeights(params)
             params = masters[name].masters
         return optimizer(params, lr, cfg, weight_decay)
