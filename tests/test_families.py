@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from dmdr import flow
 from dmdr.config import DistillParams, build
@@ -92,7 +93,6 @@ def tiny_preset(sd3, tmp_path, batch: int = 2, shift: float = 3.0, precision: st
     rewards in HPS's torch format and as safetensors."""
     import open_clip
     import yaml
-    from safetensors.torch import save_file
 
     from tiny import register_tiny_open_clip
     arch = register_tiny_open_clip(tmp_path)
@@ -119,13 +119,46 @@ def tiny_preset(sd3, tmp_path, batch: int = 2, shift: float = 3.0, precision: st
     return tmp_path / "params.yaml"
 
 
+def test_a_pipeline_is_identified_by_the_content_of_its_components(sd3, tmp_path):
+    """The teacher's sha256: the same whether the pipeline is a plain directory or a hub-cache snapshot (links to
+    blobs, a weight's blob named by its sha256, a git file's by 40 hex digits); a changed weight changes it, a file
+    outside the pipeline's components does not."""
+    import hashlib
+    import shutil
+
+    from dmdr.families import pipeline_sha256
+    plain_dir, snapshot, blobs = tmp_path / "plain", tmp_path / "snapshots" / "0123", tmp_path / "blobs"
+    shutil.copytree(sd3, plain_dir)
+    blobs.mkdir()
+    for f in sorted(p for p in sd3.rglob("*") if p.is_file()):
+        data = f.read_bytes()
+        name = (hashlib.sha256(data).hexdigest() if f.suffix == ".safetensors" else hashlib.sha1(data).hexdigest())
+        (blobs / name).write_bytes(data)
+        link = snapshot / f.relative_to(sd3)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(blobs / name)
+    digest = pipeline_sha256(plain_dir)
+    assert pipeline_sha256(snapshot) == digest
+    (plain_dir / "sd3_medium_single_file.safetensors").write_bytes(b"not a component")
+    assert pipeline_sha256(plain_dir) == digest
+    weights = plain_dir / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    state[next(iter(state))][0] += 1e-3
+    save_file(state, weights)
+    assert pipeline_sha256(plain_dir) != digest
+
+
 def test_the_real_runner_trains_both_stages_of_a_preset_exports_and_scores(sd3, tmp_path, monkeypatch):
     """`python -m dmdr.real` on a tiny preset, one key changed on the command line: both stages exported, no
     checkpoint left, the result and the teacher scored by every reward of the preset; a rerun finds both stages
-    done, and one with other settings is refused, naming them."""
+    done, and one with other settings, or with other teacher weights at the same path, is refused, naming them."""
+    import shutil
+
     from dmdr import config, real
-    from dmdr.families import DYNADG_LORA_FILE, TRAINING_FILE
-    params = tiny_preset(sd3, tmp_path)
+    from dmdr.families import DYNADG_LORA_FILE, TRAINING_FILE, pipeline_sha256
+    teacher = tmp_path / "teacher"
+    shutil.copytree(sd3, teacher)
+    params = tiny_preset(teacher, tmp_path)
     loaded = []
     load = real.load_lora_state
     monkeypatch.setattr(real, "load_lora_state", lambda *a: loaded.append(a) or load(*a))
@@ -158,6 +191,14 @@ def test_the_real_runner_trains_both_stages_of_a_preset_exports_and_scores(sd3, 
     with pytest.raises(config.ParamsError, match=r"dmdr was trained with other settings.*"
                        r"reward_models\.hps\.train_prompt_prefix: 'A sketch' then, 'A photo' now"):
         real.run(config.load(params))  # stage 2's reward differs: refused, not reused or overwritten
+    assert weights.stat().st_mtime == before
+    assert records["stage1"]["settings"]["teacher_sha256"] == pipeline_sha256(teacher)
+    teacher_weights = teacher / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(teacher_weights)
+    state[next(iter(state))][0] += 1e-3
+    save_file(state, teacher_weights)  # another teacher at the same path
+    with pytest.raises(config.ParamsError, match=r"stage1 was trained with other settings.*teacher_sha256: '"):
+        real.run(config.load(params, config.overrides(["presets.tiny-sd3.reward_models.hps.train_prompt_prefix=A sketch"])))
     assert weights.stat().st_mtime == before
 
 
@@ -310,7 +351,7 @@ def test_trackers_are_named_installed_ones_and_take_a_stages_record(monkeypatch)
     with pytest.raises(config.ParamsError, match=r"real\.log_with: wandb is not installed .*pip install wandb"):
         real.trackers("tensorboard,wandb")
     pre, stage1, _ = config.preset(config.load(Path(__file__).parents[1] / "params.yaml"), "sd3-medium")
-    settings = real.tracker_settings(real.training_record(pre, stage1, "teacher-dir", 0, ["a cat"]))
+    settings = real.tracker_settings(real.training_record(pre, stage1, "teacher-dir", "0" * 64, 0, ["a cat"]))
     assert settings["stage.optimizer"] == "adamw8bit" and settings["teacher"] == "teacher-dir"
     assert all(isinstance(v, (bool, int, float, str)) for v in settings.values()) and "fingerprint" in settings
 

@@ -12,15 +12,18 @@ with the few-step sampler's settings beside it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from diffusers import AutoencoderKL, DiffusionPipeline, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 from safetensors.torch import save_file
 
 from . import flow
+from .files import sha256
 from .distill import backbone_of, plain
 from .models import LatentDecoder, VelocityModel, atomic_dir, computed_in, returned_as, shard_units
 
@@ -158,13 +161,35 @@ def family_of(pipeline: DiffusionPipeline, source) -> str:
     return FAMILIES[name]
 
 
+def pipeline_directory(source: str | Path) -> Path:
+    """A diffusers pipeline's local directory: `source` itself, or a hub id's files in the hub cache (fetched if
+    missing: those from_pretrained loads, safetensors only)."""
+    if Path(source).exists():
+        if not (Path(source) / "model_index.json").exists():
+            raise FileNotFoundError(f"{source}: not a diffusers pipeline directory (no model_index.json)")
+        return Path(source)
+    return Path(DiffusionPipeline.download(str(source), use_safetensors=True))
+
+
+def pipeline_sha256(directory: Path) -> str:
+    """What a pipeline directory holds, by content: one sha256 over model_index.json and every file in its
+    components' folders (relative path and sha256 of each; a hub-cached weight's is its blob's name, others are
+    read: seconds per GB)."""
+    directory = Path(directory)
+    index = json.loads((directory / "model_index.json").read_text())
+    components = sorted(k for k, v in index.items() if isinstance(v, list) and (directory / k).is_dir())
+    paths = [directory / "model_index.json"] + [f for c in components for f in sorted((directory / c).rglob("*"))
+                                                if f.is_file()]
+    lines = [f"{f.relative_to(directory).as_posix()} {sha256(f)}" for f in tqdm(paths, desc="teacher sha256",
+                                                                               unit="file")]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
 def load_teacher(source: str | Path, resolution: int, max_sequence_length: int = 256,
                  dtype: torch.dtype = torch.float32) -> Teacher:
     """A teacher from a diffusers pipeline directory or hub id (safetensors only, no remote code), sampling
     `resolution` x `resolution` images."""
-    if Path(source).exists() and not (Path(source) / "model_index.json").exists():
-        raise FileNotFoundError(f"{source}: not a diffusers pipeline directory (no model_index.json)")
-    pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, use_safetensors=True)
+    pipe = DiffusionPipeline.from_pretrained(pipeline_directory(source), dtype=dtype, use_safetensors=True)
     family = family_of(pipe, source)
     pipe.set_progress_bar_config(disable=True)
     if resolution % pipe.vae_scale_factor:

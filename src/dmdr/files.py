@@ -1,8 +1,11 @@
-"""Small result files, written atomically (temporary file, then rename) so a crash never leaves half of one."""
+"""Small result files, written atomically (temporary file, then rename) so a crash never leaves half of one; and
+the content hashes of large input files."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import re
 from pathlib import Path
 
 
@@ -36,3 +39,13 @@ def _number(v: str):
         return float(v)
     except (TypeError, ValueError):
         return v
+
+
+def sha256(path: Path) -> str:
+    """The sha256 of a file's content. A link into the Hugging Face hub cache gives it without reading: the cache
+    names a large (LFS) file's blob by its sha256 (a 64-digit name; git files' blobs have 40)."""
+    path = Path(path)
+    if path.is_symlink() and re.fullmatch(r"[0-9a-f]{64}", path.resolve().name):
+        return path.resolve().name
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -25,7 +25,8 @@ from safetensors.torch import load_file
 
 from . import config, flow, resume
 from .distill import Tracking, fused_copy, init_models, load_lora_state, lora_state, train
-from .families import DYNADG_LORA_FILE, TRAINING_FILE, Teacher, export, load_exported, load_teacher
+from .families import (DYNADG_LORA_FILE, TRAINING_FILE, Teacher, export, load_exported, load_teacher,
+                       pipeline_directory, pipeline_sha256)
 from .files import write_json
 from .models import VelocityModel, load_backbone
 from .prompts import load_prompts
@@ -77,16 +78,16 @@ def load_rewards(spec: str, reward_models: dict, dtype: torch.dtype = torch.floa
     return reward.to(process_state().device, dtype)
 
 
-def training_record(pre: config.PresetParams, cfg: config.DistillParams, teacher: str, seed: int,
-                    prompts: list[str], starts_from: dict | None = None) -> dict:
-    """What defines a stage's trained model, written beside its export (TRAINING_FILE): the teacher, the preset's
-    resolution and text length, the reward models the stage trains on, the stage's settings, the seed, the training
-    prompts (by content) and the record of the stage it starts from (by fingerprint). Not the number of processes:
-    N processes compute what one does."""
+def training_record(pre: config.PresetParams, cfg: config.DistillParams, teacher: str, teacher_sha256: str,
+                    seed: int, prompts: list[str], starts_from: dict | None = None) -> dict:
+    """What defines a stage's trained model, written beside its export (TRAINING_FILE): the teacher (by name and by
+    content: families.pipeline_sha256), the preset's resolution and text length, the reward models the stage trains
+    on, the stage's settings, the seed, the training prompts (by content) and the record of the stage it starts from
+    (by fingerprint). Not the number of processes: N processes compute what one does."""
     used = sorted(parse_spec(cfg.rl.reward)) if cfg.rl.weight > 0 or cfg.rtdm.enabled else []
     reward_models = {r: config.build(config.RewardModelParams, pre.reward_models[r], f"reward_models.{r}")
                      for r in used}
-    settings = {"teacher": teacher, "resolution": pre.resolution, "max_sequence_length": pre.max_sequence_length,
+    settings = {"teacher": teacher, "teacher_sha256": teacher_sha256, "resolution": pre.resolution, "max_sequence_length": pre.max_sequence_length,
                 "reward_models": {r: dataclasses.asdict(w) for r, w in reward_models.items()},
                 "stage": dataclasses.asdict(cfg), "seed": seed,
                 "train_prompts": {"count": len(prompts),
@@ -263,12 +264,14 @@ def run(p: config.Params, name: str | None = None, teacher_source: str | None = 
     # under bf16 the teacher (text encoders, VAE, the real score) is held in bf16; trained weights have fp32 masters
     bf16 = cfg1.mixed_precision != "no" and cfg2.mixed_precision != "no"
     source = teacher_source or pre.teacher
-    records = {"stage1": training_record(pre, cfg1, source, p.seed, prompts)}
-    records["dmdr"] = training_record(pre, cfg2, source, p.seed, prompts, starts_from=records["stage1"])
-    for done, record in records.items():  # before the teacher loads: a mismatch is found in seconds
+    directory = pipeline_directory(source)  # a hub id's files fetched into the hub cache
+    digest = pipeline_sha256(directory)
+    records = {"stage1": training_record(pre, cfg1, source, digest, p.seed, prompts)}
+    records["dmdr"] = training_record(pre, cfg2, source, digest, p.seed, prompts, starts_from=records["stage1"])
+    for done, record in records.items():  # before the teacher loads: a mismatch costs only the hashing
         if exported(out / done):
             check_trained_as(out / done, record)
-    teacher = load_teacher(source, pre.resolution, pre.max_sequence_length,
+    teacher = load_teacher(directory, pre.resolution, pre.max_sequence_length,
                            torch.bfloat16 if bf16 else torch.float32)
     teacher.pipeline.to(process_state().device)  # under accelerate launch: this process's GPU
     reward = {cfg.rl.reward: load_rewards(cfg.rl.reward, pre.reward_models, teacher.pipeline.dtype)
