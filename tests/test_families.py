@@ -320,6 +320,32 @@ def test_the_real_runner_on_an_sdxl_preset(sdxl, tmp_path, precision):
     assert type(generator).__name__ == "EpsilonAsFlow"
 
 
+@pytest.mark.parametrize("precision", [None, "bf16-weights"])
+def test_the_real_runner_on_an_sd35_preset(tmp_path_factory, tmp_path, precision):
+    """`python -m dmdr.real` with an SD3.5 teacher (RMS-normed queries and keys, a block with a second attention):
+    both stages, exports that load as SD3.5 transformers and sample as the generator does, the result and the
+    teacher scored; in params.yaml's precision and with every model in bf16 (fp32 masters)."""
+    from diffusers import SD3Transformer2DModel
+
+    from dmdr import real
+    teacher = tiny_sd3_pipeline(tmp_path_factory.mktemp("sd35") / "pipe", sd35=True)
+    real.main(["--params", str(tiny_preset(teacher, tmp_path, precision=precision))])
+    out = tmp_path / "out" / "tiny-sd3"
+    config = SD3Transformer2DModel.load_config(out / "dmdr" / "transformer")
+    assert config["qk_norm"] == "rms_norm" and list(config["dual_attention_layers"]) == [0]
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["few_step"]) == {"hps", "clip", "nfe"} and m["few_step"]["nfe"] == 4
+    assert all(np.isfinite(v) for v in m["few_step"].values())
+    exported = load_teacher(out / "dmdr", 16, 8)  # the export as a pipeline: its transformer is the generator
+    pipe, sampler = load_exported(out / "dmdr")
+    noise = torch.randn(2, *exported.latent_shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = flow.sample_generator(exported.model, noise, exported.encode(TEXTS), flow.generator_times(4, 3.0))
+    theirs = pipe(TEXTS, sigmas=sampler["sigmas"], guidance_scale=sampler["guidance_scale"], latents=noise.clone(),
+                  max_sequence_length=8, output_type="latent").images
+    assert torch.allclose(ours, theirs, atol=1e-4)
+
+
 def test_a_real_runs_curves_are_drawn_a_panel_per_logged_quantity_a_line_per_stage(tmp_path):
     from dmdr.files import write_csv
     from dmdr.report import plot_training, plt

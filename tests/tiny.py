@@ -58,9 +58,10 @@ TINY_CLIP_TEXT = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_siz
                       projection_dim=32)
 
 
-def tiny_sd3_pipeline(path):
+def tiny_sd3_pipeline(path, sd35: bool = False):
     """A random StableDiffusion3Pipeline (transformer, 16-channel VAE, two CLIP text encoders with projection, T5)
-    at 16 x 16 pixels, saved with save_pretrained."""
+    at 16 x 16 pixels, saved with save_pretrained. `sd35`: the transformer of SD3.5 (RMS norms of queries and keys,
+    as SD3.5-Large; its first block with SD3.5-Medium's second, image-only attention)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
     torch.manual_seed(0)
@@ -68,7 +69,8 @@ def tiny_sd3_pipeline(path):
     pipe = StableDiffusion3Pipeline(
         transformer=SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=16, out_channels=16, num_layers=2,
                                           attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
-                                          caption_projection_dim=32, pooled_projection_dim=64),
+                                          caption_projection_dim=32, pooled_projection_dim=64,
+                                          **(dict(qk_norm="rms_norm", dual_attention_layers=(0,)) if sd35 else {})),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 16),
                           down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
