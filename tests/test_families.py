@@ -186,7 +186,8 @@ def test_the_real_runner_trains_both_stages_of_a_preset_exports_and_scores(sd3, 
     assert records["dmdr"]["settings"]["reward_models"]["hps"]["train_prompt_prefix"] == "A sketch"
     weights = out / "dmdr" / "transformer" / "diffusion_pytorch_model.safetensors"
     before = weights.stat().st_mtime
-    real.run(config.load(params, config.overrides(["presets.tiny-sd3.reward_models.hps.train_prompt_prefix=A sketch"])))
+    prefix = "presets.tiny-sd3.reward_models.hps.train_prompt_prefix"
+    real.run(config.load(params, config.overrides([f"{prefix}=A sketch"])))
     assert weights.stat().st_mtime == before  # both stages exported with these settings: nothing retrains
     with pytest.raises(config.ParamsError, match=r"dmdr was trained with other settings.*"
                        r"reward_models\.hps\.train_prompt_prefix: 'A sketch' then, 'A photo' now"):
@@ -198,7 +199,7 @@ def test_the_real_runner_trains_both_stages_of_a_preset_exports_and_scores(sd3, 
     state[next(iter(state))][0] += 1e-3
     save_file(state, teacher_weights)  # another teacher at the same path
     with pytest.raises(config.ParamsError, match=r"stage1 was trained with other settings.*teacher_sha256: '"):
-        real.run(config.load(params, config.overrides(["presets.tiny-sd3.reward_models.hps.train_prompt_prefix=A sketch"])))
+        real.run(config.load(params, config.overrides([f"{prefix}=A sketch"])))
     assert weights.stat().st_mtime == before
 
 

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from diffusers import AutoencoderKL, DiffusionPipeline, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from . import flow
-from .files import sha256
 from .distill import backbone_of, plain
+from .files import sha256
 from .models import LatentDecoder, VelocityModel, atomic_dir, computed_in, returned_as, shard_units
 
 FAMILIES = {"StableDiffusion3Pipeline": "sd3", "StableDiffusionXLPipeline": "sdxl"}

@@ -87,7 +87,8 @@ def training_record(pre: config.PresetParams, cfg: config.DistillParams, teacher
     used = sorted(parse_spec(cfg.rl.reward)) if cfg.rl.weight > 0 or cfg.rtdm.enabled else []
     reward_models = {r: config.build(config.RewardModelParams, pre.reward_models[r], f"reward_models.{r}")
                      for r in used}
-    settings = {"teacher": teacher, "teacher_sha256": teacher_sha256, "resolution": pre.resolution, "max_sequence_length": pre.max_sequence_length,
+    settings = {"teacher": teacher, "teacher_sha256": teacher_sha256, "resolution": pre.resolution,
+                "max_sequence_length": pre.max_sequence_length,
                 "reward_models": {r: dataclasses.asdict(w) for r, w in reward_models.items()},
                 "stage": dataclasses.asdict(cfg), "seed": seed,
                 "train_prompts": {"count": len(prompts),
