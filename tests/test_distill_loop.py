@@ -153,15 +153,48 @@ def torchrun(n: int, out, overrides: dict, checkpoint=None, fsdp: bool = False, 
     return {"weights": load_file(out), "rows": json.loads(out.with_suffix(".json").read_text()), "log": r.stdout}
 
 
-@pytest.mark.parametrize("precision,rel,atol", [("no", 1e-5, 5e-5), ("bf16-weights", 5e-2, 2e-3)])
-def test_two_processes_compute_what_one_computes_at_the_same_global_batch(tmp_path, precision, rel, atol):
-    """DDP on CPU (gloo): stage 1 with every tool and RL, global batch 4 in 1 process or 2 x 2; the 2-process run
-    also checkpoints every step and is then resumed from its checkpoint. In bf16-weights the models compute in bf16
-    and the gradients are averaged in bf16: equal to bf16's precision."""
+@pytest.mark.parametrize("kind,overrides", [
+    ("unet", {"rtdm": {"enabled": True, "tilt_fake": True}, "dynadg": {"form": "paper", "steps": 1},
+              "dynars": {"enabled": True}, "rl": {"weight": 1.0}}),
+    ("sd3", {"rtdm": {"enabled": True}, "dynadg": {"form": "released"}, "rollout_reuse": True, "ttur": 2,
+             "rl": {"weight": 0.5, "loss": "hinge"}, "reward_chunk": 1}),
+])
+def test_micro_batches_compute_what_one_pass_computes(clip, kind, overrides):
+    """Each step's batch of 4 in 2 micro-batches (one process): the same losses and weights as in one pass, and
+    no call of the generator with gradient sees more than its micro-batch (in one pass, the released rollout reuse
+    makes that call on the whole batch)."""
+    prompts = ["a photo of a circle", "a photo of two squares", "a photo of a red triangle", "a blue square"]
+    runs = {}
+    for micro_batches in (1, 2):
+        cfg, _, models = tiny_models(clip, kind, overrides | {"micro_batches": micro_batches})
+        with_grad = []
+        models.generator.register_forward_pre_hook(
+            lambda _, args: with_grad.append(len(args[0])) if torch.is_grad_enabled() else None)
+        runs[micro_batches] = train(cfg, models, prompts, seed=0), models.generator.state_dict(), with_grad
+    (one, weights_one, calls_one), (two, weights_two, calls_two) = runs[1], runs[2]
+    for a, b in zip(one[1:], two[1:]):
+        for k in ("loss_fake", "loss_dmd", "reward_rollout", "reward_x0"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), k
+    assert all(torch.allclose(weights_one[k], weights_two[k], atol=5e-5) for k in weights_one)
+    assert max(calls_one) == 4 and set(calls_two) == {2}
+    cfg, _, models = tiny_models(clip, kind, overrides | {"micro_batches": 3})
+    with pytest.raises(ValueError, match=r"micro_batches 3 does not divide the local batch 4 \(batch 4 over 1"):
+        train(cfg, models, prompts, seed=0)
+
+
+@pytest.mark.parametrize("precision,rel,atol,micro_batches", [("no", 1e-5, 5e-5, 2),
+                                                                ("bf16-weights", 5e-2, 2e-3, 1)])
+def test_two_processes_compute_what_one_computes_at_the_same_global_batch(tmp_path, precision, rel, atol,
+                                                                          micro_batches):
+    """DDP on CPU (gloo): stage 1 with every tool and RL, global batch 4 in 1 process or 2 x 2 (in fp32 each
+    process's 2 in 2 micro-batches, its gradients synchronised after the second); the 2-process run also checkpoints
+    every step and is then resumed from its checkpoint. In bf16-weights the models compute in bf16 and the gradients
+    are averaged in bf16: equal to bf16's precision."""
     overrides = {"steps": 2, "batch": 4, "rtdm": {"enabled": True}, "dynadg": {"form": "paper"},
                  "dynars": {"enabled": True}, "rl": {"weight": 0.5}, "checkpoint_every": 1,
                  "mixed_precision": precision}
     one = torchrun(1, tmp_path / "one.safetensors", overrides)
+    overrides |= {"micro_batches": micro_batches}
     two = torchrun(2, tmp_path / "two.safetensors", overrides, tmp_path / "ckpt")
     for a, b in zip(one["rows"][1:], two["rows"][1:]):  # batch-wide losses: right only if the shards tile the batch
         for k in ("loss_fake", "loss_dmd", "reward_rollout", "reward_x0"):
@@ -174,12 +207,15 @@ def test_two_processes_compute_what_one_computes_at_the_same_global_batch(tmp_pa
                                                   for k in two["weights"])
 
 
-@pytest.mark.parametrize("precision,rel,atol", [("no", 1e-5, 5e-5), ("bf16-weights", 5e-2, 2e-3)])
-def test_fsdp_computes_what_one_process_computes_and_resumes_from_its_own_shards(tmp_path, precision, rel, atol):
+@pytest.mark.parametrize("precision,rel,atol,micro_batches", [("no", 1e-5, 5e-5, 2),
+                                                                ("bf16-weights", 5e-2, 2e-3, 1)])
+def test_fsdp_computes_what_one_process_computes_and_resumes_from_its_own_shards(tmp_path, precision, rel, atol,
+                                                                                 micro_batches):
     """FSDP2 through configs/accelerate/fsdp.yaml in 2 CPU processes (accelerate's launcher, plugin, prepare and
     sharding; tests/ddp_train.py switches accelerate's state to FSDP, which accelerate routes only on GPUs): stage 1
-    with every tool and RL, DynaDG's paper form (three sharded models). The same losses and weights as one process
-    (without FSDP) in the same precision; checkpoints are each process's shards in safetensors; resuming from them
+    with every tool and RL, DynaDG's paper form (three sharded models), in fp32 each process's part in 2
+    micro-batches (gradients reduced after the second). The same losses and weights as one process (without FSDP,
+    in one pass) in the same precision; checkpoints are each process's shards in safetensors; resuming from them
     ends bit-identical. In bf16-weights, FSDP's mixed precision computes in bf16 and the fp32 shards are the
     masters, against the one process's bf16 weights with master copies: equal to bf16's precision."""
     from safetensors.torch import load_file
@@ -187,6 +223,7 @@ def test_fsdp_computes_what_one_process_computes_and_resumes_from_its_own_shards
                  "dynars": {"enabled": True}, "rl": {"weight": 0.5}, "checkpoint_every": 1,
                  "mixed_precision": precision}
     one = torchrun(1, tmp_path / "one.safetensors", overrides)
+    overrides |= {"micro_batches": micro_batches}
     two = torchrun(2, tmp_path / "two.safetensors", overrides, tmp_path / "ckpt", fsdp=True)
     computed_in = "torch.bfloat16" if precision == "bf16-weights" else "torch.float32"
     assert all(f"generator computed in {computed_in}\n" in run["log"] for run in (one, two))

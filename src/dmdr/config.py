@@ -176,6 +176,7 @@ class DistillParams:
     max_nonfinite: int = 5  # abort after this many non-finite losses in a row (each one skips its step)
     gradient_checkpointing: bool = False  # recompute activations in backward (real-scale memory)
     reward_chunk: int = 0  # RL: decode this many samples at a time, recomputed in backward; 0: all at once
+    micro_batches: int = 1  # each process's part of the batch in this many passes, gradients summed: the same update
     compile: str = "off"  # inductor: torch.compile each repeated block of the models (GPUs) | aot_eager (checks)
     optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes, CUDA)
     generator_weight_decay: float = 0.0  # AdamW's, for the generator (released: 0.01; the fake score's is 0)
@@ -255,7 +256,7 @@ UNIT_INTERVAL = {"cfg_dropout", "ema_decay", "t_min", "t_max", "hps_label_noise"
                  "aesthetic_label_noise"}
 NON_NEGATIVE = {"weight", "dmd_weight", "scale", "fake_scale", "seed", "checkpoint_every", "generator_weight_decay",
                 "reward_chunk", "sample_prompts"}
-POSITIVE |= {"beta", "rank", "alpha", "a", "b", "prompts", "max_nonfinite"}
+POSITIVE |= {"beta", "rank", "alpha", "a", "b", "prompts", "max_nonfinite", "micro_batches"}
 FORMS = {"rtdm": ("exp", "reward"), "dynadg": ("off", "paper", "released")}
 
 

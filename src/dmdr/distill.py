@@ -9,6 +9,7 @@ generator update); samples come by backward simulation of the generator's own fe
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -147,6 +148,11 @@ def backward_simulate(generator, noise: torch.Tensor, cond, times: torch.Tensor,
         with torch.no_grad():
             final = flow.sample_generator(generator, noise, cond, times)
     return x0, final, (x_t, t)
+
+
+def parted(cond: flow.Cond, part: slice) -> flow.Cond:
+    """The conditioning of a part of a batch (a micro-batch)."""
+    return tuple(c[part] for c in cond)
 
 
 # --- LoRA adapters (peft through diffusers): DynaDG's, and the generator's option -------------------------------
@@ -292,6 +298,12 @@ class MasterWeights:
 # --- the loop -------------------------------------------------------------------------------------------------
 
 
+def what_trains(cfg: DistillParams) -> dict:
+    """The settings that define what a run trains: all of `cfg` but how the batch is passed (micro_batches), which,
+    as the number of processes, changes the result only by float rounding."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "micro_batches"}
+
+
 def backbone_of(model):
     """The diffusers backbone inside a velocity model (or its CFG wrapper)."""
     return (model.model if isinstance(model, flow.Guided) else model).backbone
@@ -364,7 +376,9 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
     Under several processes (accelerate: DDP or FSDP) `cfg.batch` is the global batch: every process draws
     the whole batch's prompts and noise from the same generators and keeps its own slice, batch-wide quantities
     (RT-DM's softmax weights, the non-finite check, logged losses) are gathered, and gradients are averaged; so N
-    processes compute what one process computes at the same global batch. Under FSDP (configs/accelerate/fsdp.yaml)
+    processes compute what one process computes at the same global batch; with `micro_batches` each process passes
+    its part in that many micro-batches (the draws and batch-wide quantities of the whole batch first), the
+    gradients summed and synchronised once. Under FSDP (configs/accelerate/fsdp.yaml)
     the trained models are sharded and, at the end, gathered back into plain modules in `models` on every process.
     """
     torch.manual_seed(seed)
@@ -394,6 +408,11 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
         raise ValueError(f"batch {cfg.batch} does not divide over {acc.num_processes} processes")
     local = cfg.batch // acc.num_processes
     mine = slice(acc.process_index * local, (acc.process_index + 1) * local)  # this process's part of each draw
+    if local % cfg.micro_batches:
+        raise ValueError(f"micro_batches {cfg.micro_batches} does not divide the local batch {local} (batch "
+                         f"{cfg.batch} over {acc.num_processes} processes)")
+    size = local // cfg.micro_batches
+    micro = [slice(i * size, (i + 1) * size) for i in range(cfg.micro_batches)]  # of this process's part
     distill, rl = cfg.dmd_weight > 0, cfg.rl.weight > 0
     dynadg, shared = cfg.dynadg.form != "off", cfg.dynadg.form == "released"
     reuse_final = cfg.rollout_reuse and cfg.rtdm.enabled  # RT-DM's reward is then taken on the fake's rollout
@@ -450,7 +469,7 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
                         if m is not generator and hasattr(m, "unshard")})
         print(f"FSDP2: {', '.join(plain_copies)} sharded over {acc.num_processes} processes, by {', '.join(units)}")
     ckpt = (resume.Checkpoint(checkpoint_dir, cfg.checkpoint_every,
-                              resume.fingerprint(dataclasses.asdict(cfg), seed, len(prompts), prompts[:8],
+                              resume.fingerprint(what_trains(cfg), seed, len(prompts), prompts[:8],
                                                  *((run_identity,) if run_identity else ())), rng, prng)
             if checkpoint_dir is not None and cfg.checkpoint_every else None)
     times = models.times if models.times is not None else flow.generator_times(cfg.generator_steps, cfg.shift)
@@ -515,9 +534,25 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
         else:
             acc.clip_grad_norm_(params_of(opt), 1.0)
 
-    def update(loss, opt, name: str) -> None:
-        """Backward, the gradient norm clipped to 1, one step of `opt` (of the fp32 masters under bf16-weights)."""
-        acc.backward(loss)
+    def backward_in_micro_batches(model, loss_of) -> torch.Tensor:
+        """Gradients of the mean loss over this process's part of the batch, `loss_of(part)` (a slice of it, its
+        mean loss) computed and differentiated one micro-batch at a time, each weighted by its share, so that only
+        one micro-batch's activations are held (cfg.micro_batches; the gradients are synchronised across processes
+        on the last one only). Returns the batch's loss, detached."""
+        total = 0
+        for i, part in enumerate(micro):
+            with acc.no_sync(model) if i < len(micro) - 1 else contextlib.nullcontext():
+                loss = loss_of(part) * (1 / len(micro))
+                acc.backward(loss)
+            total = total + loss.detach()
+        return total
+
+    def update(loss, opt, name: str, model, what: str, step: int) -> bool:
+        """After backward: unless the batch's `loss` is non-finite (its gradients then dropped), the gradient norm
+        clipped to 1 and one step of `opt` (of the fp32 masters under bf16-weights). Returns whether it stepped."""
+        if nonfinite(what, loss, step):
+            model.zero_grad(set_to_none=True)
+            return False
         if name in masters:
             masters[name].take_grads()
         clip_gradients(opt)
@@ -525,6 +560,7 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
         opt.zero_grad(set_to_none=True)
         if name in masters:
             masters[name].give_weights()
+        return True
 
     master_state = {f"master.{name}.{i}": m for name, w in masters.items() for i, m in enumerate(w.masters)}
 
@@ -590,74 +626,99 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
                                               cfg.rtdm.tilt_fake or reuse_final, randn)
                     w = (fake_weights(batch_wide(reward_of(final, texts)), cfg.rtdm.beta)[mine]
                          if cfg.rtdm.tilt_fake else None)
-                # released: the generator update reuses the last inner step's call, so that call is made once, with
-                # gradient and in train mode as the update would make it, and only its detached sample trains the fake
-                keep = cfg.rollout_reuse and i == cfg.ttur - 1
-                if keep:
+                # released: the generator update reuses the last inner step's rollout, and in one batch its call, so
+                # that call is made once, with gradient and in train mode as the update would make it, and only its
+                # detached sample trains the fake (in micro-batches the update makes it again, a part at a time)
+                reuse = cfg.rollout_reuse and i == cfg.ttur - 1
+                keep = reuse and len(micro) == 1
+                if reuse:
                     generator.train()
                 with torch.set_grad_enabled(keep), autocast:
                     x0 = flow.generator_step(generator, x_t, t_k, cond)
-                reused, x0 = (texts, cond, x0, final), x0.detach()
+                reused, x0 = (texts, cond, x_t, t_k, final, x0 if keep else None), x0.detach()
                 if shared:
                     set_lora_scale(acc.unwrap_model(fake), cfg.dynadg.fake_scale)
-                with autocast:
-                    fake_loss = flow.flow_matching_loss(fake, x0.float(), cond, score_times(), randn(), w)
-                if nonfinite("fake-score", fake_loss.detach(), step):
-                    continue
-                update(fake_loss, f_opt, "fake")
+                s_t, noise = score_times(), randn()
+
+                def fake_loss_of(part):
+                    with autocast:
+                        return flow.flow_matching_loss(fake, x0[part].float(), parted(cond, part), s_t[part],
+                                                       noise[part], None if w is None else w[part])
+                fake_loss = backward_in_micro_batches(fake, fake_loss_of)
+                update(fake_loss, f_opt, "fake", fake, "fake-score", step)
             last["loss_fake"] = float(mean_over_processes(fake_loss))
             scale = dynadg_scale(step, cfg.dynadg.steps, cfg.dynadg.scale) if dynadg else 0.0
             if dynadg and not shared and scale > 0:
                 # DynaDG (paper): the real score's own LoRA learns the generator's samples, so p_real overlaps p_fake
                 set_lora_scale(acc.unwrap_model(real), 1.0)
-                with autocast:
-                    lora_loss = flow.flow_matching_loss(real, x0.float(), cond, score_times(), randn())
-                if not nonfinite("DynaDG", lora_loss.detach(), step):
-                    update(lora_loss, d_opt, "dynadg")
+                s_t, noise = score_times(), randn()
+
+                def lora_loss_of(part):
+                    with autocast:
+                        return flow.flow_matching_loss(real, x0[part].float(), parted(cond, part), s_t[part],
+                                                       noise[part])
+                update(backward_in_micro_batches(real, lora_loss_of), d_opt, "dynadg", real, "DynaDG", step)
             if dynadg:
                 last["dynadg_scale"] = scale
         # generator: Eq. 3 with Eq. 1 (RT-DM-weighted, Eq. 4) as its distillation term
         generator.train()
-        loss_dmd = loss_rl = torch.zeros((), device=dev)
-        with autocast:
-            if cfg.rollout_reuse and distill:  # released: the last fake update's rollout and its call with grad
-                texts, cond, x0, final = reused
+        if cfg.rollout_reuse and distill:  # released: the last fake update's rollout (and its call with grad)
+            texts, cond, x_t, t_k, final, kept = reused
+        else:
+            texts, cond = batch()
+            with torch.no_grad(), autocast:
+                x_t, t_k, final = rollout(generator, start_noise(), cond, times, rng, cfg.rollout, cfg.rtdm.enabled,
+                                          randn)
+            kept = None
+        weight = None
+        if distill:
+            if cfg.rtdm.enabled:
+                with torch.no_grad(), autocast:
+                    r_final = batch_wide(reward_of(final, texts))
+                weight = rtdm_weights(r_final, cfg.rtdm.beta, cfg.rtdm.form)[mine]
+                last["reward_rollout"] = float(r_final.mean())
+            if cfg.dynars.enabled:
+                a, b = dynars_beta(step, cfg.dynars.steps, cfg.dynars.a, cfg.dynars.b)
+                u = to_dev(torch.from_numpy(prng.beta(a, b, size=cfg.batch)[mine]).float())
             else:
-                texts, cond = batch()
-                x0, final, _ = backward_simulate(generator, start_noise(), cond, times, rng, cfg.rollout,
-                                                 need_final=cfg.rtdm.enabled, randn=randn)
-            if distill:
-                weight = None
-                if cfg.rtdm.enabled:
+                u = rand()
+            t = cfg.t_min + (t_max - cfg.t_min) * u
+            noise = randn()
+            guidance = cfg.real_cfg + cfg.cfg_jitter * (2 * rand() - 1)
+        logged = {"loss_dmd": 0, "reward_x0": 0}
+
+        def generator_loss_of(part):
+            """L of Eq. 3 on a part of the batch, from the generator's call at its rollout point."""
+            cond_part = parted(cond, part)
+            loss_dmd = loss_rl = torch.zeros((), device=dev)
+            with autocast:
+                x0 = kept if kept is not None else flow.generator_step(generator, x_t[part], t_k, cond_part)
+                if distill:
+                    x_r = flow.renoise(x0.detach(), noise[part], t[part])
                     with torch.no_grad():
-                        r_final = batch_wide(reward_of(final, texts))
-                    weight = rtdm_weights(r_final, cfg.rtdm.beta, cfg.rtdm.form)[mine]
-                    last["reward_rollout"] = float(r_final.mean())
-                if cfg.dynars.enabled:
-                    a, b = dynars_beta(step, cfg.dynars.steps, cfg.dynars.a, cfg.dynars.b)
-                    u = to_dev(torch.from_numpy(prng.beta(a, b, size=cfg.batch)[mine]).float())
-                else:
-                    u = rand()
-                t = cfg.t_min + (t_max - cfg.t_min) * u
-                x_t = flow.renoise(x0.detach(), randn(), t)
-                with torch.no_grad():
-                    fake.eval()
-                    x0_fake = fake_x0(x_t, t, cond)
-                    if dynadg:
-                        set_lora_scale(acc.unwrap_model(real), scale)
-                    w = cfg.real_cfg + cfg.cfg_jitter * (2 * rand() - 1)
-                    x0_real = flow.x0_from_velocity(x_t, flow.guided_velocity(real, x_t, t, cond, models.uncond, w), t)
-                loss_dmd = dmd_loss(x0, dmd_gradient(x0.detach().float(), x0_real.float(), x0_fake.float()), weight)
-                last["loss_dmd"] = float(mean_over_processes(loss_dmd))
-            if rl:
-                parts = reward_parts(x0, texts)
-                loss_rl = rl_loss(parts, cfg.rl.loss, cfg.rl.margin)
-                last["reward_x0"] = float(mean_over_processes(sum(w * r for w, r in parts).mean()))
-            loss = joint_loss(loss_dmd, loss_rl, cfg.rl.weight, cfg.dmd_weight)
-        if nonfinite("generator", loss.detach(), step):
+                        fake.eval()
+                        x0_fake = fake_x0(x_r, t[part], cond_part)
+                        if dynadg:
+                            set_lora_scale(acc.unwrap_model(real), scale)
+                        x0_real = flow.x0_from_velocity(
+                            x_r, flow.guided_velocity(real, x_r, t[part], cond_part, models.uncond, guidance[part]),
+                            t[part])
+                    loss_dmd = dmd_loss(x0, dmd_gradient(x0.detach().float(), x0_real.float(), x0_fake.float()),
+                                        None if weight is None else weight[part])
+                    logged["loss_dmd"] += loss_dmd.detach() / len(micro)
+                if rl:
+                    parts = reward_parts(x0, texts[part])
+                    loss_rl = rl_loss(parts, cfg.rl.loss, cfg.rl.margin)
+                    logged["reward_x0"] += sum(w * r for w, r in parts).mean().detach() / len(micro)
+                return joint_loss(loss_dmd, loss_rl, cfg.rl.weight, cfg.dmd_weight)
+        loss = backward_in_micro_batches(generator, generator_loss_of)
+        if distill:
+            last["loss_dmd"] = float(mean_over_processes(logged["loss_dmd"]))
+        if rl:
+            last["reward_x0"] = float(mean_over_processes(logged["reward_x0"]))
+        if not update(loss, g_opt, "generator", generator, "generator", step):
             continue
         in_a_row = 0
-        update(loss, g_opt, "generator")
         bar.set_postfix({k: f"{v:.4f}" for k, v in last.items() if k.startswith("loss")})
     for w in masters.values():
         w.release()

@@ -24,7 +24,7 @@ from accelerate.utils import reduce
 from safetensors.torch import load_file
 
 from . import config, flow, resume
-from .distill import Tracking, fused_copy, init_models, load_lora_state, lora_state, train
+from .distill import Tracking, fused_copy, init_models, load_lora_state, lora_state, train, what_trains
 from .families import (DYNADG_LORA_FILE, TRAINING_FILE, Teacher, export, load_exported, load_teacher,
                        pipeline_directory, pipeline_sha256)
 from .files import write_json
@@ -90,7 +90,7 @@ def training_record(pre: config.PresetParams, cfg: config.DistillParams, teacher
     settings = {"teacher": teacher, "teacher_sha256": teacher_sha256, "resolution": pre.resolution,
                 "max_sequence_length": pre.max_sequence_length,
                 "reward_models": {r: dataclasses.asdict(w) for r, w in reward_models.items()},
-                "stage": dataclasses.asdict(cfg), "seed": seed,
+                "stage": what_trains(cfg), "seed": seed,
                 "train_prompts": {"count": len(prompts),
                                   "sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()},
                 "starts_from": starts_from["fingerprint"] if starts_from else None}
