@@ -138,18 +138,6 @@ def rollout(generator, noise: torch.Tensor, cond, times: torch.Tensor, rng: torc
     return x_t, float(times[k]), final
 
 
-def backward_simulate(generator, noise: torch.Tensor, cond, times: torch.Tensor, rng: torch.Generator,
-                      mode: str = "renoise", need_final: bool = False, randn=None):
-    """A generator sample x0 with gradient through one call at a `rollout` point; returns x0, the full ODE output
-    (None unless computed anyway or `need_final`) and the point (x_t, t) of the call."""
-    x_t, t, final = rollout(generator, noise, cond, times, rng, mode, False, randn)
-    x0 = flow.generator_step(generator, x_t, t, cond)
-    if need_final and final is None:
-        with torch.no_grad():
-            final = flow.sample_generator(generator, noise, cond, times)
-    return x0, final, (x_t, t)
-
-
 def parted(cond: flow.Cond, part: slice) -> flow.Cond:
     """The conditioning of a part of a batch (a micro-batch)."""
     return tuple(c[part] for c in cond)
