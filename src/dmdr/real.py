@@ -20,7 +20,7 @@ from pathlib import Path
 import diffusers
 import torch
 from accelerate import PartialState
-from accelerate.utils import reduce
+from accelerate.utils import broadcast_object_list, reduce
 from safetensors.torch import load_file
 
 from . import config, flow, resume
@@ -265,8 +265,13 @@ def run(p: config.Params, name: str | None = None, teacher_source: str | None = 
     # under bf16 the teacher (text encoders, VAE, the real score) is held in bf16; trained weights have fp32 masters
     bf16 = cfg1.mixed_precision != "no" and cfg2.mixed_precision != "no"
     source = teacher_source or pre.teacher
-    directory = pipeline_directory(source)  # a hub id's files fetched into the hub cache
-    digest = pipeline_sha256(directory)
+    state = process_state()
+    with state.main_process_first():  # a hub id's files fetched into the hub cache once, by the main process
+        directory = pipeline_directory(source)
+    digest = [pipeline_sha256(directory) if state.is_main_process else None]  # read once, by the main process
+    if state.num_processes > 1:
+        broadcast_object_list(digest)
+    digest = digest[0]
     records = {"stage1": training_record(pre, cfg1, source, digest, p.seed, prompts)}
     records["dmdr"] = training_record(pre, cfg2, source, digest, p.seed, prompts, starts_from=records["stage1"])
     for done, record in records.items():  # before the teacher loads: a mismatch costs only the hashing
