@@ -246,8 +246,9 @@ def main():
     latent = (c.in_channels, a.resolution // 8, a.resolution // 8)
     report(f"device: {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}, torch {torch.__version__}; "
            f"transformer {sum(x.numel() for x in transformer.parameters()) / 1e9:.2f} B parameters; "
-           f"{a.resolution} px, local batch {a.batch}; the loop in mixed_precision {a.precision} with fp32 AdamW states, frozen weights in bf16, "
-           f"gradient checkpointing; {a.steps} timed steps each (TTUR 1: one fake-score and one generator update)")
+           f"{a.resolution} px, local batch {a.batch}; the loop in mixed_precision {a.precision} with fp32 AdamW "
+           f"states, frozen weights in bf16, gradient checkpointing; {a.steps} timed steps each (TTUR 1: one "
+           f"fake-score and one generator update)")
 
     def reset():
         gc.collect()

@@ -9,8 +9,9 @@
 
 Preprocessing is the models' own (resize of the shortest side with the given interpolation and antialiasing,
 centre crop, mean / std), written with torch ops so gradients reach the images. The pixels enter a model in its
-weights' dtype (a model held in bf16 runs without autocast under mixed_precision bf16-weights); scores are fp32. Checkpoints load as safetensors or
-with torch.load(weights_only=True) (the HPS and aesthetic files are plain state dicts); nothing runs remote code.
+weights' dtype (a model held in bf16 runs without autocast under mixed_precision bf16-weights); scores are fp32.
+Checkpoints load as safetensors or with torch.load(weights_only=True) (the HPS and aesthetic files are plain state
+dicts); nothing runs remote code.
 """
 from __future__ import annotations
 
