@@ -2,7 +2,7 @@
 global batch of 4, in however many processes torchrun starts; the main process saves the generator's weights.
 
     python -m torch.distributed.run --nproc_per_node N tests/ddp_train.py OUT.safetensors '{overrides}' [CHECKPOINT]
-    accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes N tests/ddp_train.py ...
+    accelerate launch --config_file configs/accelerate/{fsdp,deepspeed}.yaml --num_processes N tests/ddp_train.py ...
 """
 import json
 import sys
@@ -14,7 +14,7 @@ from accelerate import PartialState  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from dmdr.distill import train  # noqa: E402
-from tiny import fsdp_on_cpu, tiny_clip, tiny_models  # noqa: E402
+from tiny import deepspeed_on_cpu, fsdp_on_cpu, tiny_clip, tiny_models  # noqa: E402
 
 PROMPTS = ["a photo of a circle", "a photo of two squares", "a photo of a red triangle", "a blue square"]
 
@@ -22,6 +22,7 @@ if __name__ == "__main__":
     out, overrides = Path(sys.argv[1]), json.loads(sys.argv[2])
     checkpoint = Path(sys.argv[3]) if len(sys.argv) > 3 else None
     fsdp_on_cpu()
+    deepspeed_on_cpu()
     cfg, _, models = tiny_models(tiny_clip(), "unet", overrides)
     computed_in = set()  # the dtypes the generator's layers compute in, printed for the tests
     for layer in models.generator.modules():

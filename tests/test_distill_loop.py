@@ -129,10 +129,11 @@ def test_rl_alone_on_the_guided_teacher_trajectory(clip):
     assert any(not torch.equal(a, b) for a, b in zip(before, models.generator.parameters()))
 
 
-def torchrun(n: int, out, overrides: dict, checkpoint=None, fsdp: bool = False, check: bool = True) -> dict:
-    """tests/ddp_train.py in n CPU processes (gloo), by torchrun or, with `fsdp`, by `accelerate launch` with
-    configs/accelerate/fsdp.yaml; returns the generator's weights and the logged rows (without `check`, only the
-    exit code and output)."""
+def torchrun(n: int, out, overrides: dict, checkpoint=None, config: str | None = None, check: bool = True,
+             launch_args: tuple = ()) -> dict:
+    """tests/ddp_train.py in n CPU processes (gloo), by torchrun or, with a `config` (fsdp, deepspeed), by
+    `accelerate launch` with configs/accelerate/CONFIG.yaml (and `launch_args`); returns the generator's weights and
+    the logged rows (without `check`, only the exit code and output)."""
     import json
     import os
     import subprocess
@@ -142,8 +143,9 @@ def torchrun(n: int, out, overrides: dict, checkpoint=None, fsdp: bool = False, 
     from safetensors.torch import load_file
     port = free_port()
     root = Path(__file__).resolve().parents[1]
-    launcher = (["accelerate.commands.launch", "--config_file", str(root / "configs" / "accelerate" / "fsdp.yaml"),
-                 "--num_processes", str(n), "--main_process_port", str(port)] if fsdp else
+    config_file = root / "configs" / "accelerate" / f"{config}.yaml"
+    launcher = (["accelerate.commands.launch", "--config_file", str(config_file), "--num_processes", str(n),
+                 "--main_process_port", str(port), *launch_args] if config else
                 ["torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(port)])
     cmd = [sys.executable, "-m", *launcher, str(root / "tests" / "ddp_train.py"), str(out), json.dumps(overrides)] + (
         [str(checkpoint)] if checkpoint else [])
@@ -226,7 +228,7 @@ def test_fsdp_computes_what_one_process_computes_and_resumes_from_its_own_shards
                  "mixed_precision": precision}
     one = torchrun(1, tmp_path / "one.safetensors", overrides)
     overrides |= {"micro_batches": micro_batches}
-    two = torchrun(2, tmp_path / "two.safetensors", overrides, tmp_path / "ckpt", fsdp=True)
+    two = torchrun(2, tmp_path / "two.safetensors", overrides, tmp_path / "ckpt", config="fsdp")
     computed_in = "torch.bfloat16" if precision == "bf16-weights" else "torch.float32"
     assert all(f"generator computed in {computed_in}\n" in run["log"] for run in (one, two))
     for a, b in zip(one["rows"][1:], two["rows"][1:]):
@@ -241,7 +243,7 @@ def test_fsdp_computes_what_one_process_computes_and_resumes_from_its_own_shards
     assert sharded and all(len(shards[0][k]) + len(shards[1][k]) == len(one["weights"][k]) for k in sharded)
     assert all(shards[0][k].dtype == torch.float32 for k in sharded)
     assert {p.suffix for p in ckpt.iterdir()} == {".safetensors", ".json", ".pkl"}  # .pkl: accelerate's RNG states
-    again = torchrun(2, tmp_path / "again.safetensors", overrides, ckpt, fsdp=True)
+    again = torchrun(2, tmp_path / "again.safetensors", overrides, ckpt, config="fsdp")
     assert "resumed from" in again["log"] and all(torch.equal(two["weights"][k], again["weights"][k])
                                                   for k in two["weights"])
 
@@ -249,10 +251,58 @@ def test_fsdp_computes_what_one_process_computes_and_resumes_from_its_own_shards
 def test_8bit_adamw_under_fsdp_is_a_clear_error(tmp_path):
     """Refused before any model is prepared: bitsandbytes' 8-bit AdamW does not handle sharded parameters
     (bitsandbytes #1633)."""
-    r = torchrun(1, tmp_path / "out.safetensors", {"steps": 1, "batch": 2, "optimizer": "adamw8bit"}, fsdp=True,
+    r = torchrun(1, tmp_path / "out.safetensors", {"steps": 1, "batch": 2, "optimizer": "adamw8bit"}, config="fsdp",
                  check=False)
     assert r["returncode"] != 0 and "optimizer adamw8bit under FSDP: bitsandbytes' 8-bit AdamW does not handle " \
         "sharded" in r["log"]
+
+
+@pytest.mark.parametrize("zero_stage,precision,rel,atol,micro_batches", [("2", "no", 1e-5, 5e-5, 2),
+                                                                           ("1", "bf16-weights", 5e-2, 2e-3, 1)])
+def test_deepspeed_computes_what_one_process_computes_and_resumes_from_its_partitions(tmp_path, zero_stage, precision,
+                                                                                      rel, atol, micro_batches):
+    """DeepSpeed ZeRO through configs/accelerate/deepspeed.yaml in 2 CPU processes (accelerate's launcher, plugin
+    and prepare, one engine a trained model; DeepSpeed's CPU accelerator on gloo; tests/ddp_train.py switches
+    accelerate's state to DeepSpeed, which accelerate routes only on GPUs): stage 1 with every tool and RL,
+    DynaDG's paper form (three engines); ZeRO-2 in fp32, each process's part in 2 micro-batches. The same losses and
+    weights as one process without DeepSpeed; each process's checkpoint holds half of each model's fp32 weights and
+    AdamW states, as safetensors; resuming from them ends bit-identical. In bf16-weights (DeepSpeed's bf16, its fp32
+    masters in the partitions) against the one process's bf16 weights with master copies: equal to bf16's
+    precision (ZeRO-1: gradients not partitioned), and the generator ends with the fp32 masters."""
+    from safetensors.torch import load_file
+    overrides = {"steps": 2, "batch": 4, "rtdm": {"enabled": True}, "dynadg": {"form": "paper"},
+                 "dynars": {"enabled": True}, "rl": {"weight": 0.5}, "checkpoint_every": 1,
+                 "mixed_precision": precision}
+    one = torchrun(1, tmp_path / "one.safetensors", overrides)
+    overrides |= {"micro_batches": micro_batches}
+    stage = ("--zero_stage", zero_stage)
+    two = torchrun(2, tmp_path / "two.safetensors", overrides, tmp_path / "ckpt", config="deepspeed", launch_args=stage)
+    assert f"DeepSpeed ZeRO-{zero_stage}: generator, fake, real trained by an engine each" in two["log"]
+    computed_in = "torch.bfloat16" if precision == "bf16-weights" else "torch.float32"
+    assert all(f"generator computed in {computed_in}\n" in run["log"] for run in (one, two))
+    for a, b in zip(one["rows"][1:], two["rows"][1:]):
+        for k in ("loss_fake", "loss_dmd", "reward_rollout", "reward_x0"):
+            assert a[k] == pytest.approx(b[k], rel=rel, abs=1e-7), k
+    assert all(torch.allclose(one["weights"][k], two["weights"][k], atol=atol) for k in one["weights"])
+    assert all(v.dtype == torch.float32 for v in two["weights"].values())
+    ckpt = tmp_path / "ckpt"
+    trained = sum(v.numel() for v in two["weights"].values())  # the generator trains all its weights
+    parts = [load_file(ckpt / f"optimizer_0.rank_{r}.safetensors") for r in (0, 1)]
+    assert all(p["fp32.0"].dtype == torch.float32 and p["fp32.0"].shape == p["0.exp_avg"].shape for p in parts)
+    assert 0 <= sum(p["fp32.0"].numel() for p in parts) - trained < 64  # two halves (and DeepSpeed's alignment)
+    assert {p.suffix for p in ckpt.iterdir()} == {".safetensors", ".json", ".pkl"}  # .pkl: accelerate's RNG states
+    again = torchrun(2, tmp_path / "again.safetensors", overrides, ckpt, config="deepspeed", launch_args=stage)
+    assert "resumed from" in again["log"] and all(torch.equal(two["weights"][k], again["weights"][k])
+                                                  for k in two["weights"])
+
+
+@pytest.mark.parametrize("overrides,launch_args,message", [
+    ({}, ("--zero_stage", "3"), "DeepSpeed zero_stage 3 is not supported: use 1 or 2"),
+    ({"optimizer": "adamw8bit"}, (), "optimizer adamw8bit under DeepSpeed: ZeRO steps its own flat partitions")])
+def test_what_deepspeed_does_not_run_is_a_clear_error(tmp_path, overrides, launch_args, message):
+    r = torchrun(1, tmp_path / "out.safetensors", {"steps": 1, "batch": 2} | overrides, config="deepspeed",
+                 check=False, launch_args=launch_args)
+    assert r["returncode"] != 0 and message in r["log"]
 
 
 def test_compiled_blocks_under_two_processes_compute_what_one_eager_process_computes(tmp_path):

@@ -204,13 +204,14 @@ def test_the_real_runner_trains_both_stages_of_a_preset_exports_and_scores(sd3, 
 
 
 @pytest.mark.parametrize("family,launcher,units,precision", [
-    ("sd3", "ddp", None, None), ("sd3", "fsdp", "JointTransformerBlock", None),
+    ("sd3", "ddp", None, None), ("sd3", "deepspeed", None, None), ("sd3", "fsdp", "JointTransformerBlock", None),
     ("sd3", "fsdp", "JointTransformerBlock", "bf16-weights"),
     ("sdxl", "fsdp", "BasicTransformerBlock, CrossAttnUpBlock2D, ResnetBlock2D, UpBlock2D", None)])
 def test_the_real_runner_under_two_processes_gives_the_one_process_numbers(request, tmp_path, family, launcher, units,
                                                                            precision):
     """The runner in 2 CPU processes (gloo) at the same global batch, launched by torchrun (DDP) or by accelerate
-    with configs/accelerate/fsdp.yaml (the trained backbones sharded by their blocks, gathered back for export):
+    with configs/accelerate/deepspeed.yaml (ZeRO-2, an engine a trained model) or configs/accelerate/fsdp.yaml (the
+    trained backbones sharded by their blocks, gathered back for export):
     exports written once, the evaluation sharded over the processes, the numbers of the 1-process run. In
     bf16-weights (FSDP's mixed precision against one process's master copies) to bf16's precision."""
     import os
@@ -223,8 +224,8 @@ def test_the_real_runner_under_two_processes_gives_the_one_process_numbers(reque
     real.main(["--params", str(params), "--out", str(tmp_path / "one")])
     root = Path(__file__).resolve().parents[1]
     port = str(free_port())
-    launch = (["accelerate.commands.launch", "--config_file", str(root / "configs" / "accelerate" / "fsdp.yaml"),
-               "--num_processes", "2", "--main_process_port", port] if launcher == "fsdp" else
+    launch = (["accelerate.commands.launch", "--config_file", str(root / "configs" / "accelerate" / f"{launcher}.yaml"),
+               "--num_processes", "2", "--main_process_port", port] if launcher != "ddp" else
               ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", port])
     cmd = [sys.executable, "-m", *launch, str(root / "tests" / "real_run.py"), str(tmp_path), "--params", str(params),
            "--out", str(tmp_path / "two")]
@@ -232,6 +233,7 @@ def test_the_real_runner_under_two_processes_gives_the_one_process_numbers(reque
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert ("FSDP2:" in r.stdout) == (launcher == "fsdp")
+    assert ("DeepSpeed ZeRO-2: generator, real trained by an engine each" in r.stdout) == (launcher == "deepspeed")
     assert not units or f"FSDP2: generator, real sharded over 2 processes, by {units}\n" in r.stdout
     one, two = (json.loads((tmp_path / d / "tiny-sd3" / "metrics.json").read_text()) for d in ("one", "two"))
     assert (one["processes"], two["processes"]) == (1, 2)

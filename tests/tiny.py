@@ -166,3 +166,35 @@ def fsdp_on_cpu() -> None:
 
     dmdr.distill.Accelerator = accelerator
 
+
+def deepspeed_on_cpu() -> None:
+    """DeepSpeed on CPU, for scripts run by `accelerate launch --config_file configs/accelerate/deepspeed.yaml`.
+    accelerate routes DeepSpeed only when it is not told `cpu`, and then, without a GPU, finds no backend and counts
+    one process. Here the loop's Accelerator starts as accelerate's multi-CPU one (gloo, the right ranks) and is
+    switched to DeepSpeed with the plugin the launcher's environment describes, as accelerate does on GPUs;
+    DeepSpeed itself (its CPU accelerator, on the gloo group) initializes and runs each engine."""
+    import os
+
+    import accelerate
+    from accelerate import PartialState
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    import dmdr.distill
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true" or torch.cuda.is_available():
+        return
+    plugin = DeepSpeedPlugin()
+
+    def accelerator(**kwargs):
+        acc = accelerate.Accelerator(**kwargs)
+        for state in (AcceleratorState, PartialState):
+            state._shared_state["distributed_type"] = DistributedType.DEEPSPEED
+        if acc.state.deepspeed_plugins is None:
+            plugin.select(_from_accelerator_state=True)
+            acc.state.deepspeed_plugins = plugin
+        acc.deepspeed_engine_wrapped = None
+        return acc
+
+    dmdr.distill.Accelerator = accelerator
+

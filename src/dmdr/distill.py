@@ -22,10 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
-from . import flow, resume, sharded
+from . import flow, resume, sharded, zero
 from .config import DistillParams
 from .files import write_csv
 from .rewards import weighted_terms
@@ -367,7 +366,9 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
     processes compute what one process computes at the same global batch; with `micro_batches` each process passes
     its part in that many micro-batches (the draws and batch-wide quantities of the whole batch first), the
     gradients summed and synchronised once. Under FSDP (configs/accelerate/fsdp.yaml)
-    the trained models are sharded and, at the end, gathered back into plain modules in `models` on every process.
+    the trained models are sharded and, at the end, gathered back into plain modules in `models` on every process;
+    under DeepSpeed ZeRO 1 or 2 (configs/accelerate/deepspeed.yaml) each trained model is an engine of its own
+    (dmdr.zero), its fp32 weights and AdamW states partitioned over the processes.
     """
     torch.manual_seed(seed)
     rng = torch.Generator().manual_seed(seed)
@@ -376,11 +377,7 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
                       project_dir=tracking.directory if tracking else None)
     if tracking:
         acc.init_trackers(tracking.name, config=tracking.config)
-    if acc.distributed_type == DistributedType.DEEPSPEED:
-        raise ValueError("DeepSpeed is not supported: accelerate's DeepSpeed trains one model per Accelerator (its "
-                         "multi-model API is experimental) and this loop trains two in one, the generator and the "
-                         "fake score. Shard with FSDP instead: configs/accelerate/fsdp.yaml")
-    fsdp = sharded.active(acc)
+    fsdp, deepspeed = sharded.active(acc), zero.active(acc)
     if fsdp and not acc.is_fsdp2:
         raise ValueError("FSDP version 1 is not supported: set fsdp_version: 2 (configs/accelerate/fsdp.yaml)")
     if fsdp and cfg.optimizer == "adamw8bit":
@@ -401,6 +398,8 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
                          f"{cfg.batch} over {acc.num_processes} processes)")
     size = local // cfg.micro_batches
     micro = [slice(i * size, (i + 1) * size) for i in range(cfg.micro_batches)]  # of this process's part
+    if deepspeed:
+        zero.configure(acc, cfg, size)
     distill, rl = cfg.dmd_weight > 0, cfg.rl.weight > 0
     dynadg, shared = cfg.dynadg.form != "off", cfg.dynadg.form == "released"
     reuse_final = cfg.rollout_reuse and cfg.rtdm.enabled  # RT-DM's reward is then taken on the fake's rollout
@@ -434,19 +433,30 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
 
     def optimizer_of(name: str, params, lr: float, weight_decay: float = 0.0):
         params = [p for p in params if p.requires_grad]
-        if cfg.mixed_precision == "bf16-weights" and not fsdp:  # under FSDP its fp32 shards are the masters
+        if cfg.mixed_precision == "bf16-weights" and not (fsdp or deepspeed):  # else shards or ZeRO partitions
             masters[name] = MasterWeights(params)
             params = masters[name].masters
         return optimizer(params, lr, cfg, weight_decay)
 
-    # each model is prepared with its optimizer in one call, as FSDP requires
-    generator, g_opt = acc.prepare(models.generator, optimizer_of("generator", models.generator.parameters(),
-                                                                  cfg.generator_lr, cfg.generator_weight_decay))
+    engines = []  # under DeepSpeed, one a trained model
+
+    def prepared(model, opt):
+        """A model with its optimizer, in one call as FSDP requires; under DeepSpeed each by its own Accelerator,
+        as an engine trains one model."""
+        by = Accelerator(cpu=not torch.cuda.is_available()) if deepspeed and engines else acc
+        if deepspeed:  # as DeepSpeed's config has them (the loop's backward does not use accelerate's)
+            by.gradient_accumulation_steps = cfg.micro_batches
+        model, opt = by.prepare(model, opt)
+        engines.extend([model] if deepspeed else [])
+        return model, opt
+
+    generator, g_opt = prepared(models.generator, optimizer_of("generator", models.generator.parameters(),
+                                                               cfg.generator_lr, cfg.generator_weight_decay))
     if distill and not shared:
-        fake, f_opt = acc.prepare(fake, optimizer_of("fake", fake.parameters(), cfg.fake_lr))
+        fake, f_opt = prepared(fake, optimizer_of("fake", fake.parameters(), cfg.fake_lr))
     if dynadg:  # its LoRA is trained state, so it goes into checkpoints
-        real, lora_opt = acc.prepare(real, optimizer_of("fake" if shared else "dynadg", lora,
-                                                        cfg.fake_lr if shared else cfg.dynadg.lr))
+        real, lora_opt = prepared(real, optimizer_of("fake" if shared else "dynadg", lora,
+                                                     cfg.fake_lr if shared else cfg.dynadg.lr))
         if shared:
             fake, f_opt = real, lora_opt
         else:
@@ -456,6 +466,10 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
         units = sorted({type(m).__name__.removeprefix("FSDP") for m in generator.modules()
                         if m is not generator and hasattr(m, "unshard")})
         print(f"FSDP2: {', '.join(plain_copies)} sharded over {acc.num_processes} processes, by {', '.join(units)}")
+    if deepspeed and acc.is_main_process:
+        names = ", ".join(k for k, m in trained_models.items() if m is not None)
+        print(f"DeepSpeed ZeRO-{acc.state.deepspeed_plugin.zero_stage}: {names} trained by an engine each, their "
+              f"fp32 weights and AdamW states partitioned over {acc.num_processes} processes")
     ckpt = (resume.Checkpoint(checkpoint_dir, cfg.checkpoint_every,
                               resume.fingerprint(what_trains(cfg), seed, len(prompts), prompts[:8],
                                                  *((run_identity,) if run_identity else ())), rng, prng)
@@ -529,15 +543,23 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
         on the last one only). Returns the batch's loss, detached."""
         total = 0
         for i, part in enumerate(micro):
-            with acc.no_sync(model) if i < len(micro) - 1 else contextlib.nullcontext():
+            last = i == len(micro) - 1
+            with acc.no_sync(model) if not (last or deepspeed) else contextlib.nullcontext():
                 loss = loss_of(part) * (1 / len(micro))
-                acc.backward(loss)
+                if deepspeed:
+                    zero.backward(model, loss, last)
+                else:
+                    acc.backward(loss)
             total = total + loss.detach()
         return total
 
     def update(loss, opt, name: str, model, what: str, step: int) -> bool:
         """After backward: unless the batch's `loss` is non-finite (its gradients then dropped), the gradient norm
         clipped to 1 and one step of `opt` (of the fp32 masters under bf16-weights). Returns whether it stepped."""
+        if deepspeed:  # the engine clips, and skips a step whose gradient norm (a non-finite loss's) is not finite
+            stepped = not nonfinite(what, loss, step)
+            model.step()
+            return stepped
         if nonfinite(what, loss, step):
             model.zero_grad(set_to_none=True)
             return False
@@ -558,7 +580,7 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
         return flow.x0_from_velocity(x_t, fake(x_t, t, *cond), t)
 
     rows, t0, last, start, skipped, in_a_row = [], time.time(), {}, 0, 0, 0
-    if (state := resume.load(acc, ckpt, master_state)) is not None:
+    if (state := resume.load(acc, ckpt, master_state, trained)) is not None:
         rows, last, start, skipped = state["rows"], state["last"], state["step"], state["skipped"]
         for w in masters.values():
             w.give_weights()
@@ -710,6 +732,7 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
         bar.set_postfix({k: f"{v:.4f}" for k, v in last.items() if k.startswith("loss")})
     for w in masters.values():
         w.release()
+    zero.release(engines)
     for k, m in plain_copies.items():  # on the host: beside the sharded models, a full SD3.5-Large may not fit a GPU
         setattr(models, k, sharded.gathered(trained_models[k], m, "cpu"))
     if dynadg:

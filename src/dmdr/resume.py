@@ -7,7 +7,7 @@ rows, the loop's own numpy generator, the fingerprint of the run's settings) and
 torch generator and any other tensors of its state, such as an EMA's shadow weights). Nothing is unpickled. A
 checkpoint whose fingerprint differs (other params, other prompts) is ignored rather than resumed; one with
 non-finite weights is never written. Under FSDP every process writes its own shards instead of accelerate's state
-(dmdr.sharded).
+(dmdr.sharded), and under DeepSpeed its partitions (dmdr.zero).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import sharded
+from . import sharded, zero
 from .models import atomic_dir, move_into_place
 
 
@@ -82,6 +82,8 @@ def save(acc, ckpt: Checkpoint, loop: dict, modules, tensors: dict[str, torch.Te
     def save_state(d: Path):
         if sharded.active(acc):
             sharded.save_state(acc, d)
+        elif zero.active(acc):
+            zero.save_state(acc, modules, d)
         else:
             acc.save_state(str(d), safe_serialization=True)
 
@@ -105,9 +107,9 @@ def save(acc, ckpt: Checkpoint, loop: dict, modules, tensors: dict[str, torch.Te
     return True
 
 
-def load(acc, ckpt: Checkpoint | None, tensors: dict[str, torch.Tensor] | None = None) -> dict | None:
-    """Restore the run's checkpoint into the prepared objects, its generators and `tensors` (in place); returns the
-    loop state, or None when there is no checkpoint of this run."""
+def load(acc, ckpt: Checkpoint | None, tensors: dict[str, torch.Tensor] | None = None, modules=()) -> dict | None:
+    """Restore the run's checkpoint into the prepared objects (under DeepSpeed, the engines `modules`), its
+    generators and `tensors` (in place); returns the loop state, or None when there is no checkpoint of this run."""
     if ckpt is None or not (Path(ckpt.path) / "loop.json").exists():
         return None
     path = Path(ckpt.path)
@@ -117,6 +119,8 @@ def load(acc, ckpt: Checkpoint | None, tensors: dict[str, torch.Tensor] | None =
         return None
     if sharded.active(acc):
         sharded.load_state(acc, path)
+    elif zero.active(acc):
+        zero.load_state(acc, modules, path)
     else:
         acc.load_state(str(path))
     saved = load_file(path / "generators.safetensors")
