@@ -443,11 +443,12 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
     def prepared(model, opt):
         """A model with its optimizer, in one call as FSDP requires; under DeepSpeed each by its own Accelerator,
         as an engine trains one model."""
-        by = Accelerator(cpu=not torch.cuda.is_available()) if deepspeed and engines else acc
-        if deepspeed:  # as DeepSpeed's config has them (the loop's backward does not use accelerate's)
-            by.gradient_accumulation_steps = cfg.micro_batches
+        if not deepspeed:
+            return acc.prepare(model, opt)
+        by = Accelerator(cpu=not torch.cuda.is_available()) if engines else acc
+        by.gradient_accumulation_steps = cfg.micro_batches  # as DeepSpeed's config has them (silences a warning)
         model, opt = by.prepare(model, opt)
-        engines.extend([model] if deepspeed else [])
+        engines.append(model)
         return model, opt
 
     generator, g_opt = prepared(models.generator, optimizer_of("generator", models.generator.parameters(),
