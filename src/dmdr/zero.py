@@ -35,9 +35,10 @@ def configure(acc, cfg, micro_batch: int) -> None:
                          f"(configs/accelerate/deepspeed.yaml); to shard the weights too, use FSDP "
                          f"(configs/accelerate/fsdp.yaml)")
     if cfg.optimizer == "adamw8bit":
-        raise ValueError("optimizer adamw8bit under DeepSpeed: ZeRO steps its own flat partitions, which "
-                         "bitsandbytes' 8-bit AdamW is not made for; set optimizer: adamw (ZeRO partitions AdamW's "
-                         "fp32 states over the processes)")
+        raise ValueError("optimizer adamw8bit under DeepSpeed: ZeRO is untested with bitsandbytes' 8-bit AdamW "
+                         "(DeepSpeed refuses it without zero_allow_untested_optimizer). Set optimizer: adamw in the "
+                         "preset's stages (with dmdr.real: --set presets.NAME.stage1.optimizer=adamw --set "
+                         "presets.NAME.stage2.optimizer=adamw): ZeRO partitions AdamW's fp32 states over the processes")
     plugin.deepspeed_config.update({
         "train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": cfg.micro_batches,
         "train_batch_size": cfg.batch, "gradient_clipping": 1.0, "fp16": {"enabled": False},
