@@ -18,7 +18,8 @@ Measured in one run, on one device:
     python benchmarks/gpu_step.py --compile --rows stage2 --no-sampling   # the loop with compiled blocks
     python benchmarks/gpu_step.py --tiny     # the same code on a tiny transformer, on CPU: a check that it runs
     python -m accelerate.commands.launch --config_file configs/accelerate/fsdp.yaml --num_processes 1 \
-        benchmarks/gpu_step.py --rows stage2 --no-sampling             # the loop under FSDP2
+        benchmarks/gpu_step.py --rows stage2 --no-sampling             # the loop under FSDP2 (or deepspeed.yaml:
+                                                                       # ZeRO-2, with deepspeed installed)
 """
 import argparse
 import copy
@@ -267,8 +268,9 @@ def main():
     for row, cfg in configs.items():
         if row not in a.rows:
             continue
-        name = LOOP_ROWS[row] + (", compiled blocks" if a.compile else "") + (
-            ", under accelerate's FSDP config" if os.environ.get("ACCELERATE_USE_FSDP") == "true" else "")
+        launched = [k for k in ("FSDP", "DeepSpeed") if os.environ.get(f"ACCELERATE_USE_{k.upper()}") == "true"]
+        name = LOOP_ROWS[row] + (", compiled blocks" if a.compile else "") + "".join(
+            f", under accelerate's {k} config" for k in launched)
         reset()
         profile = a.out.parent / "profile_stage1.txt" if a.profile and a.out and row == "stage1" else None
         sec = loop_step(cfg, teacher, encode, uncond, latent, vae, reward, a.steps, profile)

@@ -463,14 +463,15 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
         else:
             d_opt = lora_opt
     trained = [m for m in (generator, fake if distill else None, real if dynadg else None) if m is not None]
+    processes = f"{acc.num_processes} process{'es' if acc.num_processes > 1 else ''}"
     if fsdp and acc.is_main_process:
         units = sorted({type(m).__name__.removeprefix("FSDP") for m in generator.modules()
                         if m is not generator and hasattr(m, "unshard")})
-        print(f"FSDP2: {', '.join(plain_copies)} sharded over {acc.num_processes} processes, by {', '.join(units)}")
+        print(f"FSDP2: {', '.join(plain_copies)} sharded over {processes}, by {', '.join(units)}")
     if deepspeed and acc.is_main_process:
         names = ", ".join(k for k, m in trained_models.items() if m is not None)
         print(f"DeepSpeed ZeRO-{acc.state.deepspeed_plugin.zero_stage}: {names} trained by an engine each, their "
-              f"fp32 weights and AdamW states partitioned over {acc.num_processes} processes")
+              f"fp32 weights and AdamW states partitioned over {processes}")
     ckpt = (resume.Checkpoint(checkpoint_dir, cfg.checkpoint_every,
                               resume.fingerprint(what_trains(cfg), seed, len(prompts), prompts[:8],
                                                  *((run_identity,) if run_identity else ())), rng, prng)
