@@ -555,6 +555,17 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
             total = total + loss.detach()
         return total
 
+    def score_loss_of(model, x0, cond, weight=None):
+        """The diffusion loss of a score `model` on samples `x0` at fresh noise levels and noise (drawn now, for
+        the whole batch), as a function of the part of the batch it is taken on (backward_in_micro_batches)."""
+        s_t, noise = score_times(), randn()
+
+        def loss_of(part):
+            with autocast:
+                return flow.flow_matching_loss(model, x0[part].float(), parted(cond, part), s_t[part], noise[part],
+                                               None if weight is None else weight[part])
+        return loss_of
+
     def update(loss, opt, name: str, model, what: str, step: int) -> bool:
         """After backward: unless the batch's `loss` is non-finite (its gradients then dropped), the gradient norm
         clipped to 1 and one step of `opt` (of the fp32 masters under bf16-weights). Returns whether it stepped."""
@@ -650,26 +661,15 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
                 reused, x0 = (texts, cond, x_t, t_k, final, x0 if keep else None), x0.detach()
                 if shared:
                     set_lora_scale(acc.unwrap_model(fake), cfg.dynadg.fake_scale)
-                s_t, noise = score_times(), randn()
-
-                def fake_loss_of(part):
-                    with autocast:
-                        return flow.flow_matching_loss(fake, x0[part].float(), parted(cond, part), s_t[part],
-                                                       noise[part], None if w is None else w[part])
-                fake_loss = backward_in_micro_batches(fake, fake_loss_of)
+                fake_loss = backward_in_micro_batches(fake, score_loss_of(fake, x0, cond, w))
                 update(fake_loss, f_opt, "fake", fake, "fake-score", step)
             last["loss_fake"] = float(mean_over_processes(fake_loss))
             scale = dynadg_scale(step, cfg.dynadg.steps, cfg.dynadg.scale) if dynadg else 0.0
             if dynadg and not shared and scale > 0:
                 # DynaDG (paper): the real score's own LoRA learns the generator's samples, so p_real overlaps p_fake
                 set_lora_scale(acc.unwrap_model(real), 1.0)
-                s_t, noise = score_times(), randn()
-
-                def lora_loss_of(part):
-                    with autocast:
-                        return flow.flow_matching_loss(real, x0[part].float(), parted(cond, part), s_t[part],
-                                                       noise[part])
-                update(backward_in_micro_batches(real, lora_loss_of), d_opt, "dynadg", real, "DynaDG", step)
+                update(backward_in_micro_batches(real, score_loss_of(real, x0, cond)), d_opt, "dynadg", real,
+                       "DynaDG", step)
             if dynadg:
                 last["dynadg_scale"] = scale
         # generator: Eq. 3 with Eq. 1 (RT-DM-weighted, Eq. 4) as its distillation term
