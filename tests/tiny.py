@@ -140,61 +140,54 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def fsdp_on_cpu() -> None:
-    """FSDP on CPU, for scripts run by `accelerate launch --config_file configs/accelerate/fsdp.yaml`. accelerate
-    routes FSDP only on GPU-type devices: on CPU its state stays MULTI_CPU under the environment the launcher sets
-    from the config. Here the loop's Accelerator is switched to FSDP2 with the plugin that environment describes,
-    as accelerate does on GPUs; the rest (prepare, sharding, gradients) is accelerate's and torch's own."""
+def _route_on_cpu(kind: str, setup) -> None:
+    """For scripts run by `accelerate launch` with an accelerate config of `kind` (FSDP, DEEPSPEED) on a machine
+    without a GPU, where accelerate does not route it: the loop's Accelerator starts as accelerate's multi-CPU one
+    (gloo, the right ranks), is switched to `kind` as accelerate does on GPUs, and `setup(acc)` gives it the plugin
+    that the launcher's environment describes. The rest is accelerate's, torch's and DeepSpeed's own."""
     import os
 
     import accelerate
     from accelerate import PartialState
     from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils import DistributedType
 
     import dmdr.distill
 
-    if os.environ.get("ACCELERATE_USE_FSDP") != "true" or torch.cuda.is_available():
+    if os.environ.get(f"ACCELERATE_USE_{kind}") != "true" or torch.cuda.is_available():
         return
 
     def accelerator(**kwargs):
         acc = accelerate.Accelerator(**kwargs)
         for state in (AcceleratorState, PartialState):
-            state._shared_state["distributed_type"] = DistributedType.FSDP
-        acc.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+            state._shared_state["distributed_type"] = DistributedType[kind]
+        setup(acc)
         return acc
 
     dmdr.distill.Accelerator = accelerator
+
+
+def fsdp_on_cpu() -> None:
+    """FSDP2 on CPU, for configs/accelerate/fsdp.yaml: accelerate's state would stay MULTI_CPU under the
+    environment the launcher sets from the config."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    def setup(acc):
+        acc.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    _route_on_cpu("FSDP", setup)
 
 
 def deepspeed_on_cpu() -> None:
-    """DeepSpeed on CPU, for scripts run by `accelerate launch --config_file configs/accelerate/deepspeed.yaml`.
-    accelerate routes DeepSpeed only when it is not told `cpu`, and then, without a GPU, finds no backend and counts
-    one process. Here the loop's Accelerator starts as accelerate's multi-CPU one (gloo, the right ranks) and is
-    switched to DeepSpeed with the plugin the launcher's environment describes, as accelerate does on GPUs;
-    DeepSpeed itself (its CPU accelerator, on the gloo group) initializes and runs each engine."""
-    import os
+    """DeepSpeed on CPU, for configs/accelerate/deepspeed.yaml: accelerate routes it only when not told `cpu`, and
+    then, without a GPU, finds no backend and counts one process. DeepSpeed runs its CPU accelerator on the gloo
+    group."""
+    from accelerate.utils import DeepSpeedPlugin
 
-    import accelerate
-    from accelerate import PartialState
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import DeepSpeedPlugin, DistributedType
-
-    import dmdr.distill
-
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true" or torch.cuda.is_available():
-        return
-    plugin = DeepSpeedPlugin()
-
-    def accelerator(**kwargs):
-        acc = accelerate.Accelerator(**kwargs)
-        for state in (AcceleratorState, PartialState):
-            state._shared_state["distributed_type"] = DistributedType.DEEPSPEED
-        if acc.state.deepspeed_plugins is None:
+    def setup(acc):
+        if acc.state.deepspeed_plugins is None:  # one plugin, shared by the Accelerator of each engine
+            plugin = DeepSpeedPlugin()
             plugin.select(_from_accelerator_state=True)
             acc.state.deepspeed_plugins = plugin
-        acc.deepspeed_engine_wrapped = None
-        return acc
-
-    dmdr.distill.Accelerator = accelerator
+        acc.deepspeed_engine_wrapped = None  # set by accelerate only when it routes DeepSpeed itself
+    _route_on_cpu("DEEPSPEED", setup)
 
