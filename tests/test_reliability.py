@@ -192,12 +192,17 @@ def test_a_generator_of_the_wrong_latent_size_is_refused_before_sampling(tmp_pat
     assert load_backbone(tmp_path / "g", (4, 16, 16)).config.sample_size == 16
 
 
-def test_an_fsdp_checkpoint_is_not_resumed_by_another_number_of_processes(tmp_path):
-    """Each process's shards fit only the process count that wrote them: a clear error naming the checkpoint."""
+@pytest.mark.parametrize("kind, name", [("FSDP", "FSDP"), ("DEEPSPEED", "DeepSpeed")])
+def test_a_partitioned_checkpoint_is_not_resumed_by_another_number_of_processes(tmp_path, kind, name):
+    """Each process's shards (FSDP) or partitions (DeepSpeed) fit only the process count that wrote them: a clear
+    error naming the checkpoint, before anything is read into the models."""
     from types import SimpleNamespace
 
-    from dmdr import sharded
+    from accelerate.utils import DistributedType
+
+    from dmdr import resume
     for rank in (0, 1):
-        (tmp_path / f"shards.rank_{rank}.json").write_text(json.dumps({"processes": 2}))
-    with pytest.raises(ValueError, match=rf"{tmp_path}: an FSDP checkpoint of 2 processes cannot be resumed by 1"):
-        sharded.load_state(SimpleNamespace(process_index=0, num_processes=1), tmp_path)
+        (tmp_path / f"processes.rank_{rank}.json").write_text(json.dumps({"processes": 2}))
+    acc = SimpleNamespace(distributed_type=DistributedType[kind], process_index=0, num_processes=1)
+    with pytest.raises(ValueError, match=rf"{tmp_path}: a checkpoint of 2 {name} processes cannot be resumed by 1"):
+        resume.load_state(acc, tmp_path)

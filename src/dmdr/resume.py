@@ -6,8 +6,8 @@ accelerate's global RNG states, which it loads with torch.load(weights_only=True
 rows, the loop's own numpy generator, the fingerprint of the run's settings) and `generators.safetensors` (the loop's
 torch generator and any other tensors of its state, such as an EMA's shadow weights). Nothing is unpickled. A
 checkpoint whose fingerprint differs (other params, other prompts) is ignored rather than resumed; one with
-non-finite weights is never written. Under FSDP every process writes its own shards instead of accelerate's state
-(dmdr.sharded), and under DeepSpeed its partitions (dmdr.zero).
+non-finite weights is never written. Under FSDP every process writes its own shards (dmdr.sharded), under DeepSpeed
+its partitions (dmdr.zero), with its RNG states and the number of processes, which such a checkpoint needs to resume.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.checkpointing import load_accelerator_state, save_accelerator_state
 from safetensors.torch import load_file, save_file
 
 from . import sharded, zero
@@ -79,16 +80,8 @@ def save(acc, ckpt: Checkpoint, loop: dict, modules, tensors: dict[str, torch.Te
         loop_state = loop | {"fingerprint": ckpt.fingerprint} | ({"prng": prng.bit_generator.state} if prng else {})
         (d / "loop.json").write_text(json.dumps(loop_state))
 
-    def save_state(d: Path):
-        if sharded.active(acc):
-            sharded.save_state(acc, d)
-        elif zero.active(acc):
-            zero.save_state(acc, modules, d)
-        else:
-            acc.save_state(str(d), safe_serialization=True)
-
     if acc.num_processes == 1:
-        atomic_dir(ckpt.path, lambda d: (save_state(d), extras(d)))
+        atomic_dir(ckpt.path, lambda d: (save_state(acc, d, modules), extras(d)))
         return True
     # several processes: all write accelerate's state (each its RNG) into one staging directory, the main process
     # adds the loop's files and moves it into place (the loop's generators are the same in every process)
@@ -98,7 +91,7 @@ def save(acc, ckpt: Checkpoint, loop: dict, modules, tensors: dict[str, torch.Te
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     acc.wait_for_everyone()
-    save_state(staging)
+    save_state(acc, staging, modules)
     acc.wait_for_everyone()
     if acc.is_main_process:
         extras(staging)
@@ -117,12 +110,7 @@ def load(acc, ckpt: Checkpoint | None, tensors: dict[str, torch.Tensor] | None =
     if loop.pop("fingerprint", None) != ckpt.fingerprint:
         print(f"ignoring checkpoint {path}: it belongs to other settings")
         return None
-    if sharded.active(acc):
-        sharded.load_state(acc, path)
-    elif zero.active(acc):
-        zero.load_state(acc, modules, path)
-    else:
-        acc.load_state(str(path))
+    load_state(acc, path, modules)
     saved = load_file(path / "generators.safetensors")
     if ckpt.rng is not None:
         ckpt.rng.set_state(saved["rng"])
@@ -134,3 +122,42 @@ def load(acc, ckpt: Checkpoint | None, tensors: dict[str, torch.Tensor] | None =
     loop.pop("prng", None)
     print(f"resumed from {path} at step {loop['step']}")
     return loop
+
+
+def _partitioned(acc):
+    """The module that writes each process's own part of the state (dmdr.sharded under FSDP, dmdr.zero under
+    DeepSpeed), or None where accelerate's save_state does (one process, DDP)."""
+    return sharded if sharded.active(acc) else zero if zero.active(acc) else None
+
+
+def save_state(acc, path: Path, modules=()) -> None:
+    """accelerate's state, or under FSDP or DeepSpeed each process's own part with its RNG states (accelerate's
+    random_states_r.pkl, read back with torch.load(weights_only=True)) and the number of processes it was cut for."""
+    backend = _partitioned(acc)
+    if backend is None:
+        acc.save_state(str(path), safe_serialization=True)
+        return
+    if backend is sharded:
+        sharded.save_state(acc, path)
+    else:
+        zero.save_state(acc, modules, path)
+    save_accelerator_state(str(path), [], [], [], [], acc.process_index, acc.step)
+    (path / f"processes.rank_{acc.process_index}.json").write_text(json.dumps({"processes": acc.num_processes}))
+
+
+def load_state(acc, path: Path, modules=()) -> None:
+    """What save_state wrote, into the prepared objects (under DeepSpeed, the engines `modules`); a partitioned
+    state fits only the number of processes that wrote it."""
+    backend = _partitioned(acc)
+    if backend is None:
+        acc.load_state(str(path))
+        return
+    wrote = json.loads((path / "processes.rank_0.json").read_text())["processes"]
+    if wrote != acc.num_processes:
+        raise ValueError(f"{path}: a checkpoint of {wrote} {backend.NAME} processes cannot be resumed by "
+                         f"{acc.num_processes}; run with {wrote} processes or remove the checkpoint")
+    if backend is sharded:
+        sharded.load_state(acc, path)
+    else:
+        zero.load_state(acc, modules, path)
+    load_accelerator_state(str(path), [], [], [], [], acc.process_index)

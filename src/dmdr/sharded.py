@@ -13,10 +13,12 @@ import json
 from pathlib import Path
 
 import torch
-from accelerate.checkpointing import load_accelerator_state, save_accelerator_state
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
+
+
+NAME = "FSDP"
 
 
 def active(acc) -> bool:
@@ -61,9 +63,8 @@ def _optimizer_of(acc_opt):
 
 
 def save_state(acc, path: Path) -> None:
-    """Each process writes its slices of every prepared model and optimizer (`model_i.rank_r.safetensors`,
-    `optimizer_i.rank_r.safetensors`, the optimizer's hyperparameters in `optimizer_i.json`) and its RNG states
-    (accelerate's `random_states_r.pkl`, which accelerate reads back with torch.load(weights_only=True))."""
+    """This process's slices of every prepared model and optimizer (`model_i.rank_r.safetensors`,
+    `optimizer_i.rank_r.safetensors`, the optimizer's hyperparameters in `optimizer_i.json`)."""
     path, rank = Path(path), acc.process_index
     for i, model in enumerate(acc._models):
         save_file({k: local(v).detach().contiguous() for k, v in model.state_dict().items()},
@@ -77,19 +78,12 @@ def save_state(acc, path: Path) -> None:
             meta = {"param_groups": state["param_groups"], "sharded": sorted(k for k, v in tensors.items()
                                                                                 if isinstance(v, DTensor))}
             (path / f"optimizer_{i}.json").write_text(json.dumps(meta))
-    save_accelerator_state(str(path), [], [], [], [], rank, acc.step)
-    (path / f"shards.rank_{rank}.json").write_text(json.dumps({"processes": acc.num_processes}))
 
 
 @torch.no_grad()
 def load_state(acc, path: Path) -> None:
-    """Restore what save_state wrote, into the prepared (sharded) models and optimizers, in place. The shards fit
-    only the number of processes that wrote them."""
+    """Restore what save_state wrote, into the prepared (sharded) models and optimizers, in place."""
     path, rank = Path(path), acc.process_index
-    wrote = json.loads((path / "shards.rank_0.json").read_text())["processes"]
-    if wrote != acc.num_processes:
-        raise ValueError(f"{path}: an FSDP checkpoint of {wrote} processes cannot be resumed by "
-                         f"{acc.num_processes}; run with {wrote} processes or remove the checkpoint")
     for i, model in enumerate(acc._models):
         saved = load_file(path / f"model_{i}.rank_{rank}.safetensors")
         for k, v in model.state_dict().items():
@@ -108,4 +102,3 @@ def load_state(acc, path: Path) -> None:
                                        shape=param.shape, stride=param.stride(), run_check=False)
             state.setdefault(int(p), {})[name] = v
         opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    load_accelerator_state(str(path), [], [], [], [], rank)

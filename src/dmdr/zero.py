@@ -15,9 +15,11 @@ import json
 from pathlib import Path
 
 import torch
-from accelerate.checkpointing import load_accelerator_state, save_accelerator_state
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
+
+
+NAME = "DeepSpeed"
 
 
 def active(acc) -> bool:
@@ -71,9 +73,8 @@ def _host_copy(t: torch.Tensor) -> torch.Tensor:
 
 
 def save_state(acc, engines, path: Path) -> None:
-    """Each engine's weights (`model_i.safetensors`, by the main process) and each process's partition of its fp32
-    weights and AdamW states (`optimizer_i.rank_r.safetensors`, the hyperparameters in `optimizer_i.json`), and each
-    process's RNG states (accelerate's `random_states_r.pkl`, read back with torch.load(weights_only=True))."""
+    """Each engine's weights (`model_i.safetensors`, by the main process) and this process's partition of its fp32
+    weights and AdamW states (`optimizer_i.rank_r.safetensors`, the hyperparameters in `optimizer_i.json`)."""
     path, rank = Path(path), acc.process_index
     for i, engine in enumerate(engines):
         zero = engine.optimizer  # DeepSpeed's ZeRO optimizer around the AdamW it steps its partitions with
@@ -86,19 +87,12 @@ def save_state(acc, engines, path: Path) -> None:
         save_file({k: _host_copy(v) for k, v in tensors.items()}, path / f"optimizer_{i}.rank_{rank}.safetensors")
         if acc.is_main_process:
             (path / f"optimizer_{i}.json").write_text(json.dumps({"param_groups": state["param_groups"]}))
-    save_accelerator_state(str(path), [], [], [], [], rank, acc.step)
-    (path / f"partitions.rank_{rank}.json").write_text(json.dumps({"processes": acc.num_processes}))
 
 
 @torch.no_grad()
 def load_state(acc, engines, path: Path) -> None:
-    """Restore what save_state wrote into the engines, in place. The partitions fit only the number of processes
-    that wrote them."""
+    """Restore what save_state wrote into the engines, in place."""
     path, rank = Path(path), acc.process_index
-    wrote = json.loads((path / "partitions.rank_0.json").read_text())["processes"]
-    if wrote != acc.num_processes:
-        raise ValueError(f"{path}: a DeepSpeed checkpoint of {wrote} processes cannot be resumed by "
-                         f"{acc.num_processes}; run with {wrote} processes or remove the checkpoint")
     for i, engine in enumerate(engines):
         zero = engine.optimizer
         weights = load_file(path / f"model_{i}.safetensors")
@@ -113,4 +107,3 @@ def load_state(acc, engines, path: Path) -> None:
             state.setdefault(int(p), {})[name] = v
         meta = json.loads((path / f"optimizer_{i}.json").read_text())
         zero.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    load_accelerator_state(str(path), [], [], [], [], rank)
