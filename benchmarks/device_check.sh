@@ -9,16 +9,26 @@
 #   3. stage 2 in bf16-weights with compiled blocks (compile: inductor);
 #   4. stage 2 under FSDP2 through configs/accelerate/fsdp.yaml in one process (accelerate's own FSDP routing on a
 #      GPU, sharded parameters in fused AdamW, the gather at the end), at SD3-Medium scale, in bf16-weights (FSDP's
-#      own mixed precision: fp32 shards gathered in bf16, no master copy), against part 1.
+#      own mixed precision: fp32 shards gathered in bf16, no master copy), against part 1;
+#   5. (not in the default list) stage 2 under DeepSpeed ZeRO-2 through configs/accelerate/deepspeed.yaml in one
+#      process (an engine per trained model, DeepSpeed's bf16 with fp32 masters in its partitions), against part 1.
 #
-#   bash benchmarks/device_check.sh OUT_DIR        (the parts' limits add up to 9 minutes)
+#   bash benchmarks/device_check.sh OUT_DIR        (parts 1-4; their limits add up to 9 minutes)
+#   PARTS="eager autocast deepspeed" bash benchmarks/device_check.sh OUT_DIR     (the named parts, in that order:
+#                                                   eager, autocast, compiled, fsdp, deepspeed)
 #   bash benchmarks/device_check.sh OUT_DIR --tiny --steps 1    (a dry run of the script on CPU: extra arguments
-#                                                                go to every benchmarks/gpu_step.py call)
+#                                go to every benchmarks/gpu_step.py call; accelerate routes FSDP and DeepSpeed only
+#                                to GPUs, so on CPU those parts run the plain loop; on a GPU the loop says which ran)
 #
 # The lent machine has its own torch but not all of dmdr's pinned pure-Python packages, and reaches no index: fetch
 # them here first, then carry the folder and install it there (the device tool's `carry` and `$OUT`):
 #   pip download --no-deps -d .whl diffusers==0.42.1 open_clip_torch==3.3.0 accelerate==1.15.0 \
 #       ftfy wcwidth importlib_metadata
+# and for the deepspeed part (the image has its other needs; deepspeed's wheel is pure Python, built here):
+#   pip wheel --no-deps -w .whl deepspeed==0.19.8
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_17_x86_64 -d .whl hjson pydantic==2.14.4 pydantic-core==2.50.5 annotated-types \
+#       typing-inspection
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:src
 #   HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_DISABLE=1 bash benchmarks/device_check.sh "$OUT"
 set -u
@@ -34,12 +44,21 @@ part() {  # part NAME SECONDS COMMAND...: run it with a time limit, keep its log
     echo "exit $? after $((SECONDS - start)) s" | tee -a "$out/$name.log"
     grep -v -i "warn" "$out/$name.log" | tail -8
 }
+parts=${PARTS:-eager autocast compiled fsdp}
+for name in $parts; do
+    case $name in eager|autocast|compiled|fsdp|deepspeed) ;; *) echo "unknown part '$name' in PARTS"; exit 2 ;; esac
+done
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no GPU"; } | tee "$out/device.txt"
-part eager 210 python benchmarks/gpu_step.py --no-sampling --rows stage1 stage2 --precision bf16-weights --profile \
-    --out "$out/gpu_step.txt" "$@"
-part autocast 120 python benchmarks/gpu_step.py --no-sampling --rows stage2 --precision bf16 \
-    --out "$out/gpu_step_autocast.txt" "$@"
-part compiled 120 python benchmarks/gpu_step.py --no-sampling --compile --rows stage2 --precision bf16-weights \
-    --out "$out/gpu_step_compiled.txt" "$@"
-part fsdp 90 python -m accelerate.commands.launch --config_file configs/accelerate/fsdp.yaml --num_processes 1 \
-    benchmarks/gpu_step.py --no-sampling --rows stage2 --precision bf16-weights --out "$out/gpu_step_fsdp.txt" "$@"
+launch=(python3 -m accelerate.commands.launch --num_processes 1 --config_file)  # one process under a config
+stage2=(benchmarks/gpu_step.py --no-sampling --rows stage2)
+for name in $parts; do
+    case $name in
+    eager) part eager 210 python3 benchmarks/gpu_step.py --no-sampling --rows stage1 stage2 --precision bf16-weights \
+        --profile --out "$out/gpu_step.txt" "$@" ;;
+    autocast) part autocast 120 python3 "${stage2[@]}" --precision bf16 --out "$out/gpu_step_autocast.txt" "$@" ;;
+    compiled) part compiled 120 python3 "${stage2[@]}" --compile --precision bf16-weights \
+        --out "$out/gpu_step_compiled.txt" "$@" ;;
+    fsdp|deepspeed) part "$name" 90 "${launch[@]}" "configs/accelerate/$name.yaml" "${stage2[@]}" \
+        --precision bf16-weights --out "$out/gpu_step_$name.txt" "$@" ;;
+    esac
+done
