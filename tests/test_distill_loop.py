@@ -394,6 +394,28 @@ def test_bf16_weights_compute_in_bf16_and_accumulate_small_steps_in_fp32_masters
     assert abs(float(masters.abs().mean() / fp32.abs().mean()) - 1) < 0.25
 
 
+def test_master_weights_take_the_exact_gradients_and_give_back_their_bf16_roundings():
+    """MasterWeights converts gradients in groups of bounded size (fused copies): every master gets its parameter's
+    bf16 gradient exactly, in fp32, and the parameter lets go of it; a parameter without a gradient leaves its
+    master's alone; the model then takes the masters' bf16 roundings."""
+    from dmdr.distill import MasterWeights
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*shape, dtype=torch.bfloat16)) for shape in ((7, 5), (3,), (40,), (2, 2))]
+    masters = MasterWeights(params)
+    grads = [torch.randn_like(p) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    params[1].grad = None
+    masters.take_grads(group_bytes=100)  # 35 + 40 + 4 elements: three groups
+    for i, (p, m, g) in enumerate(zip(params, masters.masters, grads)):
+        assert p.grad is None
+        assert m.grad is None if i == 1 else (m.grad.dtype == torch.float32 and torch.equal(m.grad, g.float()))
+    for m in masters.masters:
+        m.data += 1e-3 * torch.randn_like(m)
+    masters.give_weights()
+    assert all(torch.equal(p, m.detach().to(torch.bfloat16)) for p, m in zip(params, masters.masters))
+
+
 def test_reusing_the_fake_updates_rollout_draws_one_batch_per_step(clip):
     """rollout_reuse (released): the generator update takes the last fake update's prompts, noise and renoise point,
     so a step with TTUR 2 draws 2 batches instead of 3; RT-DM's reward is then taken on that rollout."""
