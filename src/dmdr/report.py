@@ -416,11 +416,15 @@ def readme_results(results: Path = RESULTS) -> str:
         after_world = sum(v for k, v in timings.items() if k not in ("prompts", "world"))
         parts.append("Stage wall times on this machine (minutes, from the executed notebooks in `runs/`): " + ", ".join(
             f"{k} {v:.1f}" for k, v in timings.items()) + f"; everything after the world: {after_world:.1f}.")
-    for name, what in (("sampling_speed", "Sampling benchmark"), ("step_cost", "Training-step benchmark"),
-                       ("launch_count", "Launches per real-scale step, counted on CPU")):
+    for name, what, command in (
+            ("sampling_speed", "Sampling benchmark", "benchmarks/sampling_speed.py"),
+            ("step_cost", "Training-step benchmark", "benchmarks/step_cost.py"),
+            ("launch_count", "Launches per real-scale step, counted on CPU", "benchmarks/launch_count.py"),
+            ("launch_count_bf16_weights", "The same in mixed_precision bf16-weights",
+             "benchmarks/launch_count.py --precision bf16-weights")):
         bench = results / "benchmarks" / f"{name}.txt"
         if bench.exists():
-            parts.append(f"{what} (`benchmarks/{name}.py`, last run):\n\n```\n" + bench.read_text().strip() + "\n```")
+            parts.append(f"{what} (`{command}`, last run):\n\n```\n" + bench.read_text().strip() + "\n```")
     for bench in sorted((results / "benchmarks").glob("gpu_step_*.txt")):
         text = bench.read_text().strip()
         history = bench.with_name(bench.stem + "_history.md").as_posix()
