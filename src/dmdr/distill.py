@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import itertools
 import json
 import math
 import shutil
@@ -268,20 +267,30 @@ class MasterWeights:
         """The model's bf16 gradients (averaged over processes by then) as the masters' fp32 ones, a group of up to
         512 MiB of fp32 gradients at a time: one fused copy per group (few kernel launches), each group's bf16
         gradients freed before the next is converted (a bounded extra peak)."""
-        pending = [(p, m) for p, m in zip(self.params, self.masters) if p.grad is not None]
-        while pending:
-            size = itertools.accumulate(m.numel() * m.element_size() for _, m in pending)
-            n = next((i + 1 for i, total in enumerate(size) if total >= group_bytes), len(pending))
-            group, pending = pending[:n], pending[n:]
-            fp32 = [torch.empty_like(m) for _, m in group]
-            torch._foreach_copy_(fp32, [p.grad for p, _ in group])
-            for (p, m), g in zip(group, fp32):
-                m.grad, p.grad = g, None
+        group, size = [], 0
+        for p, m in zip(self.params, self.masters):
+            if p.grad is not None:
+                group.append((p, m))
+                size += m.numel() * m.element_size()
+            if size >= group_bytes:
+                self._to_masters(group)
+                group, size = [], 0
+        if group:
+            self._to_masters(group)
+
+    @staticmethod
+    def _to_masters(group) -> None:
+        """One fused copy of the group's bf16 gradients into new fp32 ones on the masters; the bf16 ones let go."""
+        fp32 = [torch.empty_like(m) for _, m in group]
+        torch._foreach_copy_(fp32, [p.grad for p, _ in group])
+        for (p, m), g in zip(group, fp32):
+            m.grad, p.grad = g, None
 
     @torch.no_grad()
     def give_weights(self) -> None:
         """The masters' bf16 roundings into the model, in one fused copy."""
-        torch._foreach_copy_(self.params, self.masters)
+        if self.params:
+            torch._foreach_copy_(self.params, self.masters)
 
     def release(self) -> None:
         """The model takes the fp32 masters themselves: after training it holds fp32 trained weights, as under
@@ -470,7 +479,9 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
             fake, f_opt = real, lora_opt
         else:
             d_opt = lora_opt
-    trained = [m for m in (generator, fake if distill else None, real if dynadg else None) if m is not None]
+    # each trained model once (DynaDG's shared LoRA: the fake score is the LoRA'd real score), in the order prepared
+    trained = [m for m in (generator, fake if distill and not shared else None, real if dynadg else None)
+               if m is not None]
     processes = f"{acc.num_processes} process{'es' if acc.num_processes > 1 else ''}"
     if fsdp and acc.is_main_process:
         units = sorted({type(m).__name__.removeprefix("FSDP") for m in generator.modules()

@@ -101,8 +101,8 @@ def save(acc, ckpt: Checkpoint, loop: dict, modules, tensors: dict[str, torch.Te
 
 
 def load(acc, ckpt: Checkpoint | None, tensors: dict[str, torch.Tensor] | None = None, modules=()) -> dict | None:
-    """Restore the run's checkpoint into the prepared objects (under DeepSpeed, the engines `modules`), its
-    generators and `tensors` (in place); returns the loop state, or None when there is no checkpoint of this run."""
+    """Restore the run's checkpoint into the prepared objects (`modules`: the trained models, in the order
+    prepared), its generators and `tensors` (in place); returns the loop state, or None when there is no checkpoint of this run."""
     if ckpt is None or not (Path(ckpt.path) / "loop.json").exists():
         return None
     path = Path(ckpt.path)
@@ -137,17 +137,14 @@ def save_state(acc, path: Path, modules=()) -> None:
     if backend is None:
         acc.save_state(str(path), safe_serialization=True)
         return
-    if backend is sharded:
-        sharded.save_state(acc, path)
-    else:
-        zero.save_state(acc, modules, path)
+    backend.save_state(acc, modules, path)
     save_accelerator_state(str(path), [], [], [], [], acc.process_index, acc.step)
     (path / f"processes.rank_{acc.process_index}.json").write_text(json.dumps({"processes": acc.num_processes}))
 
 
 def load_state(acc, path: Path, modules=()) -> None:
-    """What save_state wrote, into the prepared objects (under DeepSpeed, the engines `modules`); a partitioned
-    state fits only the number of processes that wrote it."""
+    """What save_state wrote, into the prepared objects (`modules`: the trained models, in the order prepared); a
+    partitioned state fits only the number of processes that wrote it."""
     backend = _partitioned(acc)
     if backend is None:
         acc.load_state(str(path))
@@ -156,8 +153,5 @@ def load_state(acc, path: Path, modules=()) -> None:
     if wrote != acc.num_processes:
         raise ValueError(f"{path}: a checkpoint of {wrote} {backend.NAME} processes cannot be resumed by "
                          f"{acc.num_processes}; run with {wrote} processes or remove the checkpoint")
-    if backend is sharded:
-        sharded.load_state(acc, path)
-    else:
-        zero.load_state(acc, modules, path)
+    backend.load_state(acc, modules, path)
     load_accelerator_state(str(path), [], [], [], [], acc.process_index)

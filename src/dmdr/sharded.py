@@ -62,11 +62,11 @@ def _optimizer_of(acc_opt):
     return getattr(acc_opt, "optimizer", acc_opt)
 
 
-def save_state(acc, path: Path) -> None:
-    """This process's slices of every prepared model and optimizer (`model_i.rank_r.safetensors`,
+def save_state(acc, models, path: Path) -> None:
+    """This process's slices of the sharded `models` and of every prepared optimizer (`model_i.rank_r.safetensors`,
     `optimizer_i.rank_r.safetensors`, the optimizer's hyperparameters in `optimizer_i.json`)."""
     path, rank = Path(path), acc.process_index
-    for i, model in enumerate(acc._models):
+    for i, model in enumerate(models):
         save_file({k: local(v).detach().contiguous() for k, v in model.state_dict().items()},
                   path / f"model_{i}.rank_{rank}.safetensors")
     for i, acc_opt in enumerate(acc._optimizers):
@@ -81,10 +81,10 @@ def save_state(acc, path: Path) -> None:
 
 
 @torch.no_grad()
-def load_state(acc, path: Path) -> None:
-    """Restore what save_state wrote, into the prepared (sharded) models and optimizers, in place."""
+def load_state(acc, models, path: Path) -> None:
+    """Restore what save_state wrote, into the sharded `models` and the prepared optimizers, in place."""
     path, rank = Path(path), acc.process_index
-    for i, model in enumerate(acc._models):
+    for i, model in enumerate(models):
         saved = load_file(path / f"model_{i}.rank_{rank}.safetensors")
         for k, v in model.state_dict().items():
             local(v).copy_(saved[k])
