@@ -11,11 +11,14 @@
 #      GPU, sharded parameters in fused AdamW, the gather at the end), at SD3-Medium scale, in bf16-weights (FSDP's
 #      own mixed precision: fp32 shards gathered in bf16, no master copy), against part 1;
 #   5. (not in the default list) stage 2 under DeepSpeed ZeRO-2 through configs/accelerate/deepspeed.yaml in one
-#      process (an engine per trained model, DeepSpeed's bf16 with fp32 masters in its partitions), against part 1.
+#      process (an engine per trained model, DeepSpeed's bf16 with fp32 masters in its partitions), against part 1;
+#   6. (not in the default list) stage 2, full-fine-tune and LoRA-64 generator, in bf16-weights with reward_chunk 0:
+#      the decoder run once forward and once backward instead of chunked and recomputed (a third fewer of its FLOPs,
+#      benchmarks/flop_count.py), for its time and whether its peak fits 48 GB.
 #
 #   bash benchmarks/device_check.sh OUT_DIR        (parts 1-4; their limits add up to 9 minutes)
 #   PARTS="eager autocast deepspeed" bash benchmarks/device_check.sh OUT_DIR     (the named parts, in that order:
-#                                                   eager, autocast, compiled, fsdp, deepspeed)
+#                                                   eager, autocast, compiled, fsdp, deepspeed, unchunked)
 #   bash benchmarks/device_check.sh OUT_DIR --tiny --steps 1    (a dry run of the script on CPU: extra arguments
 #                                go to every benchmarks/gpu_step.py call; accelerate routes FSDP and DeepSpeed only
 #                                to GPUs, so on CPU those parts run the plain loop; on a GPU the loop says which ran)
@@ -46,7 +49,10 @@ part() {  # part NAME SECONDS COMMAND...: run it with a time limit, keep its log
 }
 parts=${PARTS:-eager autocast compiled fsdp}
 for name in $parts; do
-    case $name in eager|autocast|compiled|fsdp|deepspeed) ;; *) echo "unknown part '$name' in PARTS"; exit 2 ;; esac
+    case $name in
+    eager|autocast|compiled|fsdp|deepspeed|unchunked) ;;
+    *) echo "unknown part '$name' in PARTS"; exit 2 ;;
+    esac
 done
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no GPU"; } | tee "$out/device.txt"
 launch=(python3 -m accelerate.commands.launch --num_processes 1 --config_file)  # one process under a config
@@ -58,6 +64,8 @@ for name in $parts; do
     autocast) part autocast 120 python3 "${stage2[@]}" --precision bf16 --out "$out/gpu_step_autocast.txt" "$@" ;;
     compiled) part compiled 120 python3 "${stage2[@]}" --compile --precision bf16-weights \
         --out "$out/gpu_step_compiled.txt" "$@" ;;
+    unchunked) part unchunked 150 python3 benchmarks/gpu_step.py --no-sampling --rows stage2 stage2-lora \
+        --precision bf16-weights --reward-chunk 0 --out "$out/gpu_step_unchunked.txt" "$@" ;;
     fsdp|deepspeed) part "$name" 90 "${launch[@]}" "configs/accelerate/$name.yaml" "${stage2[@]}" \
         --precision bf16-weights --out "$out/gpu_step_$name.txt" "$@" ;;
     esac

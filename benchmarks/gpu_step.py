@@ -184,16 +184,18 @@ def loop_step(cfg, teacher, encode, uncond, latent, vae, reward, steps: int, pro
     return (rows[-1]["seconds"] - rows[1]["seconds"]) / steps
 
 
-def loop_configs(batch: int, mixed_precision: str, compile: str = "off") -> dict[str, config.DistillParams]:
+def loop_configs(batch: int, mixed_precision: str, compile: str = "off",
+                 reward_chunk: int = 2) -> dict[str, config.DistillParams]:
     """The loop's rows (LOOP_ROWS): the sd3-medium preset's stages at local `batch`, TTUR 1, gradient checkpointing,
     fp32 AdamW states (the issue's memory goal is set for them) and a full-fine-tune generator (its reference), and
-    stage 2 again with the released LoRA generator."""
+    stage 2 again with the released LoRA generator; stage 2 decodes `reward_chunk` samples at a time, recomputed in
+    backward (2: the decoder's backward at 512 px, batch 8, is what breaks 48 GB otherwise; 0: all at once)."""
     _, stage1, stage2 = config.preset(config.load(Path(__file__).resolve().parents[1] / "params.yaml"), "sd3-medium")
     for cfg in (stage1, stage2):
         cfg.batch, cfg.checkpoint_every, cfg.ttur, cfg.gradient_checkpointing = batch, 0, 1, True
         cfg.optimizer, cfg.generator_lora.enabled = "adamw", False
         cfg.mixed_precision, cfg.compile = mixed_precision, compile
-    stage2.reward_chunk = 2  # the decoder's backward at 512 px, batch 8, is what breaks 48 GB otherwise
+    stage2.reward_chunk = reward_chunk
     lora_stage2 = copy.deepcopy(stage2)
     lora_stage2.generator_lora.enabled = True
     return dict(zip(LOOP_ROWS, (stage1, stage2, lora_stage2)))
@@ -212,6 +214,8 @@ def main():
     ap.add_argument("--compile", action="store_true",
                     help="the loop's rows with compiled blocks (compile: inductor; the bare passes stay eager)")
     ap.add_argument("--rows", nargs="+", choices=LOOP_ROWS, default=list(LOOP_ROWS), help="which loop rows to time")
+    ap.add_argument("--reward-chunk", type=int, default=2, metavar="N",
+                    help="stage 2 decodes N samples at a time, recomputed in backward (0: all at once, no recompute)")
     ap.add_argument("--precision", choices=("bf16", "bf16-weights"), default="bf16",
                     help="the loop's mixed_precision (bf16: autocast over fp32 trained weights; bf16-weights: bf16 "
                          "weights without autocast, fp32 masters in the optimizer)")
@@ -230,7 +234,7 @@ def main():
 
     if dev == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as the released code
-    configs = loop_configs(a.batch, a.precision, "inductor" if a.compile else "off")
+    configs = loop_configs(a.batch, a.precision, "inductor" if a.compile else "off", a.reward_chunk)
     torch.manual_seed(0)
     with torch.device(dev):  # random init on the device: minutes faster than on the host for 2 B parameters
         transformer = SD3Transformer2DModel(**(TINY if a.tiny else SD3_MEDIUM))
@@ -269,7 +273,8 @@ def main():
         if row not in a.rows:
             continue
         launched = [k for k in ("FSDP", "DeepSpeed") if os.environ.get(f"ACCELERATE_USE_{k.upper()}") == "true"]
-        name = LOOP_ROWS[row] + (", compiled blocks" if a.compile else "") + "".join(
+        name = LOOP_ROWS[row] + (", compiled blocks" if a.compile else "") + (
+            f", reward_chunk {a.reward_chunk}" if a.reward_chunk != 2 and row != "stage1" else "") + "".join(
             f", under accelerate's {k} config" for k in launched)
         reset()
         profile = a.out.parent / "profile_stage1.txt" if a.profile and a.out and row == "stage1" else None

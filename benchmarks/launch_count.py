@@ -60,16 +60,20 @@ class FusedAdamW(torch.optim.AdamW):
         super().__init__(params, **kwargs | {"fused": True})
 
 
-def per_step(run, steps: int) -> collections.Counter:
-    """Ops per step, by name: `run(n)` does n steps after the same set-up; (ops of 1 + steps) - (ops of 1), over
-    steps, after one warm-up run (a first run casts the models to their precision). Averaged, as the rollout's level
-    (4 generator calls or none before the gradient call) is drawn per step."""
-    run(1)
-    counts = []
-    for n in (1, 1 + steps):
-        with OpCount() as c:
-            run(n)
-        counts.append(c.ops)
+def ops_of(fn) -> collections.Counter:
+    """The kernel-launching ops `fn()` dispatches, by name."""
+    with OpCount() as c:
+        fn()
+    return c.ops
+
+
+def per_step(run, steps: int, count=ops_of, warm_up: bool = True) -> collections.Counter:
+    """What `count` counts per step, by name: `run(n)` does n steps after the same set-up; (count of 1 + steps) -
+    (count of 1), over steps, after one warm-up run (a first run casts the models to their precision). Averaged, as
+    the rollout's level (4 generator calls or none before the gradient call) is drawn per step."""
+    if warm_up:
+        run(1)
+    counts = [count(lambda: run(n)) for n in (1, 1 + steps)]
     return collections.Counter({k: (counts[1][k] - counts[0][k]) / steps for k in counts[1] | counts[0]})
 
 

@@ -127,6 +127,23 @@ def test_a_killed_run_resumes_and_two_fresh_runs_give_identical_results(smoke, k
     assert {k: outs(v) for k, v in lock(smoke).items()} == {k: outs(v) for k, v in lock(killed).items()}
 
 
+def test_the_bare_passes_throughput_is_their_counted_flops_over_their_gpu_seconds():
+    from dmdr.report import gpu_throughput
+    flops = ("FLOPs per step (...); SD3-Medium (2.03 B parameters), the SD3 VAE, ViT-H-14; 512 px, local batch 8, TTUR 1\n"
+             "bare passes of one DMD step: 175.0 TFLOP (transformer 175.0)\n")
+    gpu = ("device: H; transformer 2.03 B parameters; 512 px, local batch 8; ...\n"
+           "bare passes of one DMD step (the issue's setting: bf16 weights; full-fine-tune generator): 0.875 s, peak 1 GiB\n"
+           "bare passes of one DMD step (bf16 autocast over fp32 trained weights; full-fine-tune generator): 1.750 s\n")
+    assert gpu_throughput(gpu, flops) == (
+        "Throughput of the bare passes on this device (175.0 TFLOP a step, counted on CPU: "
+        "`results/benchmarks/flop_count.txt`): 200 TFLOP/s in the issue's setting: bf16 weights; "
+        "100 TFLOP/s in bf16 autocast over fp32 trained weights.")
+    old = "device: H; 512 px, local batch 8\nbare passes of one DMD step (full-fine-tune generator, LoRA-32): 1.000 s\n"
+    assert gpu_throughput(old, flops).endswith("): 175 TFLOP/s.")
+    assert gpu_throughput(gpu.replace("512 px", "1024 px"), flops) == ""  # counted at another size
+    assert gpu_throughput(gpu, "") == ""
+
+
 def test_the_gpu_goals_are_read_off_the_benchmarks_output():
     from dmdr.report import gpu_goals
     old = ("stage 2 (DMD + hinge CLIP reward through the VAE): 2.048 s per step = 1.96x the bare passes, peak 43.7 GiB "

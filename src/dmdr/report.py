@@ -421,16 +421,19 @@ def readme_results(results: Path = RESULTS) -> str:
             ("step_cost", "Training-step benchmark", "benchmarks/step_cost.py"),
             ("launch_count", "Launches per real-scale step, counted on CPU", "benchmarks/launch_count.py"),
             ("launch_count_bf16_weights", "The same in mixed_precision bf16-weights",
-             "benchmarks/launch_count.py --precision bf16-weights")):
+             "benchmarks/launch_count.py --precision bf16-weights"),
+            ("flop_count", "FLOPs per real-scale step, counted on CPU", "benchmarks/flop_count.py")):
         bench = results / "benchmarks" / f"{name}.txt"
         if bench.exists():
             parts.append(f"{what} (`{command}`, last run):\n\n```\n" + bench.read_text().strip() + "\n```")
+    flop_count = results / "benchmarks" / "flop_count.txt"
+    flops = flop_count.read_text() if flop_count.exists() else ""
     for bench in sorted((results / "benchmarks").glob("gpu_step_*.txt")):
         text = bench.read_text().strip()
         history = bench.with_name(bench.stem + "_history.md").as_posix()
         parts.append(f"GPU benchmark (`benchmarks/gpu_step.py` on a lent {bench.stem.split('_')[-1].upper()}, "
                      f"`{bench.as_posix()}`; earlier runs, and changes not yet measured, in `{history}`):\n\n"
-                     f"```\n{text}\n```\n\n" + gpu_goals(text))
+                     f"```\n{text}\n```\n\n" + " ".join(filter(None, (gpu_goals(text), gpu_throughput(text, flops)))))
     for fig in ["figure3_paradigms.png", "figure4_rtdm.png", "cold_start.png", "reward_agreement.png",
                 "teacher_accuracy.png", "distill_curves.png"] + [f"samples_{m}.png" for m in ("teacher", "dmd2-4", "dmdr-4",
                                                                                              "dmd-then-rl-4", "dmdr-1")]:
@@ -456,6 +459,24 @@ def gpu_goals(text: str) -> str:
         goals.append(f"4-step sampling at least 22x faster than 50-step CFG: {float(speedup[1]):.1f}x, "
                      f"{'met' if float(speedup[1]) >= 22 else 'not met'}")
     return "Goals of the issue on this device: " + "; ".join(goals) + "." if goals else ""
+
+
+def gpu_throughput(gpu: str, flops: str) -> str:
+    """The bare passes' throughput on a GPU: their FLOPs as benchmarks/flop_count.py counts them (`flops`, its
+    output) over their seconds in a gpu_step.py output (`gpu`), when both are at the same resolution and local batch.
+    Only the bare passes: their calls are fixed, where the loop's FLOPs follow the code of its day."""
+    setting = lambda text: (m := re.search(r"(\d+) px, local batch (\d+)", text)) and m.groups()
+    counted = re.search(r"^bare passes of one DMD step: ([\d.]+) TFLOP", flops, re.M)
+    if not counted or not setting(gpu) or setting(gpu) != setting(flops):
+        return ""
+    tflop = float(counted[1])
+    timed = [(float(sec), how.split(";")[0] if ";" in how else "")
+             for how, sec in re.findall(r"^bare passes of one DMD step \((.*?)\): ([\d.]+) s", gpu, re.M)]
+    if not timed:
+        return ""
+    return (f"Throughput of the bare passes on this device ({tflop:.1f} TFLOP a step, counted on CPU: "
+            "`results/benchmarks/flop_count.txt`): " + "; ".join(
+                f"{tflop / sec:.0f} TFLOP/s" + (f" in {how}" if how else "") for sec, how in timed) + ".")
 
 
 def stage_timings(runs: Path = Path("runs")) -> dict[str, float]:
