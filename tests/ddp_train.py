@@ -33,3 +33,5 @@ if __name__ == "__main__":
         print("generator computed in", " ".join(sorted(computed_in)))
         save_file({k: v.contiguous() for k, v in models.generator.state_dict().items()}, out)
         out.with_suffix(".json").write_text(json.dumps(rows))
+    PartialState().wait_for_everyone()  # as dmdr.real: no process group left to the interpreter's teardown
+    PartialState().destroy_process_group()

@@ -313,6 +313,11 @@ def main(argv: list[str] | None = None) -> None:
     result = run(config.load(a.params, config.overrides(a.set)), a.preset, a.teacher, a.train_prompts,
                  a.eval_prompts, a.out)
     print(json.dumps(result, indent=1))
+    # A process that exits holding its process group leaves it to the interpreter's teardown, where a gloo process
+    # was seen to abort ("terminate called without an active exception") while its peer still saved: let go first.
+    state = process_state()
+    state.wait_for_everyone()
+    state.destroy_process_group()
 
 
 if __name__ == "__main__":
