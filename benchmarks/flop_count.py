@@ -13,6 +13,7 @@ check) is answered by a stand-in, which changes no shape.
 """
 import argparse
 import collections
+import contextlib
 import dataclasses
 import sys
 import warnings
@@ -71,6 +72,21 @@ def unchanged_swap(swap):
     return swap_tensors
 
 
+@contextlib.contextmanager
+def faked(*modules):
+    """The modules with fake weights (fake_weights), under a FakeTensorMode and HostForReal, and Module.to's no-op
+    swaps let through (unchanged_swap) until the end."""
+    swap = torch.utils.swap_tensors
+    torch.utils.swap_tensors = unchanged_swap(swap)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            fakes = [fake_weights(m) for m in modules]
+            with HostForReal():
+                yield fakes
+    finally:
+        torch.utils.swap_tensors = swap
+
+
 PARTS = {"VelocityModel": "transformer", "LatentDecoder": "VAE decoder", "ClipReward": "reward"}
 
 
@@ -95,17 +111,15 @@ ROWS = g.LOOP_ROWS | {"stage2-unchunked": "stage 2 with reward_chunk 0 (the deco
 def counted(teacher, vae, reward, batch: int, resolution: int, steps: int, rows=tuple(ROWS)) -> dict:
     """FLOPs per step by part (flops_of), mean of `steps` steps, of the bare passes ("bare") and of each loop row
     (ROWS: gpu_step.loop_configs in fp32, as FLOPs do not depend on the precision, and stage 2 without reward
-    chunks), for these models: real ones, or fake
-    ones under `FakeTensorMode` and `HostForReal`."""
+    chunks), for these models: real ones, or fake ones (`faked`)."""
     c = teacher.backbone.config
-    encode = lambda texts: (torch.randn(len(texts), g.TEXT_TOKENS, c.joint_attention_dim),
-                            torch.randn(len(texts), c.pooled_projection_dim))
+    encode = g.random_text(teacher.backbone)
     latent = (c.in_channels, resolution // 8, resolution // 8)
     out = {"bare": launch_count.per_step(
         lambda n: g.bare_passes(teacher, encode, encode([""]), latent, batch, n, "cpu", "no"), steps, flops_of,
         warm_up=False)}
     configs = g.loop_configs(batch, "no")
-    configs["stage2-unchunked"] = dataclasses.replace(configs["stage2"], reward_chunk=0)
+    configs["stage2-unchunked"] = g.loop_configs(batch, "no", reward_chunk=0)["stage2"]
     for row, cfg in configs.items():
         if row in rows:
             models = init_models(teacher, encode, encode([""]), cfg=cfg, decode=LatentDecoder(vae), reward=reward,
@@ -123,7 +137,6 @@ def main():
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
-    torch.utils.swap_tensors = unchanged_swap(torch.utils.swap_tensors)
     warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor")  # deepcopy's check, harmless
     torch.manual_seed(0)
     with torch.device("meta"):
@@ -131,11 +144,8 @@ def main():
         vae = AutoencoderKL(**g.SD3_VAE).requires_grad_(False)
     reward = g.ClipReward("ViT-H-14").requires_grad_(False)  # open_clip moves it to the CPU: built for real, once
     parameters = sum(p.numel() for p in transformer.parameters()) / 1e9
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        transformer, vae, reward = fake_weights(transformer), fake_weights(vae), fake_weights(reward)
-        with HostForReal():
-            flops = counted(VelocityModel(transformer).requires_grad_(False), vae, reward, a.batch, a.resolution,
-                            a.steps)
+    with faked(transformer, vae, reward) as (transformer, vae, reward):
+        flops = counted(VelocityModel(transformer).requires_grad_(False), vae, reward, a.batch, a.resolution, a.steps)
     bare = flops.pop("bare")
     lines = [f"FLOPs per step (matmuls, convolutions, attention; forward and backward), mean of {a.steps} steps; "
              f"SD3-Medium ({parameters:.2f} B parameters), the SD3 VAE, ViT-H-14; {a.resolution} px, local batch "

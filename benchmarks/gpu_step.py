@@ -48,9 +48,18 @@ SD3_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_chan
                layers_per_block=2, shift_factor=0.0609, scaling_factor=1.5035)
 TINY_VAE = dict(SD3_VAE, block_out_channels=(16, 16, 16, 16), layers_per_block=1, norm_num_groups=16)
 TEXT_TOKENS = 128 + 77  # T5 tokens (the presets' max_sequence_length) + CLIP tokens
+REWARD_CHUNK = 2  # stage 2's decoder, samples at a time: its backward at 512 px, batch 8, breaks 48 GB otherwise
 LOOP_ROWS = {"stage1": "stage 1 (DMD + DynaDG released + DynaRS)",
              "stage2": "stage 2 (DMD + hinge CLIP reward through the VAE)",
              "stage2-lora": "stage 2, LoRA-64 generator (released)"}
+
+
+def random_text(transformer, tokens: int = TEXT_TOKENS):
+    """Text conditioning of SD3's shapes for `transformer` as random tensors on its device and in its dtype: texts ->
+    (`tokens` token embeddings, pooled embedding)."""
+    c, at = transformer.config, dict(device=transformer.device, dtype=transformer.dtype)
+    return lambda texts: (torch.randn(len(texts), tokens, c.joint_attention_dim, **at),
+                          torch.randn(len(texts), c.pooled_projection_dim, **at))
 
 
 class ClipReward(torch.nn.Module):
@@ -185,11 +194,11 @@ def loop_step(cfg, teacher, encode, uncond, latent, vae, reward, steps: int, pro
 
 
 def loop_configs(batch: int, mixed_precision: str, compile: str = "off",
-                 reward_chunk: int = 2) -> dict[str, config.DistillParams]:
+                 reward_chunk: int = REWARD_CHUNK) -> dict[str, config.DistillParams]:
     """The loop's rows (LOOP_ROWS): the sd3-medium preset's stages at local `batch`, TTUR 1, gradient checkpointing,
     fp32 AdamW states (the issue's memory goal is set for them) and a full-fine-tune generator (its reference), and
     stage 2 again with the released LoRA generator; stage 2 decodes `reward_chunk` samples at a time, recomputed in
-    backward (2: the decoder's backward at 512 px, batch 8, is what breaks 48 GB otherwise; 0: all at once)."""
+    backward (0: all at once)."""
     _, stage1, stage2 = config.preset(config.load(Path(__file__).resolve().parents[1] / "params.yaml"), "sd3-medium")
     for cfg in (stage1, stage2):
         cfg.batch, cfg.checkpoint_every, cfg.ttur, cfg.gradient_checkpointing = batch, 0, 1, True
@@ -214,7 +223,7 @@ def main():
     ap.add_argument("--compile", action="store_true",
                     help="the loop's rows with compiled blocks (compile: inductor; the bare passes stay eager)")
     ap.add_argument("--rows", nargs="+", choices=LOOP_ROWS, default=list(LOOP_ROWS), help="which loop rows to time")
-    ap.add_argument("--reward-chunk", type=int, default=2, metavar="N",
+    ap.add_argument("--reward-chunk", type=int, default=REWARD_CHUNK, metavar="N",
                     help="stage 2 decodes N samples at a time, recomputed in backward (0: all at once, no recompute)")
     ap.add_argument("--precision", choices=("bf16", "bf16-weights"), default="bf16",
                     help="the loop's mixed_precision (bf16: autocast over fp32 trained weights; bf16-weights: bf16 "
@@ -244,9 +253,7 @@ def main():
         transformer, vae, reward = transformer.to(torch.bfloat16), vae.to(torch.bfloat16), reward.to(torch.bfloat16)
     teacher = VelocityModel(transformer).requires_grad_(False)
     c = transformer.config
-    width, pooled = c.joint_attention_dim, c.pooled_projection_dim
-    encode = lambda texts: (torch.randn(len(texts), TEXT_TOKENS, width, device=dev, dtype=transformer.dtype),
-                            torch.randn(len(texts), pooled, device=dev, dtype=transformer.dtype))
+    encode = random_text(transformer)
     uncond = encode([""])
     latent = (c.in_channels, a.resolution // 8, a.resolution // 8)
     report(f"device: {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}, torch {torch.__version__}; "
@@ -274,7 +281,7 @@ def main():
             continue
         launched = [k for k in ("FSDP", "DeepSpeed") if os.environ.get(f"ACCELERATE_USE_{k.upper()}") == "true"]
         name = LOOP_ROWS[row] + (", compiled blocks" if a.compile else "") + (
-            f", reward_chunk {a.reward_chunk}" if a.reward_chunk != 2 and row != "stage1" else "") + "".join(
+            f", reward_chunk {a.reward_chunk}" if a.reward_chunk != REWARD_CHUNK and row != "stage1" else "") + "".join(
             f", under accelerate's {k} config" for k in launched)
         reset()
         profile = a.out.parent / "profile_stage1.txt" if a.profile and a.out and row == "stage1" else None

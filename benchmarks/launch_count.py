@@ -104,8 +104,7 @@ def main():
     reward = g.ClipReward("narrow-vit-h").requires_grad_(False)
     teacher = VelocityModel(transformer).requires_grad_(False)
     c = transformer.config
-    encode = lambda texts: (torch.randn(len(texts), 16, c.joint_attention_dim),
-                            torch.randn(len(texts), c.pooled_projection_dim))
+    encode = g.random_text(transformer, tokens=16)
     latent = (c.in_channels, 16, 16)  # op counts do not depend on the resolution
     lines = [f"aten ops per step that launch a kernel (views and allocations not counted), mean of {a.steps} steps; "
              f"SD3-Medium's depth, the SD3 VAE's blocks, ViT-H-14's depth, tiny widths; local batch {a.batch}, TTUR 1, "

@@ -29,9 +29,10 @@ if __name__ == "__main__":
         if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
             layer.register_forward_pre_hook(lambda _, args: computed_in.add(str(args[0].dtype)))
     rows = train(cfg, models, PROMPTS, seed=0, checkpoint_dir=checkpoint)
-    if PartialState().is_main_process:
+    state = PartialState()
+    if state.is_main_process:
         print("generator computed in", " ".join(sorted(computed_in)))
         save_file({k: v.contiguous() for k, v in models.generator.state_dict().items()}, out)
         out.with_suffix(".json").write_text(json.dumps(rows))
-    PartialState().wait_for_everyone()  # as dmdr.real: no process group left to the interpreter's teardown
-    PartialState().destroy_process_group()
+    state.wait_for_everyone()  # as dmdr.real: no process group left to the interpreter's teardown
+    state.destroy_process_group()

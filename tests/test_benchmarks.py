@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import flop_count  # noqa: E402
@@ -18,7 +17,7 @@ from dmdr.models import VelocityModel  # noqa: E402
 
 
 @pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")  # deepcopy's check, harmless
-def test_flops_counted_on_fake_tensors_are_those_of_a_real_run(monkeypatch):
+def test_flops_counted_on_fake_tensors_are_those_of_a_real_run():
     torch.manual_seed(0)
     transformer = SD3Transformer2DModel(**gpu_step.TINY)
     vae = AutoencoderKL(**gpu_step.TINY_VAE).requires_grad_(False)
@@ -26,12 +25,9 @@ def test_flops_counted_on_fake_tensors_are_those_of_a_real_run(monkeypatch):
     rows = ("stage1", "stage2")  # the rollout draws its level in both; stage 2 adds the decoder and the reward
     real = flop_count.counted(VelocityModel(copy.deepcopy(transformer)).requires_grad_(False), vae, reward, batch=2,
                               resolution=64, steps=2, rows=rows)
-    monkeypatch.setattr(torch.utils, "swap_tensors", flop_count.unchanged_swap(torch.utils.swap_tensors))
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        fakes = [flop_count.fake_weights(m) for m in (transformer, vae, reward)]
-        with flop_count.HostForReal():
-            fake = flop_count.counted(VelocityModel(fakes[0]).requires_grad_(False), *fakes[1:], batch=2,
-                                      resolution=64, steps=2, rows=rows)
+    with flop_count.faked(transformer, vae, reward) as (transformer, vae, reward):
+        fake = flop_count.counted(VelocityModel(transformer).requires_grad_(False), vae, reward, batch=2,
+                                  resolution=64, steps=2, rows=rows)
     assert set(real) == {"bare", *rows}
     assert real == fake
     assert real["stage2"]["VAE decoder"] > 0 and real["stage2"]["reward"] > 0 and not real["stage1"]["reward"]
