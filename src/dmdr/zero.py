@@ -58,6 +58,8 @@ def backward(engine, loss: torch.Tensor, last: bool) -> None:
 def release(engines) -> None:
     """After training: each model back as a plain module holding fp32 trained weights (under bf16-weights, the
     masters gathered from the partitions), the engines' hooks removed."""
+    if not engines:  # not under DeepSpeed, which need not be installed
+        return
     from deepspeed.utils import safe_get_full_fp32_param
     for engine in engines:
         if engine.bfloat16_enabled():
