@@ -1,39 +1,42 @@
 #!/usr/bin/env bash
 # What only a GPU can show, for one call of a lent device (about 10 minutes; each part time-limited, in order of
-# value, each writing its result as soon as it has one):
-#   1. the loop's stage-1 and stage-2 step in mixed_precision bf16-weights (bf16 weights without autocast, fp32
+# value, each writing its result as soon as it has one; the seconds are what each took on a lent H200, 2026-11-27):
+#   eager: the loop's stage-1 and stage-2 step in mixed_precision bf16-weights (bf16 weights without autocast, fp32
 #      masters) against the bare passes of the issue's reference setting (the 1.25x goal), eager, with profiles of
-#      two steps of the bare passes and of stage 1 (set-up and first step excluded) beside the result;
-#   2. stage 2 in mixed_precision bf16 (autocast over fp32 trained weights, the presets' setting and the earlier
-#      runs'), against the same reference;
-#   3. stage 2 in bf16-weights with compiled blocks (compile: inductor);
-#   4. stage 2 under FSDP2 through configs/accelerate/fsdp.yaml in one process (accelerate's own FSDP routing on a
-#      GPU, sharded parameters in fused AdamW, the gather at the end), at SD3-Medium scale, in bf16-weights (FSDP's
-#      own mixed precision: fp32 shards gathered in bf16, no master copy), against part 1;
-#   5. (not in the default list) stage 2 under DeepSpeed ZeRO-2 through configs/accelerate/deepspeed.yaml in one
-#      process (an engine per trained model, DeepSpeed's bf16 with fp32 masters in its partitions), against part 1;
-#   6. (not in the default list) stage 2, full-fine-tune and LoRA-64 generator, in bf16-weights with reward_chunk 0:
-#      the decoder run once forward and once backward instead of chunked and recomputed (a third fewer of its FLOPs,
-#      benchmarks/flop_count.py), for its time and whether its peak fits 48 GB.
+#      two steps of the bare passes and of stage 1 (set-up and first step excluded) beside the result, and the
+#      1024 px sampling latencies (4-step generator against 28- and 50-step CFG) (179 s);
+#   capped: stage 2 as in eager, the process held to 48 GB of GPU memory, the caching allocator included (the goal's
+#      fit: on a large card the allocator reserves more than the step allocates);
+#   fsdp: stage 2 under FSDP2 through configs/accelerate/fsdp.yaml in one process (accelerate's own FSDP routing on
+#      a GPU, sharded parameters in fused AdamW, the gather at the end), at SD3-Medium scale, in bf16-weights (FSDP's
+#      own mixed precision: fp32 shards gathered in bf16, no master copy), against eager (over 82 s: it sharded and
+#      finished its warm-up run);
+#   unchunked: stage 2, full-fine-tune and LoRA-64 generator, in bf16-weights with reward_chunk 0: the decoder run
+#      once forward and once backward instead of chunked and recomputed (a third fewer of its FLOPs,
+#      benchmarks/flop_count.py), for its time and whether its peak fits 48 GB;
+#   (not in the default list) compiled: stage 2 in bf16-weights with compiled blocks (compile: inductor) (153 s);
+#   autocast: stage 2 in mixed_precision bf16 (autocast over fp32 trained weights) (55 s);
+#   deepspeed: stage 2 under DeepSpeed ZeRO-2 through configs/accelerate/deepspeed.yaml in one process (an engine per
+#      trained model, DeepSpeed's bf16 with fp32 masters in its partitions), against eager.
 #
-#   bash benchmarks/device_check.sh OUT_DIR        (parts 1-4; their limits add up to 9 minutes)
-#   PARTS="eager autocast deepspeed" bash benchmarks/device_check.sh OUT_DIR     (the named parts, in that order:
-#                                                   eager, autocast, compiled, fsdp, deepspeed, unchunked)
+#   bash benchmarks/device_check.sh OUT_DIR        (eager, capped, fsdp, unchunked: their limits add up to 10 minutes)
+#   PARTS="eager autocast deepspeed" bash benchmarks/device_check.sh OUT_DIR     (the named parts, in that order)
 #   bash benchmarks/device_check.sh OUT_DIR --tiny --steps 1    (a dry run of the script on CPU: extra arguments
 #                                go to every benchmarks/gpu_step.py call; accelerate routes FSDP and DeepSpeed only
 #                                to GPUs, so on CPU those parts run the plain loop; on a GPU the loop says which ran)
 #
 # The lent machine has its own torch but not all of dmdr's pinned pure-Python packages, and reaches no index: fetch
 # them here first, then carry the folder and install it there (the device tool's `carry` and `$OUT`):
-#   pip download --no-deps -d .whl diffusers==0.42.1 open_clip_torch==3.3.0 accelerate==1.15.0 \
-#       ftfy wcwidth importlib_metadata
+#   pip download --no-deps -d .whl diffusers==0.42.1 open_clip_torch==3.3.0 accelerate==1.15.0 peft==0.21.2 \
+#       transformers==5.24.0 ftfy wcwidth importlib_metadata
 # and for the deepspeed part (the image has its other needs; deepspeed's wheel is pure Python, built here):
 #   pip wheel --no-deps -w .whl deepspeed==0.19.8
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_17_x86_64 -d .whl hjson pydantic==2.14.4 pydantic-core==2.50.5 annotated-types \
 #       typing-inspection
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:src
-#   HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_DISABLE=1 bash benchmarks/device_check.sh "$OUT"
+#   HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_DISABLE=1 timeout 580 bash benchmarks/device_check.sh /tmp/res
+#   tar czf "$OUT/device_check.tgz" -C /tmp/res .    (the device tool brings back at most 8 files)
 set -u
 out=${1:?usage: device_check.sh OUT_DIR [gpu_step.py arguments]}
 shift
@@ -47,10 +50,10 @@ part() {  # part NAME SECONDS COMMAND...: run it with a time limit, keep its log
     echo "exit $? after $((SECONDS - start)) s" | tee -a "$out/$name.log"
     grep -v -i "warn" "$out/$name.log" | tail -8
 }
-parts=${PARTS:-eager autocast compiled fsdp}
+parts=${PARTS:-eager capped fsdp unchunked}
 for name in $parts; do
     case $name in
-    eager|autocast|compiled|fsdp|deepspeed|unchunked) ;;
+    eager|capped|fsdp|unchunked|compiled|autocast|deepspeed) ;;
     *) echo "unknown part '$name' in PARTS"; exit 2 ;;
     esac
 done
@@ -59,14 +62,16 @@ launch=(python3 -m accelerate.commands.launch --num_processes 1 --config_file)  
 stage2=(benchmarks/gpu_step.py --no-sampling --rows stage2)
 for name in $parts; do
     case $name in
-    eager) part eager 210 python3 benchmarks/gpu_step.py --no-sampling --rows stage1 stage2 --precision bf16-weights \
+    eager) part eager 200 python3 benchmarks/gpu_step.py --rows stage1 stage2 --precision bf16-weights \
         --profile --out "$out/gpu_step.txt" "$@" ;;
-    autocast) part autocast 120 python3 "${stage2[@]}" --precision bf16 --out "$out/gpu_step_autocast.txt" "$@" ;;
-    compiled) part compiled 120 python3 "${stage2[@]}" --compile --precision bf16-weights \
+    capped) part capped 90 python3 "${stage2[@]}" --precision bf16-weights --memory-cap 48 \
+        --out "$out/gpu_step_capped.txt" "$@" ;;
+    autocast) part autocast 100 python3 "${stage2[@]}" --precision bf16 --out "$out/gpu_step_autocast.txt" "$@" ;;
+    compiled) part compiled 180 python3 "${stage2[@]}" --compile --precision bf16-weights \
         --out "$out/gpu_step_compiled.txt" "$@" ;;
-    unchunked) part unchunked 150 python3 benchmarks/gpu_step.py --no-sampling --rows stage2 stage2-lora \
+    unchunked) part unchunked 140 python3 benchmarks/gpu_step.py --no-sampling --rows stage2 stage2-lora \
         --precision bf16-weights --reward-chunk 0 --out "$out/gpu_step_unchunked.txt" "$@" ;;
-    fsdp|deepspeed) part "$name" 90 "${launch[@]}" "configs/accelerate/$name.yaml" "${stage2[@]}" \
+    fsdp|deepspeed) part "$name" 150 "${launch[@]}" "configs/accelerate/$name.yaml" "${stage2[@]}" \
         --precision bf16-weights --out "$out/gpu_step_$name.txt" "$@" ;;
     esac
 done

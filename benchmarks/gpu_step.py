@@ -16,6 +16,7 @@ Measured in one run, on one device:
 
     python benchmarks/gpu_step.py [--steps 4] [--batch 8] [--resolution 512] [--precision bf16-weights] [--out FILE]
     python benchmarks/gpu_step.py --compile --rows stage2 --no-sampling   # the loop with compiled blocks
+    python benchmarks/gpu_step.py --memory-cap 48 --rows stage2 --no-sampling  # does it fit a 48 GB card?
     python benchmarks/gpu_step.py --tiny     # the same code on a tiny transformer, on CPU: a check that it runs
     python -m accelerate.commands.launch --config_file configs/accelerate/fsdp.yaml --num_processes 1 \
         benchmarks/gpu_step.py --rows stage2 --no-sampling             # the loop under FSDP2 (or deepspeed.yaml:
@@ -228,6 +229,9 @@ def main():
     ap.add_argument("--precision", choices=("bf16", "bf16-weights"), default="bf16",
                     help="the loop's mixed_precision (bf16: autocast over fp32 trained weights; bf16-weights: bf16 "
                          "weights without autocast, fp32 masters in the optimizer)")
+    ap.add_argument("--memory-cap", type=float, metavar="GB",
+                    help="hold the process to GB (1e9 bytes) of GPU memory, the caching allocator included "
+                         "(torch.cuda.set_per_process_memory_fraction): whether the steps fit a card of that size")
     a = ap.parse_args()
     if a.tiny:
         a.resolution, a.sample_resolution = min(a.resolution, 64), min(a.sample_resolution, 128)
@@ -243,6 +247,9 @@ def main():
 
     if dev == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as the released code
+        if a.memory_cap:  # the allocator then frees its cached blocks and retries before it runs out
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, a.memory_cap * 1e9 / total))
     configs = loop_configs(a.batch, a.precision, "inductor" if a.compile else "off", a.reward_chunk)
     torch.manual_seed(0)
     with torch.device(dev):  # random init on the device: minutes faster than on the host for 2 B parameters
@@ -260,7 +267,8 @@ def main():
            f"transformer {sum(x.numel() for x in transformer.parameters()) / 1e9:.2f} B parameters; "
            f"{a.resolution} px, local batch {a.batch}; the loop in mixed_precision {a.precision} with fp32 AdamW "
            f"states, frozen weights in bf16, gradient checkpointing; {a.steps} timed steps each (TTUR 1: one "
-           f"fake-score and one generator update)")
+           f"fake-score and one generator update)"
+           + (f"; under a memory cap of {a.memory_cap:g} GB" if a.memory_cap and dev == "cuda" else ""))
 
     def reset():
         gc.collect()

@@ -150,9 +150,30 @@ def test_the_gpu_goals_are_read_off_the_benchmarks_output():
            "(51.8 GiB reserved, 0 allocator retries)\nsampling at 1024 px, batch 4, per image: 4-step generator 0.111 s, "
            "28-step CFG 1.532 s, 50-step CFG 2.734 s; 50-step CFG / 4-step = 24.7x (NFE bound 25x)")
     assert gpu_goals(old) == ("Goals of the issue on this device: stage-2 step at most 1.25x the bare passes (in the "
-                              "loop's precision): 1.96x, not met; stage-2 peak within 48 GB: 46.9 GB allocated, met; "
+                              "loop's precision): 1.96x, not met; stage-2 peak within 48 GB: 46.9 GB allocated (55.6 GB "
+                              "reserved, not run under a 48 GB cap), met; "
                               "4-step sampling at least 22x faster than 50-step CFG: 24.7x, met.")
     new = ("stage 2 (DMD + hinge CLIP reward through the VAE): 1.100 s per step = 1.20x the bare passes of the reference "
            "setting (1.10x those in bf16-weights), peak 45.0 GiB (50.0 GiB reserved, 0 allocator retries)")
     assert gpu_goals(new) == ("Goals of the issue on this device: stage-2 step at most 1.25x the bare passes of the "
-                              "reference setting: 1.20x, met; stage-2 peak within 48 GB: 48.3 GB allocated, not met.")
+                              "reference setting: 1.20x, met; stage-2 peak within 48 GB: 48.3 GB allocated (53.7 GB "
+                              "reserved, not run under a 48 GB cap), not met.")
+    capped = "device: H; 512 px, local batch 8; under a memory cap of 48 GB\n" + new.replace("45.0 GiB", "44.0 GiB")
+    assert gpu_goals(capped).endswith("stage-2 peak within 48 GB: 47.2 GB allocated, met.")
+
+
+def test_the_report_shows_each_gpu_call_with_its_other_parts(tmp_path):
+    """A device's main gpu_step output gets its goals; the other parts of the same call follow it, without goals of
+    their own and not as another device."""
+    from dmdr.report import readme_results
+    bench = tmp_path / "benchmarks"
+    bench.mkdir()
+    row = ("stage 2 (DMD + hinge CLIP reward through the VAE){}: 1.500 s per step = 1.50x the bare passes of the "
+           "reference setting (1.40x those in bf16-weights), peak 40.0 GiB (45.0 GiB reserved, 0 allocator retries)")
+    (bench / "gpu_step_h200.txt").write_text(row.format(""))
+    (bench / "gpu_step_h200_compiled.txt").write_text(row.format(", compiled blocks"))
+    text = readme_results(tmp_path)
+    assert text.count("GPU benchmark (") == 1 and "on a lent H200" in text and "COMPILED" not in text
+    assert text.count("Goals of the issue on this device") == 1
+    main, part = text.index("gpu_step_h200.txt"), text.index("The same call's part `compiled`")
+    assert main < part and ", compiled blocks: 1.500 s" in text[part:]
