@@ -3,7 +3,8 @@
 # value, each writing its result as soon as it has one; the seconds are what each took on a lent H200, 2026-11-27):
 #   eager: the loop's stage-1 and stage-2 step in mixed_precision bf16-weights (bf16 weights without autocast, fp32
 #      masters) against the bare passes of the reference setting (the 1.25x goal), eager, with profiles of
-#      two steps of the bare passes and of stage 1 (set-up and first step excluded) beside the result, and the
+#      two steps of the bare passes and of stage 1 (set-up and first step excluded) beside the result, as tables and
+#      as timelines (`profile_*.json.gz`: where the GPU waits in stage 1, which its tables do not show), and the
 #      1024 px sampling latencies (4-step generator against 28- and 50-step CFG) (179 s);
 #   capped: stage 2 as in eager, the process held to 48 GB of GPU memory, the caching allocator included (the goal's
 #      fit: on a large card the allocator reserves more than the step allocates);
@@ -36,7 +37,8 @@
 #       typing-inspection
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:src
 #   HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_DISABLE=1 timeout 580 bash benchmarks/device_check.sh /tmp/res
-#   tar czf "$OUT/device_check.tgz" -C /tmp/res .    (the device tool brings back at most 8 files)
+#   tar czf "$OUT/device_check.tgz" -C /tmp/res .    (the device tool brings back at most 8 files, 16 MiB each: if
+#                                                     the archive is larger, bring the timelines back as files)
 set -u
 out=${1:?usage: device_check.sh OUT_DIR [gpu_step.py arguments]}
 shift

@@ -49,7 +49,7 @@ SD3_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_chan
                layers_per_block=2, shift_factor=0.0609, scaling_factor=1.5035)
 TINY_VAE = dict(SD3_VAE, block_out_channels=(16, 16, 16, 16), layers_per_block=1, norm_num_groups=16)
 TEXT_TOKENS = 128 + 77  # T5 tokens (the presets' max_sequence_length) + CLIP tokens
-REWARD_CHUNK = 2  # stage 2's decoder, samples at a time: its backward at 512 px, batch 8, breaks 48 GB otherwise
+REWARD_CHUNK = 2  # stage 2's decoder, samples at a time (unchunked, 512 px, batch 8: 55 GiB on an H100, run 2)
 LOOP_ROWS = {"stage1": "stage 1 (DMD + DynaDG released + DynaRS)",
              "stage2": "stage 2 (DMD + hinge CLIP reward through the VAE)",
              "stage2-lora": "stage 2, LoRA-64 generator (released)"}
@@ -108,8 +108,9 @@ def timed(fn, steps: int) -> float:
 
 
 def profiled(fn, path: Path, skip: int = 0, active: int = 0) -> None:
-    """A torch profile of `fn()` (kernels and host time per op) written to `path`; with `skip` and `active`, of
-    profiler steps skip .. skip + active - 1 only, `fn(step)` calling `step()` at each step's start."""
+    """A torch profile of `fn()` (kernels and host time per op) written to `path`, and its timeline beside it
+    (`.json.gz`, a Chrome trace: where the GPU waits, and which ops the host runs meanwhile); with `skip` and
+    `active`, of profiler steps skip .. skip + active - 1 only, `fn(step)` calling `step()` at each step's start."""
     from torch.profiler import ProfilerActivity, profile, schedule
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     steps = schedule(wait=skip, warmup=0, active=active) if active else None
@@ -119,6 +120,7 @@ def profiled(fn, path: Path, skip: int = 0, active: int = 0) -> None:
             prof.step()
         fn(step) if active else fn()
         sync()
+    prof.export_chrome_trace(str(path.with_suffix(".json.gz")))
     key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
     table = prof.key_averages()
     path.write_text(table.table(sort_by=key, row_limit=40, max_name_column_width=70) + "\n"
