@@ -4,8 +4,9 @@
 #   eager: the loop's stage-1 and stage-2 step in mixed_precision bf16-weights (bf16 weights without autocast, fp32
 #      masters) against the bare passes of the reference setting (the 1.25x goal), eager, with profiles of
 #      two steps of the bare passes and of stage 1 (set-up and first step excluded) beside the result, as tables and
-#      as timelines (`profile_*.json.gz`: where the GPU waits in stage 1, which its tables do not show), and the
-#      1024 px sampling latencies (4-step generator against 28- and 50-step CFG) (179 s);
+#      as timelines (`profile_*.json.gz`, and benchmarks/trace_gaps.py's reading of each beside it: where the GPU
+#      waits in stage 1 and what the host does meanwhile, which the tables do not show), and the 1024 px sampling
+#      latencies (4-step generator against 28- and 50-step CFG) (179 s);
 #   capped: stage 2 as in eager, the process held to 48 GB of GPU memory, the caching allocator included (the goal's
 #      fit: on a large card the allocator reserves more than the step allocates);
 #   fsdp: stage 2 under FSDP2 through configs/accelerate/fsdp.yaml in one process (accelerate's own FSDP routing on
@@ -65,7 +66,10 @@ stage2=(benchmarks/gpu_step.py --no-sampling --rows stage2)
 for name in $parts; do
     case $name in
     eager) part eager 200 python3 benchmarks/gpu_step.py --rows stage1 stage2 --precision bf16-weights \
-        --profile --out "$out/gpu_step.txt" "$@" ;;
+        --profile --out "$out/gpu_step.txt" "$@"
+        for trace in "$out"/profile_*.json.gz; do  # where the GPU waits, in text beside each timeline
+            [ -e "$trace" ] && timeout 60 python3 benchmarks/trace_gaps.py "$trace" >"${trace%.json.gz}_gaps.txt"
+        done ;;
     capped) part capped 90 python3 "${stage2[@]}" --precision bf16-weights --memory-cap 48 \
         --out "$out/gpu_step_capped.txt" "$@" ;;
     autocast) part autocast 100 python3 "${stage2[@]}" --precision bf16 --out "$out/gpu_step_autocast.txt" "$@" ;;

@@ -1,6 +1,7 @@
-"""The benchmarks' CPU proxies measure what they say: benchmarks/flop_count.py counts the loop's FLOPs at real widths on
-fake tensors, which is only sound if faking the weights changes neither the model calls nor the host-side draws that
-decide them (the rollout's level: four generator calls or none)."""
+"""The benchmarks measure what they say: benchmarks/flop_count.py counts the loop's FLOPs at real widths on fake
+tensors, which is only sound if faking the weights changes neither the model calls nor the host-side draws that decide
+them (the rollout's level: four generator calls or none); benchmarks/trace_gaps.py splits a timeline's GPU idle time
+by what each host thread was in."""
 import copy
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from diffusers import AutoencoderKL, SD3Transformer2DModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import flop_count  # noqa: E402
 import gpu_step  # noqa: E402
+import trace_gaps  # noqa: E402
 
 from dmdr.models import VelocityModel  # noqa: E402
 
@@ -32,3 +34,27 @@ def test_flops_counted_on_fake_tensors_are_those_of_a_real_run():
     assert real == fake
     assert real["stage2"]["VAE decoder"] > 0 and real["stage2"]["reward"] > 0 and not real["stage1"]["reward"]
     assert real["bare"]["total"] == real["bare"]["transformer"] > 0
+
+
+def test_gpu_idle_time_is_split_by_what_each_host_thread_was_in(tmp_path):
+    """Kernels busy 0-10 and 20-30 (one inside another's time) in a 40 us span: idle 10-20 and 30-40. The main
+    thread is in op a (0-15, holding an inner op) and op b (25-35) inside a profiler step (0-40), the backward thread
+    in one op (12-18); the rest of the idle time is outside any op."""
+    import gzip
+    import json
+    x = lambda name, cat, tid, ts, dur: {"ph": "X", "name": name, "cat": cat, "tid": tid, "ts": ts, "dur": dur}
+    events = [x("k1", "kernel", 7, 0, 10), x("k2", "kernel", 7, 5, 3), x("k3", "gpu_memcpy", 7, 20, 10),
+              x("ProfilerStep#1", "user_annotation", 1, 0, 40), x("aten::a", "cpu_op", 1, 0, 15),
+              x("aten::inner", "cpu_op", 1, 2, 3), x("aten::b", "cpu_op", 1, 25, 10), x("bw", "cpu_op", 2, 12, 6),
+              {"ph": "i", "name": "marker", "ts": 3}]
+    path = tmp_path / "trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    totals, by_thread = trace_gaps.idle_by_host_activity(trace_gaps.load(path))
+    assert totals == {"span": 40, "busy": 20, "idle": 20, "windows": 2, "longest": 10}
+    assert dict(by_thread[1]) == {"aten::a": 5, "aten::b": 5, trace_gaps.NO_OP: 10}
+    assert dict(by_thread[2]) == {"bw": 6, trace_gaps.NO_OP: 14}
+    lines = trace_gaps.report(totals, by_thread)
+    assert lines[0] == "profiled span 0.0 ms: GPU busy 0.0 ms (50%), idle 0.0 ms in 2 windows (longest 0.0 ms)"
+    with pytest.raises(ValueError, match="no host ops"):
+        trace_gaps.idle_by_host_activity([x("k1", "kernel", 7, 0, 10)])
