@@ -104,8 +104,7 @@ def breakdown(row: collections.Counter) -> str:
     return ", ".join(f"{part} {row[part] / 1e12:.1f}" for part in PARTS.values() if row[part])
 
 
-ROWS = g.LOOP_ROWS | {"stage2-unchunked": "stage 2 with reward_chunk 0 (the decoder not recomputed, which does not "
-                                           "fit 48 GB at this size)"}
+ROWS = g.LOOP_ROWS | {"stage2-unchunked": "stage 2 with reward_chunk 0 (the decoder run once, not recomputed)"}
 
 
 def counted(teacher, vae, reward, batch: int, resolution: int, steps: int, rows=tuple(ROWS)) -> dict:

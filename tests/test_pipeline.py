@@ -160,6 +160,11 @@ def test_the_gpu_goals_are_read_off_the_benchmarks_output():
                               "reserved, not run under a 48 GB cap), not met.")
     capped = "device: H; 512 px, local batch 8; under a memory cap of 48 GB\n" + new.replace("45.0 GiB", "44.0 GiB")
     assert gpu_goals(capped).endswith("stage-2 peak within 48 GB: 47.2 GB allocated, met.")
+    # the same call's part held to 48 GB settles the fit, whether its stage 2 ran or not
+    assert gpu_goals(new, capped).endswith("48.3 GB allocated, not met; stage 2 held to 48 GB: ran with 0 allocator "
+                                           "retries, met.")
+    assert gpu_goals(new, capped.split("\n")[0]).endswith("stage 2 held to 48 GB: did not finish (its part's log "
+                                                           "says why), not met.")
 
 
 def test_the_report_shows_each_gpu_call_with_its_other_parts(tmp_path):

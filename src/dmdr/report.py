@@ -432,10 +432,12 @@ def readme_results(results: Path = RESULTS) -> str:
         if bench.stem.count("_") != 2:  # gpu_step_<device>_<part>.txt: another part of that device's call, below
             continue
         text = bench.read_text().strip()
+        capped = bench.with_name(bench.stem + "_capped.txt")
+        goals = gpu_goals(text, capped.read_text() if capped.exists() else "")
         history = bench.with_name(bench.stem + "_history.md").as_posix()
         parts.append(f"GPU benchmark (`benchmarks/gpu_step.py` on a lent {bench.stem.split('_')[-1].upper()}, "
                      f"`{bench.as_posix()}`; earlier runs, and changes not yet measured, in `{history}`):\n\n"
-                     f"```\n{text}\n```\n\n" + " ".join(filter(None, (gpu_goals(text), gpu_throughput(text, flops)))))
+                     f"```\n{text}\n```\n\n" + " ".join(filter(None, (goals, gpu_throughput(text, flops)))))
         for other in sorted(bench.parent.glob(bench.stem + "_*.txt")):
             parts.append(f"The same call's part `{other.stem.split('_')[-1]}` (`{other.as_posix()}`, "
                          f"`benchmarks/device_check.sh`):\n\n```\n{other.read_text().strip()}\n```")
@@ -447,9 +449,10 @@ def readme_results(results: Path = RESULTS) -> str:
     return "\n\n".join(parts) if parts else "_No results yet: run the main command._"
 
 
-def gpu_goals(text: str) -> str:
+def gpu_goals(text: str, capped: str = "") -> str:
     """The issue's goals for the real-scale step, read off a gpu_step.py output: the full-fine-tune stage-2 step at
-    most 1.25x the bare model passes and within 48 GB, 4-step sampling at least 22x faster than 50-step CFG."""
+    most 1.25x the bare model passes and within 48 GB, 4-step sampling at least 22x faster than 50-step CFG.
+    `capped`: the same call's stage 2 held to 48 GB (device_check.sh's part `capped`), which settles the fit."""
     stage2 = re.search(r"^stage 2 \(.*?: ([\d.]+) s per step = ([\d.]+)x the bare passes( of the reference setting)?"
                        r".*?, peak ([\d.]+) GiB(?: \(([\d.]+) GiB reserved)?", text, re.M)
     speedup = re.search(r"50-step CFG / 4-step = ([\d.]+)x", text)
@@ -460,9 +463,13 @@ def gpu_goals(text: str) -> str:
         against = "the bare passes" + (" of the reference setting" if stage2[3] else " (in the loop's precision)")
         # the caching allocator keeps freed blocks when the card has room: only a run under a cap shows the fit
         reserved = f" ({float(stage2[5]) * 2**30 / 1e9:.1f} GB reserved, not run under a 48 GB cap)" \
-            if stage2[5] and "under a memory cap" not in text else ""
+            if stage2[5] and not capped and "under a memory cap" not in text else ""
         goals += [f"stage-2 step at most 1.25x {against}: {ratio:.2f}x, {'met' if ratio <= 1.25 else 'not met'}",
                   f"stage-2 peak within 48 GB: {gb:.1f} GB allocated{reserved}, {'met' if gb <= 48 else 'not met'}"]
+    if capped:
+        ran = re.search(r"^stage 2 \(.*, (\d+) allocator retries", capped, re.M)
+        goals.append(f"stage 2 held to 48 GB: ran with {ran[1]} allocator retries, met" if ran else
+                     "stage 2 held to 48 GB: did not finish (its part's log says why), not met")
     if speedup:
         goals.append(f"4-step sampling at least 22x faster than 50-step CFG: {float(speedup[1]):.1f}x, "
                      f"{'met' if float(speedup[1]) >= 22 else 'not met'}")
