@@ -30,7 +30,6 @@ def test_dmd_training_step_updates_both_networks(clip, kind):
     assert all(torch.equal(a, b) for a, b in zip(before_t, teacher.parameters()))  # the real score stays frozen
 
 
-
 def test_trains_without_deepspeed_installed(clip, monkeypatch):
     """DeepSpeed is an optional extra: a run that does not use it trains to the end where it cannot be imported (a
     lent H200 found the loop importing it after every run)."""
@@ -39,6 +38,7 @@ def test_trains_without_deepspeed_installed(clip, monkeypatch):
     cfg, _, models = tiny_models(clip, "sd3")
     rows = train(cfg, models, ["a photo of a circle"], seed=0)
     assert rows[-1]["step"] == cfg.steps
+
 
 def test_logged_rows_go_to_experiment_trackers(clip, tmp_path):
     """Tracking: accelerate's trackers get the run's settings once, every logged row at its step, then finish (here
