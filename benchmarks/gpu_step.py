@@ -39,6 +39,8 @@ from dmdr import config, flow  # noqa: E402
 from dmdr.distill import MasterWeights, add_lora, init_models, master_weights, set_lora_scale, train  # noqa: E402
 from dmdr.models import LatentDecoder, VelocityModel  # noqa: E402
 
+import host_samples  # noqa: E402
+
 SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
                   attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
                   caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=192)
@@ -127,6 +129,21 @@ def profiled(fn, path: Path, skip: int = 0, active: int = 0) -> None:
                     + table.table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=70))
 
 
+def host_readings(fn, path: Path, what: str) -> None:
+    """Where the host's time goes (host_samples.Sampler) and where it waits for the GPU (host_samples.SyncSites) in
+    `fn(start)`, which calls start() where the reading begins (it ends with fn): one run of `fn` for each, written to
+    `path`."""
+    lines = []
+    for reader, unit in ((host_samples.Sampler(), "samples, one a millisecond"),
+                         (host_samples.SyncSites(), "waits for the GPU")):
+        try:
+            fn(reader.start)
+        finally:
+            counts = reader.stop()
+        lines += host_samples.report(counts, what, unit=unit)
+    path.write_text("\n".join(lines) + "\n")
+
+
 BARE = {"reference": "the issue's setting: bf16 weights and AdamW states, no master copy, no autocast",
         "bf16": "bf16 autocast over fp32 trained weights",
         "bf16-weights": "bf16 weights without autocast, AdamW on fp32 masters", "no": "fp32"}
@@ -164,24 +181,27 @@ def bare_passes(teacher, encode, uncond, latent, batch: int, steps: int, dev: st
                 set_lora_scale(guide, 2.0)
                 guide(x, t, *cond)
             guide(x, t, *cond).float().square().mean().backward()
-        for m in masters:
-            m.take_grads()
-        for opt in opts:
+        for m, opt in zip(masters, opts):  # in groups, as the loop (without its clipping)
+            m.step(opt)
+        for opt in opts[len(masters):]:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        for m in masters:
-            m.give_weights()
     sec = timed(step, steps)
     if profile:
         profiled(lambda: [step() for _ in range(2)], profile)
+        host_readings(lambda start: [start(), step(), step()], profile.with_name("host_bare.txt"),
+                      f"two steps of the bare passes in {precision}")
     del generator, guide, opts, masters
     return sec
 
 
-def loop_step(cfg, teacher, encode, uncond, latent, vae, reward, steps: int, profile: Path | None = None) -> float:
-    """Seconds per step of dmdr.distill.train under `cfg`: the time between its first and last logged step (the
-    loop's set-up and first step excluded), after a warm-up run. With `profile`, a torch profile of two steps of one
-    more run (its set-up and first step excluded, as in the timing) is written there."""
+def loop_step(cfg, teacher, encode, uncond, latent, vae, reward, steps: int, profile: Path | None = None,
+              host: Path | None = None) -> float:
+    """Seconds per step of dmdr.distill.train under `cfg`: the time between two logged rows `steps` steps apart (rows
+    every `steps` steps, the first `steps` after a warm-up run not timed; the host reads the GPU's values once a row,
+    as in a run that logs every log_every steps). With `profile`, a torch profile of two steps of one
+    more run (its set-up and first step excluded, as in the timing) is written there; with `host`, host_readings of
+    two such steps."""
     models = init_models(teacher, encode, uncond, cfg=cfg, decode=LatentDecoder(vae),
                          reward=reward, latent_shape=latent)
     prompts = ["a photo"] * 64
@@ -191,9 +211,14 @@ def loop_step(cfg, teacher, encode, uncond, latent, vae, reward, steps: int, pro
         cfg.steps, cfg.log_every = 3, 1
         profiled(lambda step: train(cfg, models, prompts, seed=2, curve_fn=lambda g, i: step() or {}), profile,
                  skip=2, active=2)
-    cfg.steps, cfg.log_every = steps + 1, 1
+    if host:
+        cfg.steps, cfg.log_every = 3, 1
+        host_readings(lambda start: train(cfg, models, prompts, seed=3,
+                                          curve_fn=lambda g, i: (i == 1 and start()) or {}),
+                      host, "two steps of the loop (its set-up and first step excluded)")
+    cfg.steps, cfg.log_every = 2 * steps, steps
     rows = train(cfg, models, prompts, seed=1)
-    return (rows[-1]["seconds"] - rows[1]["seconds"]) / steps
+    return (rows[2]["seconds"] - rows[1]["seconds"]) / steps
 
 
 def loop_configs(batch: int, mixed_precision: str, compile: str = "off",
@@ -221,7 +246,8 @@ def main():
     ap.add_argument("--sample-resolution", type=int, default=1024)
     ap.add_argument("--tiny", action="store_true", help="a tiny transformer and VAE (CPU check)")
     ap.add_argument("--out", type=Path)
-    ap.add_argument("--profile", action="store_true", help="torch profiles of the bare passes and stage 1 beside --out")
+    ap.add_argument("--profile", action="store_true", help="torch profiles of the bare passes and stage 1 beside --out, and host "
+                         "readings (benchmarks/host_samples.py) of those and of the other loop rows")
     ap.add_argument("--no-sampling", action="store_true", help="skip the 1024 px sampling latencies")
     ap.add_argument("--compile", action="store_true",
                     help="the loop's rows with compiled blocks (compile: inductor; the bare passes stay eager)")
@@ -295,7 +321,8 @@ def main():
             f", under accelerate's {k} config" for k in launched)
         reset()
         profile = a.out.parent / "profile_stage1.txt" if a.profile and a.out and row == "stage1" else None
-        sec = loop_step(cfg, teacher, encode, uncond, latent, vae, reward, a.steps, profile)
+        host = a.out.parent / f"host_{row}.txt" if a.profile and a.out else None
+        sec = loop_step(cfg, teacher, encode, uncond, latent, vae, reward, a.steps, profile, host)
         report(f"{name}: {sec:.3f} s per step = {sec / bare['reference']:.2f}x the bare passes of the reference "
                f"setting ({sec / bare[a.precision]:.2f}x those in {a.precision}), peak {peak_gib():.1f} GiB"
                f"{memory_note()}")

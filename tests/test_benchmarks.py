@@ -1,9 +1,12 @@
 """The benchmarks measure what they say: benchmarks/flop_count.py counts the loop's FLOPs at real widths on fake
 tensors, which is only sound if faking the weights changes neither the model calls nor the host-side draws that decide
 them (the rollout's level: four generator calls or none); benchmarks/trace_gaps.py splits a timeline's GPU idle time
-by what each host thread was in."""
+by what each host thread was in; benchmarks/host_samples.py counts the host's time and its waits for the GPU by
+the frames that spend them."""
 import copy
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ from diffusers import AutoencoderKL, SD3Transformer2DModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import flop_count  # noqa: E402
 import gpu_step  # noqa: E402
+import host_samples  # noqa: E402
 import trace_gaps  # noqa: E402
 
 from dmdr.models import VelocityModel  # noqa: E402
@@ -58,3 +62,25 @@ def test_gpu_idle_time_is_split_by_what_each_host_thread_was_in(tmp_path):
     assert lines[0] == "profiled span 0.0 ms: GPU busy 0.0 ms (50%), idle 0.0 ms in 2 windows (longest 0.0 ms)"
     with pytest.raises(ValueError, match="no host ops"):
         trace_gaps.idle_by_host_activity([x("k1", "kernel", 7, 0, 10)])
+
+
+def test_host_samples_and_waits_are_counted_by_the_frames_that_make_them():
+    sampler, waits = host_samples.Sampler(), host_samples.SyncSites()
+
+    def idle_in_here():
+        time.sleep(0.2)
+    sampler.start()
+    idle_in_here()
+    counts = sampler.stop()
+    (ours, inner), n = counts.most_common(1)[0]
+    assert inner.startswith("test_benchmarks.py:") and inner.endswith(" idle_in_here") and n >= 50
+    assert ours == "(not in our code)"
+    assert sampler.stop() is counts  # stopping twice is harmless
+
+    waits.start()
+    warnings.warn("called a synchronizing CUDA operation")  # the words of torch's sync debug mode
+    counts = waits.stop()
+    assert list(counts.values()) == [1] and next(iter(counts))[1].endswith(
+        " test_host_samples_and_waits_are_counted_by_the_frames_that_make_them")
+    lines = host_samples.report(counts, "two steps", unit="waits for the GPU")
+    assert lines[0] == "two steps: 1 waits for the GPU" and "100.0%" in lines[2]

@@ -426,6 +426,33 @@ def test_master_weights_take_the_exact_gradients_and_give_back_their_bf16_roundi
     assert all(torch.equal(p, m.detach().to(torch.bfloat16)) for p, m in zip(params, masters.masters))
 
 
+def test_master_weights_step_a_group_at_a_time_as_one_clipped_step():
+    """MasterWeights.step converts, clips and steps the gradients a group at a time (fp32 gradients of one group held
+    at once): the same step as converting them all, clipping with torch's clip_grad_norm_ and stepping once."""
+    from dmdr.distill import MasterWeights
+    after = []
+    for grouped in (False, True):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(*shape, dtype=torch.bfloat16))
+                  for shape in ((7, 5), (3,), (40,), (2, 2))]
+        masters = MasterWeights(params)
+        opt = torch.optim.AdamW(masters.masters, lr=0.1, weight_decay=0.1)
+        for p in params:
+            p.grad = 10 * torch.randn_like(p)  # a norm above 1: clipped
+        params[1].grad = None
+        if grouped:
+            masters.step(opt, max_norm=1.0, group_bytes=100)  # three groups
+        else:
+            masters.take_grads()
+            torch.nn.utils.clip_grad_norm_(masters.masters, 1.0)
+            opt.step()
+            masters.give_weights()
+        assert all(p.grad is None for p in params)
+        after.append([m.detach().clone() for m in masters.masters] + [p.detach().clone() for p in params])
+    assert torch.equal(after[1][1], after[0][1]) and not torch.equal(after[1][0], params[0].float())
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(*after))
+
+
 def test_reusing_the_fake_updates_rollout_draws_one_batch_per_step(clip):
     """rollout_reuse (released): the generator update takes the last fake update's prompts, noise and renoise point,
     so a step with TTUR 2 draws 2 batches instead of 3; RT-DM's reward is then taken on that rollout."""

@@ -135,14 +135,31 @@ class NanReward(torch.nn.Module):
         return r * float("nan") if self.bad is None or self.calls in self.bad else r
 
 
-def test_a_nonfinite_loss_skips_its_step_and_is_counted(clip):
+def fused_adamw(monkeypatch):
+    """The loop's optimizers as fused AdamW (CPUs have one too), as on GPUs: a non-finite loss's update is then
+    skipped on the device (found_inf) and the loss read at the next logged row."""
+    from dmdr import distill
+    monkeypatch.setattr(distill, "optimizer", lambda params, lr, cfg, weight_decay=0.0: torch.optim.AdamW(
+        [p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay, fused=True))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_nonfinite_loss_skips_its_step_and_is_counted(clip, fused, monkeypatch, capsys):
+    if fused:
+        fused_adamw(monkeypatch)
     cfg, _, models = tiny_models(clip, "unet", {"steps": 3, "rl": {"weight": 1.0}}, reward=NanReward(bad={1}))
+    start = [p.detach().clone() for p in models.generator.parameters()]
     rows = train(cfg, models, PROMPTS, seed=0)
     assert [r.get("nonfinite_skipped", 0) for r in rows] == [0, 1, 1, 1]
+    assert "step 0: non-finite generator loss (nan), update skipped (1 so far)" in capsys.readouterr().out
     assert all(torch.isfinite(p).all() for p in models.generator.parameters())
+    assert any(not torch.equal(p, s) for p, s in zip(models.generator.parameters(), start))  # the good steps were taken
 
 
-def test_repeated_nonfinite_losses_stop_the_run_and_keep_the_checkpoint(clip, tmp_path):
+@pytest.mark.parametrize("fused", [False, True])
+def test_repeated_nonfinite_losses_stop_the_run_and_keep_the_checkpoint(clip, tmp_path, fused, monkeypatch):
+    if fused:
+        fused_adamw(monkeypatch)
     cfg, _, models = tiny_models(clip, "unet", {"steps": 2, "checkpoint_every": 1})
     train(cfg, models, PROMPTS, seed=0, checkpoint_dir=tmp_path)
     before = (tmp_path / "loop.json").read_text()
