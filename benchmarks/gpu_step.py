@@ -181,11 +181,13 @@ def bare_passes(teacher, encode, uncond, latent, batch: int, steps: int, dev: st
                 set_lora_scale(guide, 2.0)
                 guide(x, t, *cond)
             guide(x, t, *cond).float().square().mean().backward()
-        for m, opt in zip(masters, opts):  # in groups, as the loop (without its clipping)
-            m.step(opt)
-        for opt in opts[len(masters):]:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        if masters:  # in groups, as the loop (without its clipping)
+            for m, opt in zip(masters, opts):
+                m.step(opt)
+        else:
+            for opt in opts:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
     sec = timed(step, steps)
     if profile:
         profiled(lambda: [step() for _ in range(2)], profile)

@@ -416,7 +416,7 @@ def test_master_weights_take_the_exact_gradients_and_give_back_their_bf16_roundi
     for p, g in zip(params, grads):
         p.grad = g.clone()
     params[1].grad = None
-    masters.take_grads(group_bytes=100)  # 35 + 40 + 4 elements: three groups
+    list(masters.take_grads(group_bytes=100))  # 35 + 40 + 4 elements: three groups
     for i, (p, m, g) in enumerate(zip(params, masters.masters, grads)):
         assert p.grad is None
         assert m.grad is None if i == 1 else (m.grad.dtype == torch.float32 and torch.equal(m.grad, g.float()))
@@ -443,7 +443,7 @@ def test_master_weights_step_a_group_at_a_time_as_one_clipped_step():
         if grouped:
             masters.step(opt, max_norm=1.0, group_bytes=100)  # three groups
         else:
-            masters.take_grads()
+            list(masters.take_grads())
             torch.nn.utils.clip_grad_norm_(masters.masters, 1.0)
             opt.step()
             masters.give_weights()

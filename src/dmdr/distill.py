@@ -28,7 +28,7 @@ from . import flow, resume, sharded, zero
 from .config import DistillParams
 from .files import write_csv
 from .rewards import weighted_terms
-from .sharded import params_of
+from .sharded import inner_optimizer, params_of
 
 
 # --- the equations --------------------------------------------------------------------------------------------
@@ -264,27 +264,22 @@ class MasterWeights:
         self.params = list(params)
         self.masters = [torch.nn.Parameter(p.detach().float()) for p in self.params]
 
-    def groups(self, group_bytes: int = 1 << 29):
-        """The (parameter, master) pairs of the parameters with gradients, in groups of up to `group_bytes` of fp32
-        gradients."""
+    @torch.no_grad()
+    def take_grads(self, group_bytes: int = 1 << 29):
+        """The model's bf16 gradients (averaged over processes by then) as the masters' fp32 ones, a group of up to
+        512 MiB of fp32 gradients at a time: one fused copy per group (few kernel launches), each group's bf16
+        gradients let go. A generator: it yields each group's masters once their gradients are converted, so that
+        the caller can step and free them before the next group is converted."""
         group, size = [], 0
         for p, m in zip(self.params, self.masters):
             if p.grad is not None:
                 group.append((p, m))
                 size += m.numel() * m.element_size()
             if size >= group_bytes:
-                yield group
+                yield self._to_masters(group)
                 group, size = [], 0
         if group:
-            yield group
-
-    @torch.no_grad()
-    def take_grads(self, group_bytes: int = 1 << 29) -> None:
-        """The model's bf16 gradients (averaged over processes by then) as the masters' fp32 ones, a group of up to
-        512 MiB of fp32 gradients at a time: one fused copy per group (few kernel launches), each group's bf16
-        gradients freed before the next is converted."""
-        for group in self.groups(group_bytes):
-            self._to_masters(group)
+            yield self._to_masters(group)
 
     @torch.no_grad()
     def grad_norm(self) -> torch.Tensor:
@@ -297,28 +292,27 @@ class MasterWeights:
     @torch.no_grad()
     def step(self, opt, max_norm: float | None = None, group_bytes: int = 1 << 29) -> None:
         """One step of `opt` (over the masters) from the model's bf16 gradients, then the masters' bf16 roundings
-        into the model. A group of up to 512 MiB of fp32 gradients at a time is converted, scaled by torch's
-        clip_grad_norm_ factor min(1, max_norm / (norm + 1e-6)) of the norm of all gradients, stepped (AdamW steps
-        only the parameters that have gradients) and freed: fp32 gradients of one group are held at a time, not of
-        the whole model (3.8 GiB less at the step of a 2 B-parameter generator, where its memory peaks)."""
-        scale = None if max_norm is None else (max_norm / (self.grad_norm() + 1e-6)).clamp(max=1.0)
-        for group in self.groups(group_bytes):
-            fp32 = self._to_masters(group)
-            if scale is not None:
-                torch._foreach_mul_(fp32, scale.to(fp32[0].device))
+        into the model. A group of up to 512 MiB of fp32 gradients at a time is converted, clipped as the norm of
+        all gradients asks (torch's clip_grads_with_norm_, as clip_grad_norm_), stepped (AdamW steps only the
+        parameters that have gradients) and freed: fp32 gradients of one group are held at a time, not of the whole
+        model (3.8 GiB less at the step of a 2 B-parameter generator, where its memory peaks)."""
+        norm = None if max_norm is None else self.grad_norm()
+        for masters in self.take_grads(group_bytes):
+            if norm is not None:
+                torch.nn.utils.clip_grads_with_norm_(masters, max_norm, norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
         self.give_weights()
 
     @staticmethod
-    def _to_masters(group) -> list[torch.Tensor]:
+    def _to_masters(group) -> list[torch.nn.Parameter]:
         """One fused copy of the group's bf16 gradients into new fp32 ones on the masters (returned); the bf16 ones
         let go."""
         fp32 = [torch.empty_like(m) for _, m in group]
         torch._foreach_copy_(fp32, [p.grad for p, _ in group])
         for (p, m), g in zip(group, fp32):
             m.grad, p.grad = g, None
-        return fp32
+        return [m for _, m in group]
 
     @torch.no_grad()
     def give_weights(self) -> None:
@@ -625,13 +619,12 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
         device (its found_inf, as under a GradScaler), so the host does not wait for the GPU to decide, and settle
         reads the loss at the next logged row or checkpoint; elsewhere the host decides at once."""
         pending.append((what, step, mean_over_processes(loss)))  # every process takes the same decision
-        inner = getattr(opt, "optimizer", opt)  # accelerate's wrapper
         if deepspeed:  # the engine clips, and skips a step whose gradient norm (a non-finite loss's) is not finite
             settle()
             model.step()
             return
-        if not fsdp and getattr(inner, "defaults", {}).get("fused"):
-            inner.found_inf = (~torch.isfinite(pending[-1][2])).float()
+        if not fsdp and getattr(inner_optimizer(opt), "defaults", {}).get("fused"):
+            inner_optimizer(opt).found_inf = (~torch.isfinite(pending[-1][2])).float()
         elif not settle():
             model.zero_grad(set_to_none=True)
             return
@@ -679,14 +672,15 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
         return finite
 
     def read(values: dict) -> dict:
-        """The logged values as numbers (the host waits here for the GPU: once a logged row, not once a step)."""
+        """The logged values as numbers, the pending losses settled first (the host waits here for the GPU: once a
+        logged row or checkpoint, not once a step)."""
+        settle()
         return {k: float(v) for k, v in values.items()}
 
     bar = tqdm(range(start, cfg.steps + 1), desc=f"{'DMD' if distill else ''}{'+RL' if rl else ''}", mininterval=5)
     for step in bar:
         if (step % cfg.log_every == 0 or step == cfg.steps) and not (state and step == start):
             last = read(last)
-            settle()
             bar.set_postfix({k: f"{v:.4f}" for k, v in last.items() if k.startswith("loss")}, refresh=False)
             row, images = {"step": step, "seconds": round(time.time() - t0, 2)}, {}
             if curve_fn is not None and (acc.is_main_process or fsdp):  # a sharded model needs every process
@@ -706,7 +700,6 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
             break
         if ckpt is not None and step > start and step % ckpt.every == 0:
             last = read(last)
-            settle()
             if not resume.save(acc, ckpt, {"step": step, "rows": rows, "last": last, "skipped": skipped}, trained,
                                master_state):
                 raise FloatingPointError(f"non-finite weights at step {step}: not checkpointed; the last good "

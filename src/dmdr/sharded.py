@@ -58,7 +58,8 @@ def params_of(opt) -> list[torch.nn.Parameter]:
     return [p for g in opt.param_groups for p in g["params"]]
 
 
-def _optimizer_of(acc_opt):
+def inner_optimizer(acc_opt):
+    """The torch optimizer inside accelerate's wrapper (or the optimizer itself)."""
     return getattr(acc_opt, "optimizer", acc_opt)
 
 
@@ -70,7 +71,7 @@ def save_state(acc, models, path: Path) -> None:
         save_file({k: local(v).detach().contiguous() for k, v in model.state_dict().items()},
                   path / f"model_{i}.rank_{rank}.safetensors")
     for i, acc_opt in enumerate(acc._optimizers):
-        state = _optimizer_of(acc_opt).state_dict()
+        state = inner_optimizer(acc_opt).state_dict()
         tensors = {f"{p}.{k}": v for p, s in state["state"].items() for k, v in s.items()}
         save_file({k: local(v).detach().contiguous() for k, v in tensors.items()},
                   path / f"optimizer_{i}.rank_{rank}.safetensors")
@@ -89,7 +90,7 @@ def load_state(acc, models, path: Path) -> None:
         for k, v in model.state_dict().items():
             local(v).copy_(saved[k])
     for i, acc_opt in enumerate(acc._optimizers):
-        opt = _optimizer_of(acc_opt)
+        opt = inner_optimizer(acc_opt)
         meta = json.loads((path / f"optimizer_{i}.json").read_text())
         saved = load_file(path / f"optimizer_{i}.rank_{rank}.safetensors")
         params = params_of(opt)
