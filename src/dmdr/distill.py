@@ -133,9 +133,9 @@ def rollout(generator, noise: torch.Tensor, cond, times: torch.Tensor, rng: torc
             eps = (randn() if randn is not None else torch.randn(noise.shape, generator=rng)).to(noise.device)
             if k or need_final:
                 final = flow.sample_generator(generator, noise, cond, times)
-            # the level made on the device: a copy from the host would make the host wait for the GPU
-            level = torch.full((noise.shape[0],), float(times[k]), device=noise.device)
-            x_t = noise if k == 0 else flow.renoise(final, eps, level)
+            x_t = noise
+            if k:  # the level made on the device: a copy from the host would make the host wait for the GPU
+                x_t = flow.renoise(final, eps, torch.full((noise.shape[0],), float(times[k]), device=noise.device))
     return x_t, float(times[k]), final
 
 
@@ -626,8 +626,9 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
             settle()
             model.step()
             return
-        if not fsdp and getattr(inner_optimizer(opt), "defaults", {}).get("fused"):
-            inner_optimizer(opt).found_inf = (~torch.isfinite(pending[-1][2])).float()
+        inner = inner_optimizer(opt)
+        if not fsdp and getattr(inner, "defaults", {}).get("fused"):
+            inner.found_inf = (~torch.isfinite(pending[-1][2])).float()
         elif not settle():
             model.zero_grad(set_to_none=True)
             return
