@@ -223,3 +223,60 @@ def test_a_partitioned_checkpoint_is_not_resumed_by_another_number_of_processes(
     acc = SimpleNamespace(distributed_type=DistributedType[kind], process_index=0, num_processes=1)
     with pytest.raises(ValueError, match=rf"{tmp_path}: a checkpoint of 2 {name} processes cannot be resumed by 1"):
         resume.load_state(acc, tmp_path)
+
+
+@pytest.mark.parametrize("cut", ["model.safetensors", "model_1.safetensors", "optimizer.bin", "random_states_0.pkl",
+                                 "loop.json", "generators.safetensors"])
+def test_a_truncated_checkpoint_is_set_aside_and_the_run_starts_over(clip, tmp_path, capsys, cut):
+    """A checkpoint file cut short (a full disk, a partial copy): the run names the checkpoint and the file, sets it
+    aside as <checkpoint>.broken and starts over, ending where an uninterrupted run ends, instead of failing with a
+    bare SafetensorError inside accelerate."""
+    settings = {"steps": 3, "checkpoint_every": 1}
+    cfg, _, models = tiny_models(clip, "unet", settings)
+    rows = train(cfg, models, PROMPTS, seed=0, curve_fn=probe)
+
+    def crash_at_2(generator, step):
+        if step == 2:
+            raise Crash
+        return probe(generator, step)
+    cfg, _, first = tiny_models(clip, "unet", settings)
+    with pytest.raises(Crash):
+        train(cfg, first, PROMPTS, seed=0, curve_fn=crash_at_2, checkpoint_dir=tmp_path / "ckpt")
+    f = tmp_path / "ckpt" / cut
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    capsys.readouterr()
+    cfg, _, again = tiny_models(clip, "unet", settings)
+    resumed = train(cfg, again, PROMPTS, seed=0, curve_fn=probe, checkpoint_dir=tmp_path / "ckpt")
+    out = capsys.readouterr().out
+    assert f"checkpoint {tmp_path / 'ckpt'} is broken ({cut}" in out and "the run starts over" in out
+    assert (tmp_path / "ckpt.broken" / cut).exists()
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
+    assert strip(resumed) == strip(rows)
+
+
+def test_a_checkpoint_of_other_training_prompts_is_not_resumed(clip, tmp_path, capsys):
+    """The checkpoint's identity covers the whole prompt set: the same count and first eight prompts are not the
+    same prompts."""
+    prompts = [f"a photo of {n} circles" for n in ("one", "two", "three", "four")] * 2 + ["a photo of a square"]
+    cfg, _, models = tiny_models(clip, "unet", {"steps": 2, "checkpoint_every": 1})
+    train(cfg, models, prompts, seed=0, checkpoint_dir=tmp_path)
+    capsys.readouterr()
+    train(cfg, models, prompts[:8] + ["a photo of a triangle"], seed=0, checkpoint_dir=tmp_path)
+    assert "ignoring checkpoint" in capsys.readouterr().out
+    train(cfg, models, prompts[:8] + ["a photo of a triangle"], seed=0, checkpoint_dir=tmp_path)
+    assert "resumed from" in capsys.readouterr().out
+
+
+def test_saved_models_are_readable_by_others(tmp_path):
+    """A saved model directory gets the permissions of any directory the user makes (0755 under umask 022), not
+    mkdtemp's 0700."""
+    import os
+
+    from dmdr.models import build_backbone, save_diffusers
+    old = os.umask(0o022)
+    try:
+        save_diffusers(build_backbone("unet", 16, 16, 4, channels=(16, 16), head_dim=8), tmp_path / "g")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "g").stat().st_mode & 0o777 == 0o755
+    assert all(f.stat().st_mode & 0o777 == 0o644 for f in (tmp_path / "g").iterdir())

@@ -523,7 +523,7 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
         print(f"DeepSpeed ZeRO-{acc.state.deepspeed_plugin.zero_stage}: {names} trained by an engine each, their "
               f"fp32 weights and AdamW states partitioned over {processes}")
     ckpt = (resume.Checkpoint(checkpoint_dir, cfg.checkpoint_every,
-                              resume.fingerprint(what_trains(cfg), seed, len(prompts), prompts[:8],
+                              resume.fingerprint(what_trains(cfg), seed, resume.texts_digest(prompts),
                                                  *((run_identity,) if run_identity else ())), rng, prng)
             if checkpoint_dir is not None and cfg.checkpoint_every else None)
     times = models.times if models.times is not None else flow.generator_times(cfg.generator_steps, cfg.shift)

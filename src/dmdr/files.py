@@ -5,15 +5,31 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 
 
+def nonfinite(obj, at: str = "") -> tuple[str, float] | None:
+    """The first NaN or infinite number in a JSON-like object, with its dotted key, or None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return at, obj
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        if found := nonfinite(v, f"{at}.{k}" if at else str(k)):
+            return found
+    return None
+
+
 def write_json(obj, path: Path) -> None:
+    """`obj` as JSON, atomically; a non-finite number (which is not JSON, and no metric) is an error naming its key,
+    and the file keeps what it held."""
     path = Path(path)
+    if found := nonfinite(obj):
+        raise ValueError(f"{path}: {found[0]} is {found[1]}, not a finite number: not written")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n")
     tmp.replace(path)
 
 

@@ -32,10 +32,24 @@ def atomic_dir(path: Path, write) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         write(tmp)
+        readable(tmp)
         move_into_place(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def readable(root: Path) -> None:
+    """Give a written directory and its files the modes the user's umask gives new ones (0755 and 0644 under 022):
+    mkdtemp makes 0700 and safetensors writes 0600, readable by their owner only."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(root, 0o777 & ~mask)
+    for d, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(d, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(d, name), 0o666 & ~mask)
 
 
 def move_into_place(written: Path, path: Path) -> None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +42,11 @@ class Checkpoint:
 def fingerprint(*parts) -> str:
     """A short hash of the JSON of everything that defines a run."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def texts_digest(texts: list[str]) -> str:
+    """The sha256 of a list of texts (a run's whole prompt set: its count and every prompt, in order)."""
+    return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()
 
 
 def files_fingerprint(*paths: Path) -> str:
@@ -100,12 +107,72 @@ def save(acc, ckpt: Checkpoint, loop: dict, modules, tensors: dict[str, torch.Te
     return True
 
 
+def safetensors_problem(f: Path) -> str | None:
+    """Why a safetensors file is not whole (its header unreadable, or fewer bytes than the header promises)."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return "shorter than a safetensors header"
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            return f"its header says {n} bytes, the file has {size - 8} after the length"
+        try:
+            header = json.loads(fh.read(n))
+        except (ValueError, UnicodeDecodeError):
+            return "its header is not JSON"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    return None if size == 8 + n + end else f"{size} bytes where its header promises {8 + n + end}"
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint directory cannot be resumed (a file cut short by a full disk or a copy, a header that does
+    not read), or None: loop.json is JSON with a step, every safetensors file is whole, every torch file
+    (accelerate's optimizer and RNG states) is a complete zip archive."""
+    try:
+        loop = json.loads((path / "loop.json").read_text())
+        if not isinstance(loop, dict) or "step" not in loop:
+            return "loop.json has no step"
+    except (OSError, ValueError) as e:
+        return f"loop.json does not read ({e})"
+    for f in sorted(path.rglob("*")):
+        if not f.is_file():
+            continue
+        if f.suffix == ".safetensors" and (problem := safetensors_problem(f)):
+            return f"{f.relative_to(path)}: {problem}"
+        if f.suffix in (".bin", ".pkl", ".pt") and not zipfile.is_zipfile(f):
+            return f"{f.relative_to(path)}: not a complete torch archive"
+    return None
+
+
+def set_aside_if_broken(path: Path) -> bool:
+    """A broken checkpoint is moved to `<path>.broken` (replacing an older one), with a message naming it, so that
+    the run starts over instead of failing inside the loaders. Returns whether it was broken."""
+    problem = checkpoint_problem(path)
+    if problem is None:
+        return False
+    broken = path.with_name(path.name + ".broken")
+    shutil.rmtree(broken, ignore_errors=True)
+    path.rename(broken)
+    print(f"checkpoint {path} is broken ({problem}): set aside as {broken}; the run starts over")
+    return True
+
+
 def load(acc, ckpt: Checkpoint | None, tensors: dict[str, torch.Tensor] | None = None, modules=()) -> dict | None:
     """Restore the run's checkpoint into the prepared objects (`modules`: the trained models, in the order
-    prepared), its generators and `tensors` (in place); returns the loop state, or None when there is no checkpoint of this run."""
-    if ckpt is None or not (Path(ckpt.path) / "loop.json").exists():
+    prepared), its generators and `tensors` (in place); returns the loop state, or None when there is no checkpoint
+    of this run (a broken one is set aside first: `set_aside_if_broken`)."""
+    if ckpt is None or not Path(ckpt.path).is_dir():
         return None
     path = Path(ckpt.path)
+    broken = checkpoint_problem(path) is not None
+    if acc.num_processes > 1:  # every process decides as the main one does
+        broken = bool(acc.reduce(torch.tensor(float(broken), device=acc.device), "sum"))
+    if broken:
+        if acc.is_main_process:
+            set_aside_if_broken(path)
+        acc.wait_for_everyone()
+        return None
     loop = json.loads((path / "loop.json").read_text())
     if loop.pop("fingerprint", None) != ckpt.fingerprint:
         print(f"ignoring checkpoint {path}: it belongs to other settings")
