@@ -4,6 +4,10 @@
 
 STAGE is a notebook under notebooks/ (prompts, world, distill, evaluate, report); NAME picks the recipe or model of
 a foreach stage. The executed notebook, with its outputs and plots, is written to runs/STAGE[-NAME].ipynb.
+
+Nothing computed is lost to a bad parameter or a failed run (dmdr.stage_outputs): every knob is checked before
+anything is touched; the stage's outputs (declared `persist: true` in dvc.yaml, so DVC leaves them in place) are
+set aside, and put back unless the run succeeds, also after a kill, at the next start; one run of a stage at a time.
 """
 import sys
 from pathlib import Path
@@ -12,7 +16,7 @@ import papermill
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from dmdr import config  # noqa: E402
+from dmdr import config, stage_outputs  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -30,13 +34,22 @@ def main(argv: list[str]) -> int:
             config.recipe(p, name)
         elif stage == "evaluate":
             config.eval_model(p, name)
+        elif stage == "extra_prompts":
+            config.extra_prompt_file(p, name)
     except config.ParamsError as e:
         print(f"params error: {e}", file=sys.stderr)
         return 2
+    label = f"{stage}@{name}" if name else stage
     out = ROOT / "runs" / (f"{stage}-{name}.ipynb" if name else f"{stage}.ipynb")
-    out.parent.mkdir(exist_ok=True)
-    papermill.execute_notebook(str(notebook), str(out), parameters={"name": name, "params_file": "params.yaml"},
-                               cwd=str(ROOT), kernel_name="python3", progress_bar=False, log_output=True)
+    try:
+        with stage_outputs.one_run_at_a_time(ROOT, label), \
+                stage_outputs.replaced_on_success(ROOT, label, stage_outputs.declared(ROOT, label), out):
+            out.parent.mkdir(exist_ok=True)
+            papermill.execute_notebook(str(notebook), str(out), parameters={"name": name, "params_file": "params.yaml"},
+                                       cwd=str(ROOT), kernel_name="python3", progress_bar=False, log_output=True)
+    except stage_outputs.StageBusy as e:
+        print(e, file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,4 +1,6 @@
 """The one DMD training loop runs on both diffusers backbone classes and updates the generator and the fake score."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -191,9 +193,11 @@ def test_micro_batches_compute_what_one_pass_computes(clip, kind, overrides):
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), k
     assert all(torch.allclose(weights_one[k], weights_two[k], atol=5e-5) for k in weights_one)
     assert max(calls_one) == 4 and set(calls_two) == {2}
-    cfg, _, models = tiny_models(clip, kind, overrides | {"micro_batches": 3})
+    with pytest.raises(ValueError, match=r"micro_batches, batch: micro_batches must divide batch"):
+        tiny_models(clip, kind, overrides | {"micro_batches": 3})  # refused with the params
+    cfg, _, models = tiny_models(clip, kind, overrides)
     with pytest.raises(ValueError, match=r"micro_batches 3 does not divide the local batch 4 \(batch 4 over 1"):
-        train(cfg, models, prompts, seed=0)
+        train(dataclasses.replace(cfg, micro_batches=3), models, prompts, seed=0)  # and by the loop, per process
 
 
 @pytest.mark.parametrize("precision,rel,atol,micro_batches", [("no", 1e-5, 5e-5, 2),
@@ -221,8 +225,10 @@ def test_two_processes_compute_what_one_computes_at_the_same_global_batch(tmp_pa
                                                   for k in two["weights"])
 
 
+# bf16: the losses after an update differ by bf16's rounding of it; loss_dmd, a small difference of two predictions,
+# by more than 5% on CPUs whose bf16 matmuls take another path (AMX), hence 10%
 @pytest.mark.parametrize("precision,rel,atol,micro_batches", [("no", 1e-5, 5e-5, 2),
-                                                                ("bf16-weights", 5e-2, 2e-3, 1)])
+                                                                ("bf16-weights", 1e-1, 2e-3, 1)])
 def test_fsdp_computes_what_one_process_computes_and_resumes_from_its_own_shards(tmp_path, precision, rel, atol,
                                                                                  micro_batches):
     """FSDP2 through configs/accelerate/fsdp.yaml in 2 CPU processes (accelerate's launcher, plugin, prepare and

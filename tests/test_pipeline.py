@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dmdr.config import deep_merge
+from dmdr.config import deep_merge, read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 COPY = ["src", "pipeline", "notebooks", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config", ".dvcignore",
@@ -29,8 +29,8 @@ def smoke_repo(tmp: Path) -> Path:
         elif src.exists():
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, repo / name)
-    smoke = yaml.safe_load((ROOT / "tests" / "smoke_params.yaml").read_text())
-    params = deep_merge(yaml.safe_load((ROOT / "params.yaml").read_text()), smoke)
+    smoke = read_yaml((ROOT / "tests" / "smoke_params.yaml").read_text())
+    params = deep_merge(read_yaml((ROOT / "params.yaml").read_text()), smoke)
     params["recipes"] = {k: params["recipes"][k] for k in smoke["recipes"]}
     params["evaluate"]["models"] = {k: params["evaluate"]["models"][k] for k in smoke["evaluate"]["models"]}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -40,7 +40,9 @@ def smoke_repo(tmp: Path) -> Path:
 
 
 def dvc_env(repo: Path) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(repo / "src"), DVC_NO_ANALYTICS="1", TQDM_DISABLE="1")
+    env = dict(os.environ, PYTHONPATH=str(repo / "src"), DVC_NO_ANALYTICS="1", TQDM_DISABLE="1",
+               GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com", GIT_COMMITTER_NAME="test",
+               GIT_COMMITTER_EMAIL="test@example.com")
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
     return env
 
@@ -125,6 +127,97 @@ def test_a_killed_run_resumes_and_two_fresh_runs_give_identical_results(smoke, k
                          if k.startswith("distill@")}
     outs = lambda stage: [(o["path"], o["md5"]) for o in stage["outs"] if o["path"].startswith("models/")]
     assert {k: outs(v) for k, v in lock(smoke).items()} == {k: outs(v) for k, v in lock(killed).items()}
+
+
+def committed_copy(repo: Path, tmp: Path) -> Path:
+    """A copy of a finished smoke repository with everything committed to git, as a user's clone is."""
+    copy = tmp / "repo"
+    shutil.copytree(repo, copy, symlinks=True)
+    for args in (["add", "-A"], ["commit", "-qm", "smoke run"]):
+        subprocess.run(["git", *args], cwd=copy, env=dvc_env(copy), check=True)
+    return copy
+
+
+def digest(repo: Path, *paths: str) -> dict:
+    """The bytes of every file under `paths`, by name: what must survive a bad parameter or a failed run."""
+    files = [f for p in paths for f in sorted((repo / p).rglob("*") if (repo / p).is_dir() else [repo / p])]
+    return {str(f.relative_to(repo)): f.read_bytes() for f in files if f.is_file()}
+
+
+KEPT = ("models/world", "models/rewards", "models/distill", "data/prompts", "results", "runs", "dvc.lock")
+
+
+def test_dvc_exp_run_with_a_changed_parameter_reruns_what_it_changes(smoke, tmp_path):
+    """The README's promise, as a user runs it: `dvc exp run -S` (which rewrites params.yaml, unquoting "no" and
+    "off"), then `dvc exp show` and `dvc metrics diff` show the change, and the parameter took effect."""
+    repo = committed_copy(smoke, tmp_path)
+    r = dvc(repo, "exp", "run", "-S", "recipes.dmdr-4.steps=3")
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    params = (repo / "params.yaml").read_text()
+    assert "mixed_precision: no" in params and "form: off" in params  # DVC's rewrite, read as it was meant
+    assert [row.split(",")[0] for row in (repo / "results" / "curves" / "dmdr-4.csv").read_text().splitlines()][-1] \
+        == "3"  # trained for the 3 steps asked, not the smoke profile's 2
+    assert "Stage 'world' didn't change" in r.stdout and "Running stage 'distill@dmdr-4'" in r.stdout
+    assert "Running stage 'distill@dmd2-4'" not in r.stdout
+    shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
+    exps = [e for commit in shown for e in (commit.get("experiments") or []) for e in e["revs"]]
+    assert any(e["data"]["params"]["params.yaml"]["data"]["recipes"]["dmdr-4"]["steps"] == 3 for e in exps)
+    diff = json.loads(dvc(repo, "metrics", "diff", "--json").stdout)
+    assert "results/metrics/dmdr-4.json" in diff and "results/metrics/dmd2-4.json" not in diff
+
+
+def test_a_bad_parameter_or_a_failed_stage_loses_nothing(smoke, tmp_path):
+    """A typo in params.yaml (by an edit or by `dvc exp run -S`) stops every stage before it touches anything, and
+    names the key and where it came from; a stage that fails while running puts its old outputs back. Every
+    trained model, metric, curve and executed notebook is then byte for byte what it was, and once the typo is
+    undone `dvc status` finds the pipeline up to date."""
+    repo = committed_copy(smoke, tmp_path)
+    before = digest(repo, *KEPT)
+    good = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(good.replace("  teacher:\n", "  teacher:\n    stepz: 6\n", 1))
+    r = dvc(repo, "repro", "-f")
+    assert r.returncode != 0 and "world.teacher.stepz: unknown key" in r.stderr + r.stdout
+    assert "changed since the last commit" in r.stderr + r.stdout
+    (repo / "params.yaml").write_text(good)
+    r = dvc(repo, "exp", "run", "-S", "distill.t_min=0.99")
+    assert r.returncode != 0
+    assert "distill.t_min, distill.t_max: t_min must be below t_max" in r.stderr + r.stdout
+    assert "dvc exp run -S distill.t_min" in r.stderr + r.stdout
+    assert digest(repo, *KEPT) == before
+    (repo / "params.yaml").write_text(good)
+    # a stage that fails while it runs, with finished outputs to lose: a prompt file that was read, then broken
+    (repo / "cats.jsonl").write_text('{"prompt": "a photo of a cat"}\n')
+    r = dvc(repo, "exp", "run", "-S", "+prompts.extra_files.cats=cats.jsonl")  # +: a new key, in Hydra's syntax
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert (repo / "data" / "extra_prompts" / "cats.txt").read_text() == "a photo of a cat\n"
+    assert "Running stage 'extra_prompts@cats'" in r.stdout and "Running stage 'prompts'" not in r.stdout
+    before = digest(repo, *KEPT)
+    (repo / "cats.jsonl").write_text('{"prompt": "a photo of a cat"}\n{"prompt": oops}\n')  # a DVC dependency
+    r = dvc(repo, "repro")
+    assert r.returncode != 0 and "cats.jsonl:2: malformed JSON" in r.stdout + r.stderr
+    assert "extra_prompts@cats failed: its executed notebook is runs/failed/extra_prompts-cats.ipynb" in r.stdout
+    after = digest(repo, *KEPT)
+    assert b"malformed JSON" in after.pop("runs/failed/extra_prompts-cats.ipynb") and after == before
+    (repo / "cats.jsonl").write_text('{"prompt": "a photo of a cat"}\n')
+    r = dvc(repo, "status")
+    assert r.returncode == 0 and "up to date" in r.stdout, r.stdout
+
+
+def test_a_poisoned_reward_model_stops_its_evaluation_and_keeps_the_metrics(smoke, tmp_path):
+    """One NaN weight in the hps reward model: the evaluation fails naming the model and the metric, instead of
+    writing NaN (not JSON) over good metrics; its old metrics, samples and notebook stay."""
+    from safetensors.torch import load_file, save_file
+    repo = committed_copy(smoke, tmp_path)
+    before = digest(repo, "results", "runs")
+    hps = repo / "models" / "rewards" / "hps" / "model.safetensors"
+    weights = load_file(hps)
+    weights["visual.conv1.weight"].view(-1)[0] = float("nan")
+    save_file(weights, hps)
+    r = subprocess.run([sys.executable, "pipeline/run_stage.py", "evaluate", "dmdr-4"], cwd=repo, env=dvc_env(repo),
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "model dmdr-4: hps is nan, not finite" in r.stdout + r.stderr
+    after = digest(repo, "results", "runs")
+    assert after.pop("runs/failed/evaluate-dmdr-4.ipynb") and after == before
 
 
 def test_the_bare_passes_throughput_is_their_counted_flops_over_their_gpu_seconds():

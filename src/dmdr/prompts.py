@@ -1,22 +1,23 @@
 """Prompt files: the world's prompt sets, and real prompt files of every common format.
 
-`load_prompts(path)` reads plain text (one prompt a line), JSONL, a JSON list, CSV or TSV with a prompt/text/caption
-column, GenEval's evaluation_metadata.jsonl and DPG-Bench's question csv, and returns the prompts in file order
-(unique prompts for the question-per-row DPG format). `load_records` keeps the rest of each record (GenEval tags and
-include clauses, DPG questions) for the scorers. Errors name the file and line.
+`load_prompts(path)` reads plain text (one prompt a line), JSONL, a JSON list, CSV or TSV with a prompt, prompts,
+text or caption column (any case), GenEval's evaluation_metadata.jsonl and DPG-Bench's question csv, and returns the
+prompts in file order (unique prompts for the question-per-row DPG format). `load_records` keeps the rest of each
+record (GenEval tags and include clauses, DPG questions) for the scorers. Files are read a line at a time. Errors
+name the file and line.
 """
 from __future__ import annotations
 
 import csv
-import io
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from .world import grammar
 
-PROMPT_KEYS = ("prompt", "text", "caption")
+PROMPT_KEYS = ("prompt", "prompts", "text", "caption")  # matched in any case: PartiPrompts' "Prompt", DrawBench's "Prompts"
 DPG_COLUMNS = ("item_id", "text", "keywords", "proposition_id", "dependency", "category_broad", "category_detailed",
                "tuple", "question_natural_language")
 
@@ -25,23 +26,38 @@ class PromptFileError(ValueError):
     pass
 
 
-def _read_text(path: Path) -> str:
+def _lines(path: Path):
+    """(line number, text) of each line, read and decoded one line at a time (memory in proportion to a line);
+    a byte that is not UTF-8 is an error naming its line; a leading byte-order mark is dropped."""
+    if path.is_dir():
+        raise PromptFileError(f"{path}: is a directory, not a prompt file (name one of its files)")
     try:
-        raw = path.read_bytes()
+        f = open(path, "rb")
     except FileNotFoundError:
         raise PromptFileError(f"{path}: no such prompt file") from None
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise PromptFileError(f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    with f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise PromptFileError(f"{path}:{i}: not UTF-8 ({e.reason} at byte {e.start} of the line)") from None
+            yield i, line.removeprefix("\ufeff") if i == 1 else line
 
 
-def _prompt_of(record, path: Path, line: int) -> str:
+def _prompt_key(keys, path: Path, line) -> str | None:
+    """The column or field that holds the prompt: the first of PROMPT_KEYS, in any case; when several fit, the
+    choice is said."""
+    fits = [k for want in PROMPT_KEYS for k in keys if isinstance(k, str) and k.strip().lower() == want]
+    if len(fits) > 1 and line == 1:
+        warnings.warn(f"{path}: columns {fits} could each hold the prompt; reading {fits[0]!r}", stacklevel=4)
+    return fits[0] if fits else None
+
+
+def _prompt_of(record, path: Path, line, key: str | None = None) -> str:
     if isinstance(record, str):
         p = record
     elif isinstance(record, dict):
-        key = next((k for k in PROMPT_KEYS if k in record), None)
+        key = key if key is not None else _prompt_key(record, path, line)
         if key is None:
             raise PromptFileError(f"{path}:{line}: record has none of the columns {PROMPT_KEYS}: {sorted(record)}")
         p = record[key]
@@ -52,18 +68,19 @@ def _prompt_of(record, path: Path, line: int) -> str:
     return p.strip()
 
 
-def load_records(path: str | Path) -> list[dict]:
-    """Every record of a prompt file as a dict with at least 'prompt' (and 'line', its 1-based line).
+def iter_records(path: str | Path):
+    """Every record of a prompt file, one at a time, as a dict with at least 'prompt' and 'line' (1-based).
 
-    GenEval metadata keeps 'tag', 'include', 'exclude'; DPG-Bench csv gives one record per prompt with its
-    'questions' (proposition_id, dependency list, category_broad, tuple, question_natural_language).
+    Plain text (one prompt a line), JSONL, a JSON list, CSV (with quoting) and TSV (without: a tab ends every
+    field, quotes are text, as PartiPrompts' file is written) with a prompt/prompts/text/caption column in any case.
+    GenEval metadata keeps 'tag', 'include', 'exclude'; DPG-Bench's csv gives one record per prompt with its
+    'questions' (proposition_id, dependency list, category_broad, tuple, question_natural_language). Errors name
+    the file and line.
     """
     path = Path(path)
-    text = _read_text(path)
     suffix = path.suffix.lower()
-    records: list[dict] = []
     if suffix in (".jsonl", ".ndjson"):
-        for i, line in enumerate(text.splitlines(), 1):
+        for i, line in _lines(path):
             if not line.strip():
                 continue
             try:
@@ -71,9 +88,9 @@ def load_records(path: str | Path) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise PromptFileError(f"{path}:{i}: malformed JSON ({e.msg})") from None
             rec = dict(obj) if isinstance(obj, dict) else {}
-            rec.update(prompt=_prompt_of(obj, path, i), line=i)
-            records.append(rec)
+            yield rec | {"prompt": _prompt_of(obj, path, i), "line": i}
     elif suffix == ".json":
+        text = "".join(line for _, line in _lines(path))
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
@@ -82,57 +99,97 @@ def load_records(path: str | Path) -> list[dict]:
             raise PromptFileError(f"{path}:1: expected a JSON list of prompts or objects")
         for i, obj in enumerate(data):
             rec = dict(obj) if isinstance(obj, dict) else {}
-            rec.update(prompt=_prompt_of(obj, path, f"item {i}"), line=i + 1)
-            records.append(rec)
+            yield rec | {"prompt": _prompt_of(obj, path, f"item {i}"), "line": i + 1}
     elif suffix in (".csv", ".tsv"):
-        records = _read_table(text, path, "\t" if suffix == ".tsv" else ",")
-    else:  # plain text, one prompt a line
-        records = [{"prompt": line.strip(), "line": i} for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+        yield from _read_table(path, suffix == ".tsv")
+    else:
+        for i, line in _lines(path):
+            if line.strip():
+                yield {"prompt": line.strip(), "line": i}
+
+
+def _rows(path: Path, tsv: bool):
+    """(line, row) of a CSV or TSV file, the line where each row starts; csv's own errors name the line."""
+    numbered = _lines(path)
+    first = [0]
+
+    def lines():
+        for i, line in numbered:
+            first[0] = first[0] or i
+            yield line
+    reader = (csv.reader(lines(), delimiter="\t", quoting=csv.QUOTE_NONE) if tsv
+              else csv.reader(lines(), strict=True))  # strict: an unclosed quote is an error, not a merge of rows
+    while True:
+        first[0] = 0
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            hint = " (a quote opened on this line is never closed)" if "end of data" in str(e) else ""
+            raise PromptFileError(f"{path}:{first[0] or reader.line_num}: {e}{hint}") from None
+        if row:
+            yield first[0], row
+
+
+def _read_table(path: Path, tsv: bool):
+    rows = _rows(path, tsv)
+    try:
+        _, cols = next(rows)
+    except StopIteration:
+        return
+    if "question_natural_language" in cols:  # DPG-Bench: one row per question, grouped by item_id
+        yield from _read_dpg(path, cols, rows)
+        return
+    key = _prompt_key(cols, path, 1)
+    if key is None:
+        raise PromptFileError(f"{path}:1: header has none of the columns {PROMPT_KEYS} (in any case): {cols}")
+    for i, row in rows:
+        if len(row) > len(cols):
+            raise PromptFileError(f"{path}:{i}: more fields than the header ({len(row)} > {len(cols)})")
+        rec = dict(zip(cols, row))
+        if key not in rec:
+            raise PromptFileError(f"{path}:{i}: no {key!r} field (the row has {len(row)} of {len(cols)} fields)")
+        yield rec | {"prompt": _prompt_of(rec, path, i, key), "line": i}
+
+
+def _read_dpg(path: Path, cols: list[str], rows):
+    missing = [c for c in ("item_id", "text", "proposition_id", "dependency", "tuple") if c not in cols]
+    if missing:
+        raise PromptFileError(f"{path}:1: DPG-Bench csv lacks columns {missing}")
+    items: dict[str, dict] = {}
+    for i, values in rows:
+        if len(values) != len(cols):
+            raise PromptFileError(f"{path}:{i}: wrong number of fields ({len(values)}, the header has {len(cols)})")
+        row = dict(zip(cols, values))
+        try:
+            q = {"proposition_id": int(row["proposition_id"]),
+                 # the published DSG-1k file has stray words among the parent ids ("5, right"): ids only
+                 "dependency": [int(d) for d in row["dependency"].split(",") if d.strip().isdigit()] or [0],
+                 "category_broad": row.get("category_broad", ""), "tuple": row["tuple"],
+                 "question_natural_language": row["question_natural_language"]}
+        except ValueError as e:
+            raise PromptFileError(f"{path}:{i}: bad proposition_id or dependency ({e})") from None
+        rec = items.setdefault(row["item_id"], {"item_id": row["item_id"], "prompt": _prompt_of(row, path, i, "text"),
+                                                "line": i, "questions": []})
+        rec["questions"].append(q)
+    yield from items.values()
+
+
+def load_records(path: str | Path) -> list[dict]:
+    """Every record of a prompt file (`iter_records`); an error if it holds none."""
+    records = list(iter_records(path))
     if not records:
         raise PromptFileError(f"{path}: no prompts in file")
     return records
 
 
-def _read_table(text: str, path: Path, delimiter: str) -> list[dict]:
-    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
-    cols = reader.fieldnames or []
-    if "question_natural_language" in cols:  # DPG-Bench: one row per question, grouped by item_id
-        missing = [c for c in ("item_id", "text", "proposition_id", "dependency", "tuple") if c not in cols]
-        if missing:
-            raise PromptFileError(f"{path}:1: DPG-Bench csv lacks columns {missing}")
-        items: dict[str, dict] = {}
-        for row in reader:
-            i = reader.line_num
-            if None in row or any(v is None for v in row.values()):
-                raise PromptFileError(f"{path}:{i}: wrong number of fields")
-            try:
-                q = {"proposition_id": int(row["proposition_id"]),
-                     # the published DSG-1k file has stray words among the parent ids ("5, right"): ids only
-                     "dependency": [int(d) for d in row["dependency"].split(",") if d.strip().isdigit()] or [0],
-                     "category_broad": row.get("category_broad", ""), "tuple": row["tuple"],
-                     "question_natural_language": row["question_natural_language"]}
-            except ValueError as e:
-                raise PromptFileError(f"{path}:{i}: bad proposition_id or dependency ({e})") from None
-            rec = items.setdefault(row["item_id"], {"item_id": row["item_id"], "prompt": _prompt_of(row, path, i),
-                                                    "line": i, "questions": []})
-            rec["questions"].append(q)
-        return list(items.values())
-    key = next((k for k in PROMPT_KEYS if k in cols), None)
-    if key is None:
-        raise PromptFileError(f"{path}:1: header has none of the columns {PROMPT_KEYS}: {cols}")
-    out = []
-    for row in reader:
-        if None in row:
-            raise PromptFileError(f"{path}:{reader.line_num}: more fields than the header")
-        rec = {k: v for k, v in row.items()}
-        rec.update(prompt=_prompt_of(row, path, reader.line_num), line=reader.line_num)
-        out.append(rec)
-    return out
-
-
 def load_prompts(path: str | Path) -> list[str]:
-    """The prompts of any supported prompt file, in file order."""
-    return [r["prompt"] for r in load_records(path)]
+    """The prompts of any supported prompt file, in file order, keeping nothing else of each record."""
+    prompts = [r["prompt"] for r in iter_records(path)]
+    if not prompts:
+        raise PromptFileError(f"{path}: no prompts in file")
+    return prompts
 
 
 # --- the embedded world's prompt sets -------------------------------------------------------------------------
@@ -215,8 +272,7 @@ def write_dpg_csv(specs, path: Path) -> None:
 
 def build_prompt_sets(p, out: Path) -> dict:
     """The `prompts` stage: the world's disjoint train / test sets in real benchmark formats (train.txt, GenEval
-    metadata for the tag prompts, DPG-Bench csv for the dense prompts), plus every real file named in
-    `prompts.extra_files` read through `load_prompts` and written one prompt a line. Returns counts."""
+    metadata for the tag prompts, DPG-Bench csv for the dense prompts). Returns counts."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     train, test = world_prompt_sets(p.seed, p.prompts.n_train, p.prompts.test_per_tag, p.prompts.n_test_dense)
@@ -226,10 +282,20 @@ def build_prompt_sets(p, out: Path) -> dict:
     counts = {"train": len(train), "test_geneval": sum(s.tag != "dense" for s in test),
               "test_dpg": sum(s.tag == "dense" for s in test),
               "train_test_overlap": len({grammar.text(s) for s in train} & {grammar.text(s) for s in test})}
-    for f in p.prompts.extra_files:
-        texts = load_prompts(f)
-        (out / f"extra_{Path(f).stem}.txt").write_text("".join(t.replace("\n", " ") + "\n" for t in texts))
-        counts[f"extra_{Path(f).stem}"] = len(texts)
+    return counts
+
+
+def convert_prompt_file(source: str | Path, out: Path, metrics: Path) -> dict:
+    """The `extra_prompts` stage: a real prompt file of any supported format written one prompt a line (newlines
+    inside a prompt become spaces), and its counts."""
+    from .files import write_json
+    texts = load_prompts(source)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("".join(t.replace("\n", " ") + "\n" for t in texts))
+    tmp.replace(out)
+    counts = {"prompts": len(texts), "unique": len(set(texts)), "source": str(source)}
+    write_json(counts, metrics)
     return counts
 
 
