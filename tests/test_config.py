@@ -215,3 +215,9 @@ def test_params_are_read_as_dvc_writes_them(tmp_path):
     line = len((text + "\n").splitlines()) + 1
     with pytest.raises(ParamsError, match=rf'params.yaml:{line}: not valid YAML \(found duplicate key "seed" with value'):
         load(tmp_path / "params.yaml")
+
+
+def test_the_readme_lists_every_bad_input_the_tests_try():
+    import bad_inputs
+    text = (ROOT / "README.md").read_text()
+    assert bad_inputs.readme_with_section(text) == text, "README out of date: run python tests/bad_inputs.py"

@@ -89,7 +89,8 @@ def test_memory_is_in_proportion_to_the_prompts_kept(tmp_path):
     assert len(prompts) == 20000 and peak < 0.25 * p.stat().st_size, (peak, p.stat().st_size)
 
 
-@pytest.mark.parametrize("name, content, match", [
+# Malformed prompt files: (file name, content, the error it must give, as a regex)
+MALFORMED = [
     ("empty.txt", "\n\n", "no prompts"),
     ("blank_lines.jsonl", "\n  \n", "no prompts"),
     ("header_only.csv", "prompt,category\n", "no prompts"),
@@ -109,7 +110,10 @@ def test_memory_is_in_proportion_to_the_prompts_kept(tmp_path):
     ("ragged.csv", "prompt\na,b,c\n", r"ragged.csv:2: more fields"),
     ("obj.json", '{"prompt": "x"}', r"obj.json:1: expected a JSON list"),
     ("dpg.csv", "item_id,text,question_natural_language\n1,x,Is it?\n", r"dpg.csv:1: DPG-Bench csv lacks columns"),
-])
+]
+
+
+@pytest.mark.parametrize("name, content, match", MALFORMED)
 def test_malformed_files_name_file_and_line(tmp_path, name, content, match):
     with pytest.raises(PromptFileError, match=match):
         load_prompts(write(tmp_path, name, content))
