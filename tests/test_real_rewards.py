@@ -111,20 +111,23 @@ def test_pickscore_equals_its_processor_and_scale(tmp_path):
     check_compiled_blocks(reward, uint8_images(48))
 
 
-def test_laion_aesthetic_loads_the_released_head_layout(arch, tmp_path):
+def test_laion_aesthetic_loads_the_released_head_layout_on_openai_clip_s_activation(arch, tmp_path):
+    """The predictor's CLIP ViT-L/14 is OpenAI's, whose MLPs use QuickGELU (open_clip only warns when a model is
+    built with GELU for it): the embeddings, and so the scores, are those of a QuickGELU CLIP with these weights."""
     torch.manual_seed(0)
-    clip = open_clip.create_model(arch)
+    clip = open_clip.create_model(arch, force_quick_gelu=True).eval()
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, tmp_path / "clip.safetensors")
     head = AestheticMLP(32)
     torch.save(head.state_dict(), tmp_path / "aesthetic.pth")  # the layout of sac+logos+ava1-l14-linearMSE.pth
     reward = load_real_reward("aesthetic", tmp_path / "aesthetic.pth", arch=arch,
                               clip_checkpoint=tmp_path / "clip.safetensors")
+    assert isinstance(reward.model.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
     images = uint8_images(32)
     with torch.no_grad():
-        expected = head.eval()(torch.nn.functional.normalize(reward.model.encode_image(reward.preprocess(images)),
+        expected = head.eval()(torch.nn.functional.normalize(clip.encode_image(reward.preprocess(images)),
                                                              dim=-1)).squeeze(-1)
-    assert torch.allclose(reward(images), expected) and reward(images).shape == (2,)
+    assert torch.allclose(reward(images), expected, atol=1e-6) and reward(images).shape == (2,)
     check_bf16(reward, uint8_images(48), None)
 
 

@@ -5,7 +5,8 @@
 - hps: HPSv2.1, an open_clip ViT-H-14 with the HPS checkpoint: cosine(image, text), the score HPSv2 reports.
 - pick: PickScore (transformers CLIPModel and its CLIPProcessor's settings): logit_scale * cosine, as its authors
   score.
-- aesthetic: the LAION aesthetic MLP on the L2-normalised image embedding of OpenAI CLIP ViT-L/14.
+- aesthetic: the LAION aesthetic MLP on the L2-normalised image embedding of OpenAI CLIP ViT-L/14, built with
+  its QuickGELU (open_clip builds GELU for a local file or the "openai" tag and only warns).
 
 Preprocessing is the models' own (resize of the shortest side with the given interpolation and antialiasing,
 centre crop, mean / std), written with torch ops so gradients reach the images. The pixels enter a model in its
@@ -171,8 +172,8 @@ def load_real_reward(kind: str, checkpoint: str | Path, arch: str | None = None,
         from transformers import CLIPModel, CLIPProcessor
         reward = PickScore(CLIPModel.from_pretrained(checkpoint, use_safetensors=True).eval(),
                            CLIPProcessor.from_pretrained(processor or checkpoint))
-    elif kind == "aesthetic":
-        model, _ = open_clip_model(arch or "ViT-L-14", clip_checkpoint or "openai")
+    elif kind == "aesthetic":  # OpenAI's CLIP, with its QuickGELU (open_clip would build GELU and only warn)
+        model, _ = open_clip_model(arch or "ViT-L-14", clip_checkpoint or "openai", quick_gelu=True)
         state = read_state_dict(Path(checkpoint))
         head = AestheticMLP(state["layers.0.weight"].shape[1])
         head.load_state_dict(state)
