@@ -163,3 +163,24 @@ def test_world_splits_are_disjoint_and_test_holds_unseen_combinations():
     assert not any(held_out(s) for s in train)
     assert all(held_out(s) for s in test if s.tag in ("colors", "color_attr", "position", "dense"))
     assert {s.tag for s in test} == set(grammar.GENEVAL_TAGS) | {"dense"}
+
+
+def test_ellas_dpg_bench_directory_is_read_as_published(tmp_path):
+    """ELLA's dpg_bench/: dpg_bench.csv with the questions, prompts/<item_id>.txt with the prompts (in numeric order
+    when there is no csv); a directory with neither is an error naming it."""
+    from dmdr.prompts import write_dpg_csv
+    bench = tmp_path / "dpg_bench"
+    (bench / "prompts").mkdir(parents=True)
+    specs = [grammar.read(t) for t in ("a picture of a large red circle", "a picture of two blue squares")]
+    write_dpg_csv(specs, bench / "dpg_bench.csv")
+    for i, spec in enumerate(specs):
+        (bench / "prompts" / f"world_{i}.txt").write_text(grammar.text(spec) + ", in a photo\n")
+    records = load_records(bench)
+    assert [r["prompt"] for r in records] == [grammar.text(s) + ", in a photo" for s in specs]
+    assert [len(r["questions"]) for r in records] == [3, 3]
+    (bench / "dpg_bench.csv").unlink()
+    for n in (2, 10, 1):
+        (bench / "prompts" / f"{n}.txt").write_text(f"prompt {n}\n")
+    assert load_prompts(bench)[:3] == ["prompt 1", "prompt 2", "prompt 10"]
+    with pytest.raises(PromptFileError, match=rf"{tmp_path}: is a directory, not a prompt file \(a DPG-Bench"):
+        load_prompts(tmp_path)

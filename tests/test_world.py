@@ -131,6 +131,30 @@ def test_dpg_dependency_zeroes_children_of_a_failed_parent():
     assert by_tuple["attribute - color (square, blue)"] == (1.0, 1.0)
 
 
+def test_dpg_dependency_zeros_cascade_down_a_chain_as_ellas_script_applies_them():
+    """ELLA's compute_dpg_bench.py zeroes in file order, reading the parents' scores as already zeroed: a failed
+    grandparent zeroes its grandchild through the zeroed parent, though the parent's own answer was yes."""
+    from dmdr.world.score import dependency_zeroed
+    qs = [{"proposition_id": 1, "dependency": [0]}, {"proposition_id": 2, "dependency": [1]},
+          {"proposition_id": 3, "dependency": [2]}, {"proposition_id": 4, "dependency": [0]}]
+    assert dependency_zeroed(qs, {1: 0.0, 2: 1.0, 3: 1.0, 4: 1.0}) == {1: 0.0, 2: 0.0, 3: 0.0, 4: 1.0}
+    assert dependency_zeroed(qs, {1: 1.0, 2: 0.0, 3: 1.0, 4: 1.0}) == {1: 1.0, 2: 0.0, 3: 0.0, 4: 1.0}
+
+
+def test_a_dpg_item_whose_parent_is_missing_is_dropped_with_a_warning_naming_it():
+    """As upstream, where the missing parent's KeyError drops the image from every score."""
+    from dmdr.evaluation import dpg_scores
+    good = {"item_id": "7", "prompt": "a circle", "questions": grammar.questions(grammar.read("a picture of a circle"))}
+    bad = {"item_id": "8", "prompt": "a broken item", "questions": [
+        {"proposition_id": 1, "dependency": [0], "category_broad": "entity", "tuple": "entity - whole (circle)"},
+        {"proposition_id": 2, "dependency": [5], "category_broad": "relation", "tuple": "entity - whole (square)"}]}
+    circle = parse(render([Obj("circle", "red", 12, 16, 16)]))
+    with pytest.warns(UserWarning, match=r"DPG item 8 \('a broken item'\): question 2 depends on 5, which is not a "
+                                         r"question: dropped"):
+        scores = dpg_scores([good, bad], [circle, circle], per_prompt=1)
+    assert scores == dpg_scores([good], [circle], per_prompt=1) and scores["dpg_overall"] == 100.0
+
+
 def test_dpg_attribute_and_count_questions():
     spec = grammar.read("a picture of two green triangles and a large purple circle")
     objs = [Obj("triangle", "green", 7, 6, 6), Obj("triangle", "orange", 7, 26, 6), Obj("circle", "purple", 13, 16, 22)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from .prompts import load_records
 from .rewards import load_reward
 from .standins import to_tensor, to_uint8
 from .world import grammar, parse
-from .world.score import dpg_question_scores, geneval_correct, geneval_summary, gold
+from .world.score import MissingParent, dpg_question_scores, geneval_correct, geneval_summary, gold
 
 
 @dataclass
@@ -87,14 +88,24 @@ def geneval_scores(records: list[dict], detections: list, per_prompt: int) -> di
 
 
 def dpg_scores(records: list[dict], detections: list, per_prompt: int) -> dict:
+    """DPG-Bench's scores: each prompt the mean over its images of the mean question score after dependencies,
+    dpg_overall 100 times their mean, each category 100 times the mean of its questions' scores before dependencies
+    (over every image; ELLA's script takes the last image only, its issue #60). An item with a question whose parent
+    is not a question of it is dropped with a warning, as ELLA's script drops it."""
     prompt_scores, by_category = [], {}
     for i, r in enumerate(records):
-        per_image = []
-        for dets in detections[i * per_prompt:(i + 1) * per_prompt]:
-            raw, post = dpg_question_scores(r["questions"], dets)
-            per_image.append(np.mean(post))
-            for q, s in zip(r["questions"], raw):
-                by_category.setdefault(q["category_broad"], []).append(s)
+        per_image, categories = [], []
+        try:
+            for dets in detections[i * per_prompt:(i + 1) * per_prompt]:
+                raw, post = dpg_question_scores(r["questions"], dets)
+                per_image.append(np.mean(post))
+                categories += [(q["category_broad"], s) for q, s in zip(r["questions"], raw)]
+        except MissingParent as e:
+            warnings.warn(f"DPG item {r.get('item_id', i)} ({r['prompt'][:60]!r}): {e.args[0]}: dropped, as ELLA's "
+                          f"compute_dpg_bench.py drops it")
+            continue
+        for category, s in categories:
+            by_category.setdefault(category, []).append(s)
         prompt_scores.append(np.mean(per_image))
     return {"dpg_overall": 100 * float(np.mean(prompt_scores))} | {
         f"dpg_{k}": 100 * float(np.mean(v)) for k, v in sorted(by_category.items())}

@@ -79,7 +79,9 @@ def iter_records(path: str | Path):
     """
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
+    if path.is_dir():
+        yield from _read_dpg_directory(path)
+    elif suffix in (".jsonl", ".ndjson"):
         for i, line in _lines(path):
             if not line.strip():
                 continue
@@ -174,6 +176,27 @@ def _read_dpg(path: Path, cols: list[str], rows):
                                                 "line": i, "questions": []})
         rec["questions"].append(q)
     yield from items.values()
+
+
+def _read_dpg_directory(path: Path):
+    """ELLA's DPG-Bench layout: `dpg_bench.csv` (the questions) and `prompts/<item_id>.txt` (the prompt each image
+    is generated from, which the csv's `text` repeats); either alone does."""
+    csv_file, prompt_dir = path / "dpg_bench.csv", path / "prompts"
+    if not csv_file.is_file() and not prompt_dir.is_dir():
+        raise PromptFileError(f"{path}: is a directory, not a prompt file (a DPG-Bench directory, as ELLA's dpg_bench/, "
+                              f"holds dpg_bench.csv and prompts/<item_id>.txt: this one has neither)")
+    texts = {}
+    if prompt_dir.is_dir():
+        for f in sorted(prompt_dir.glob("*.txt"), key=lambda f: (len(f.stem), f.stem)):  # 1, 2, ..., 10: numeric
+            lines = [line.strip() for _, line in _lines(f) if line.strip()]
+            if not lines:
+                raise PromptFileError(f"{f}: no prompt in file")
+            texts[f.stem] = " ".join(lines)
+    if not csv_file.is_file():
+        yield from ({"item_id": k, "prompt": v, "line": 1} for k, v in texts.items())
+        return
+    for rec in _read_table(csv_file, tsv=False):
+        yield rec | {"prompt": texts.get(rec.get("item_id"), rec["prompt"])}
 
 
 def load_records(path: str | Path) -> list[dict]:

@@ -104,13 +104,31 @@ def answer(tup: str, dets: list[Detection]) -> bool:
     raise ValueError(f"unknown question kind in tuple {tup!r}")
 
 
-def dpg_question_scores(qs: list[dict], dets: list[Detection]) -> tuple[list[float], list[float]]:
-    """Per question: (score before dependencies, score after: 0 where a parent scored 0)."""
-    raw = {q["proposition_id"]: float(answer(q["tuple"], dets)) for q in qs}
-    post = {}
+class MissingParent(KeyError):
+    """A DPG question depends on a proposition id that is not a question of its item."""
+
+
+def dependency_zeroed(qs: list[dict], raw: dict) -> dict:
+    """DPG-Bench's dependency rule as ELLA's compute_dpg_bench.py applies it: in file order, a question scores 0
+    when a parent (0: none) scores 0, reading the parents' scores as already zeroed, so that a failure cascades down
+    its chain. A parent that is not a question raises MissingParent (upstream: a KeyError that drops the image)."""
+    post = dict(raw)
     for q in qs:
-        parents = [p for p in q["dependency"] if p != 0]
-        post[q["proposition_id"]] = 0.0 if any(raw.get(p, 1.0) == 0 for p in parents) else raw[q["proposition_id"]]
+        for parent in q["dependency"]:
+            if parent == 0:
+                continue
+            if parent not in post:
+                raise MissingParent(f"question {q['proposition_id']} depends on {parent}, which is not a question")
+            if post[parent] == 0:
+                post[q["proposition_id"]] = 0.0
+                break
+    return post
+
+
+def dpg_question_scores(qs: list[dict], dets: list[Detection]) -> tuple[list[float], list[float]]:
+    """Per question: (score before dependencies, score after `dependency_zeroed`)."""
+    raw = {q["proposition_id"]: float(answer(q["tuple"], dets)) for q in qs}
+    post = dependency_zeroed(qs, raw)
     return [raw[q["proposition_id"]] for q in qs], [post[q["proposition_id"]] for q in qs]
 
 
