@@ -69,17 +69,43 @@ def test_dmdr_on_a_real_sd3_pipeline_then_export(sd3, tmp_path):
     # only the adapter trained (the frozen base is held in bf16 under bf16 autocast)
     assert all(torch.equal(base[n], p.to(base[n].dtype)) for n, p in start.named_parameters())
 
-    pipe, sampler = load_exported(export(models.generator, teacher, tmp_path / "dmdr-4", steps=4, shift=3.0))
+    out = export(models.generator, teacher, tmp_path / "dmdr-4", steps=4, shift=3.0)
+    pipe, sampler = load_exported(out)
     assert type(pipe).__name__ == "StableDiffusion3Pipeline" and sampler["num_inference_steps"] == 4
+    # the export's call: the trained levels as sigmas (diffusers' own 4 steps are others), size and text length
+    assert sampler["call"] == {"sigmas": sampler["sigmas"], "guidance_scale": 1.0, "max_sequence_length": 8,
+                               "height": 16, "width": 16}
+    pipe.scheduler.set_timesteps(4)
+    assert not torch.allclose(pipe.scheduler.sigmas[:4], flow.generator_times(4, 3.0)[:4], atol=1e-3)
     noise = torch.randn(2, *teacher.latent_shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours = flow.sample_generator(plain(models.generator), noise, teacher.encode(TEXTS), flow.generator_times(4, 3.0))
-    theirs = pipe(TEXTS, sigmas=sampler["sigmas"], guidance_scale=sampler["guidance_scale"], latents=noise.clone(),
-                  max_sequence_length=8, output_type="latent").images
+    theirs = pipe(TEXTS, **sampler["call"], latents=noise.clone(), output_type="latent").images
     assert torch.allclose(ours, theirs, atol=1e-4)
-    images = pipe(TEXTS, sigmas=sampler["sigmas"], guidance_scale=sampler["guidance_scale"], max_sequence_length=8,
-                  output_type="pil", generator=torch.Generator().manual_seed(0)).images
+    images = pipe(TEXTS, **sampler["call"], output_type="pil", generator=torch.Generator().manual_seed(0)).images
     assert images[0].size == (16, 16)
+    card = (out / "README.md").read_text()
+    assert "image = pipe(\"a photo of a cat\", sigmas=[1.0, 0.75" in card and "max_sequence_length=8" in card
+    assert out.stat().st_mode & 0o777 == 0o755 and all(f.stat().st_mode & 0o777 == 0o644 for f in out.rglob("*")
+                                                       if f.is_file())  # readable by others (umask 022)
+
+
+def test_the_readme_s_loading_snippet_runs_as_printed_on_an_export(sd3, tmp_path):
+    """The README's snippet, character for character, in a fresh process, on a tiny SD3 export at its path."""
+    import re
+    import subprocess
+    import sys
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Loading an exported model"):]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    path = re.search(r'path = "(.*?)"', snippet).group(1)
+    teacher = load_teacher(sd3, resolution=16, max_sequence_length=8)
+    export(teacher.model, teacher, tmp_path / path, steps=2, shift=3.0)
+    r = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from PIL import Image
+    assert Image.open(tmp_path / "cat.png").size == (16, 16)
+    assert "deprecated" not in r.stderr.lower(), r.stderr[-2000:]
 
 
 def test_a_directory_that_is_not_a_pipeline_is_named(tmp_path):
@@ -297,14 +323,17 @@ def test_dmdr_on_a_real_sdxl_pipeline_then_export(sdxl, tmp_path, steps):
 
     pipe, sampler = load_exported(export(models.generator, teacher, tmp_path / "dmdr", steps=steps))
     assert type(pipe).__name__ == "StableDiffusionXLPipeline" and len(sampler["sigmas"]) == steps + 1
+    assert sampler["call"] == {"num_inference_steps": steps, "guidance_scale": 1.0, "height": 16, "width": 16}
     noise = torch.randn(2, *teacher.latent_shape, generator=torch.Generator().manual_seed(1))
     t0 = float(times[0])
     with torch.no_grad():
         ours = flow.sample_generator(plain(models.generator), noise * (t0 ** 2 + (1 - t0) ** 2) ** 0.5,
                                      teacher.encode(TEXTS), times)
-    theirs = pipe(TEXTS, sigmas=sampler["sigmas"], guidance_scale=sampler["guidance_scale"], latents=noise.clone(),
-                  height=16, width=16, output_type="latent").images
+    # as users call it: the step count, no sigmas (the exported scheduler's own schedule is the trained one)
+    theirs = pipe(TEXTS, num_inference_steps=steps, guidance_scale=1.0, latents=noise.clone(), height=16, width=16,
+                  output_type="latent").images
     assert torch.allclose(ours, theirs, atol=1e-4)
+    assert list(pipe.scheduler.timesteps.round().long()) == ([399] if steps == 1 else [999, 749, 499, 249])
 
 
 @pytest.mark.parametrize("precision", [None, "bf16-weights"])

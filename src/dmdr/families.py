@@ -102,20 +102,22 @@ class Teacher:
             return EpsilonAsFlow(backbone, self.pipeline.scheduler.alphas_cumprod, self.model.time_ids)
         return VelocityModel(backbone)
 
+    @property
+    def resolution(self) -> int:
+        return self.latent_shape[-1] * self.pipeline.vae_scale_factor
+
     def generator_times(self, steps: int, shift: float = 1.0) -> torch.Tensor:
-        """The few-step generator's flow times. SD3: flow.generator_times. SDXL (released): the timesteps
-        linspace(999, 0, N + 1) (399 for one step, as DMD2), as flow times; no shift."""
+        """The few-step generator's flow times. SD3: flow.generator_times. SDXL: the timesteps of the exported
+        scheduler (`scheduler_for`: 399 for one step, as the released model and DMD2; 999, 749, 499, 249 for four,
+        as DMD2's), as flow times, then 0; no shift."""
         if self.family != "sdxl":
             return flow.generator_times(steps, shift)
         if shift != 1.0:
             raise ValueError(f"shift {shift}: SDXL's generator uses the teacher's own timesteps (shift 1)")
-        timesteps = torch.linspace(999, 0, steps + 1).round().long()
-        if steps == 1:
-            timesteps[0] = 399
-        k = (self.model.log_sigmas.exp()[timesteps]).double()
-        times = (k / (1 + k)).float()
-        times[-1] = 0.0  # the end of the last step: the clean sample
-        return times
+        scheduler = scheduler_for(self, shift, steps)
+        scheduler.set_timesteps(steps)
+        k = (self.model.log_sigmas.exp()[scheduler.timesteps.round().long()]).double()
+        return torch.cat([(k / (1 + k)).float(), torch.zeros(1)])  # ending at the clean sample
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> flow.Cond:
@@ -215,41 +217,80 @@ TRAINING_FILE = "dmdr_training.json"  # what the exported model was trained with
 
 
 def sampler_settings(teacher: Teacher, steps: int, shift: float) -> dict:
-    """The few-step generator's sampler in the pipeline's terms, no guidance. SD3: FlowMatchEulerDiscreteScheduler
-    with `shift` over the unshifted noise levels linspace(1, 0.001, steps + 1)[:steps] (flow.generator_times).
-    SDXL: EulerDiscreteScheduler over the sigmas k = t / (1 - t) of the generator's times, then 0: an Euler step in k
-    is the generator's step (predict x0, keep its implied noise), and the pipeline's start, noise x
-    sqrt(k0^2 + 1), is the generator's."""
+    """The few-step generator's sampler in the pipeline's terms, no guidance; `call`: the keyword arguments of
+    `pipe(prompt, **call)` that sample as the generator was trained (size and, for SD3, text length too).
+    SDXL: the exported EulerDiscreteScheduler's own schedule for `steps` is the generator's (`scheduler_for`), so
+    `num_inference_steps` is enough; its sigmas k = t / (1 - t), then 0: an Euler step in k is the generator's
+    step (predict x0, keep its implied noise), and the pipeline's start, noise x sqrt(k0^2 + 1), is the
+    generator's. SD3: FlowMatchEulerDiscreteScheduler's own schedule for N steps is not the generator's (it spaces
+    the levels between its training sigmas and shifts twice; no setting of its config gives linspace(1, 0.001,
+    N + 1)[:N] shifted once), so the call names the unshifted levels as `sigmas` (the scheduler shifts them)."""
+    size = {"height": teacher.resolution, "width": teacher.resolution}
     if teacher.family == "sdxl":
         times = teacher.generator_times(steps, shift)
         sigmas = [float(t / (1 - t)) for t in times[:-1]] + [0.0]
+        call = {"num_inference_steps": steps, "guidance_scale": 1.0} | size
     else:
         sigmas = [float(s) for s in torch.linspace(1.0, 0.001, steps + 1)[:steps]]
-    return {"num_inference_steps": steps, "sigmas": sigmas, "guidance_scale": 1.0, "shift": shift}
+        call = {"sigmas": sigmas, "guidance_scale": 1.0, "max_sequence_length": teacher.max_sequence_length} | size
+    return {"num_inference_steps": steps, "sigmas": sigmas, "guidance_scale": 1.0, "shift": shift, "call": call}
 
 
-def scheduler_for(teacher: Teacher, shift: float):
+def scheduler_for(teacher: Teacher, shift: float, steps: int):
+    """The exported pipeline's scheduler. SDXL: EulerDiscreteScheduler with "leading" spacing and the offset that
+    puts its `steps` timesteps where the generator was trained (one step: 399; N: 999 down by 1000 // N), and
+    VP noise at the start, as the generator's. SD3: FlowMatchEulerDiscreteScheduler with the generator's shift."""
     if teacher.family == "sdxl":
-        return EulerDiscreteScheduler.from_config(teacher.pipeline.scheduler.config)
+        offset = 399 if steps == 1 else 999 - (steps - 1) * (1000 // steps)
+        return EulerDiscreteScheduler.from_config(teacher.pipeline.scheduler.config, timestep_spacing="leading",
+                                                  steps_offset=offset, final_sigmas_type="zero")
     return FlowMatchEulerDiscreteScheduler.from_config(teacher.pipeline.scheduler.config, shift=shift,
                                                        use_dynamic_shifting=False)
+
+
+MODEL_CARD = """# A few-step generator distilled with DMDR
+
+Distilled from `{teacher}` by [dmdr](https://github.com/) (Distribution Matching Distillation meets Reinforcement
+Learning): {steps} step{s}, no classifier-free guidance, {size} px. Sample it as it was trained:
+
+```python
+import json, torch
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{path}", dtype=torch.bfloat16)
+image = pipe("a photo of a cat", {call}).images[0]
+```
+
+The same arguments are `call` in `{sampler}`. {note}
+"""
+
+
+def model_card(teacher: Teacher, source: str, path: Path, settings: dict) -> str:
+    call = ", ".join(f"{k}={v!r}" for k, v in settings["call"].items())
+    note = ("`sigmas` are needed: diffusers' FlowMatchEulerDiscreteScheduler spaces its own levels otherwise."
+            if "sigmas" in settings["call"] else "The scheduler's own schedule for this step count is the trained one.")
+    steps = settings["num_inference_steps"]
+    return MODEL_CARD.format(teacher=source, steps=steps, s="s" if steps > 1 else "", size=teacher.resolution,
+                             path=path, call=call, sampler=SAMPLER_FILE, note=note)
 
 
 def export(generator: torch.nn.Module, teacher: Teacher, out: Path, steps: int, shift: float = 1.0,
            fake: torch.nn.Module | None = None, dynadg_lora: dict | None = None, record: dict | None = None) -> Path:
     """Save a diffusers pipeline directory: the teacher's pipeline with the distilled generator's weights and its
-    few-step scheduler, plus SAMPLER_FILE (steps, sigmas, guidance) for the few-step call:
-    `pipe(prompt, sigmas=s["sigmas"], guidance_scale=s["guidance_scale"])`. A `fake` score is saved in `fake/`
-    (ignored by diffusers) so that a next stage continues it, and DynaDG's shared LoRA (`dynadg_lora`, released
-    form) in DYNADG_LORA_FILE, the settings it was trained with (`record`) in TRAINING_FILE. A LoRA generator is
-    merged into its backbone."""
+    few-step scheduler, plus SAMPLER_FILE (steps, sigmas, guidance, and `call`: the keyword arguments of the
+    few-step call `pipe(prompt, **call)`) and a model card (README.md) with that call written out. A `fake` score
+    is saved in `fake/` (ignored by diffusers) so that a next stage continues it, and DynaDG's shared LoRA
+    (`dynadg_lora`, released form) in DYNADG_LORA_FILE, the settings it was trained with (`record`) in
+    TRAINING_FILE. A LoRA generator is merged into its backbone."""
     settings = sampler_settings(teacher, steps, shift)
     pipe = type(teacher.pipeline)(**(teacher.pipeline.components | {teacher.component: backbone_of(plain(generator)),
-                                                                    "scheduler": scheduler_for(teacher, shift)}))
+                                                                    "scheduler": scheduler_for(teacher, shift, steps)}))
+    source = (record or {}).get("settings", {}).get("teacher", "the teacher")
 
     def write(d: Path):
         pipe.save_pretrained(d, safe_serialization=True)
         (d / SAMPLER_FILE).write_text(json.dumps(settings, indent=1))
+        (d / "README.md").write_text(model_card(teacher, source, Path(out), settings))
         if fake is not None:
             backbone_of(fake).save_pretrained(d / "fake", safe_serialization=True)
         if dynadg_lora is not None:

@@ -237,10 +237,8 @@ def evaluate(teacher: Teacher, exported: Path, pre, real_cfg: float, prompts: li
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
 
-    def few_step(chunk, generators):
-        return pipe(chunk, sigmas=sampler["sigmas"], guidance_scale=sampler["guidance_scale"],
-                    **teacher.call_kwargs(), height=pre.resolution, width=pre.resolution,
-                    generator=generators, output_type="pt").images
+    def few_step(chunk, generators):  # the export's own call: its steps or sigmas, size and text length
+        return pipe(chunk, **sampler["call"], generator=generators, output_type="pt").images
 
     def teacher_call(chunk, generators):
         return teacher.pipeline(chunk, num_inference_steps=pre.eval_steps, guidance_scale=real_cfg,
