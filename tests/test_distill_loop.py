@@ -511,3 +511,40 @@ def test_compiled_blocks_change_speed_not_results(clip, kind):
     assert graphs[0] == 0 < graphs[1] == graphs[2]
     assert list(eager) == list(compiled) and abs(loss_eager - loss_compiled) < 1e-5
     assert all(torch.allclose(eager[k], compiled[k], atol=1e-5) for k in eager)
+
+
+@pytest.mark.parametrize("fake_score", [False, True])
+def test_dynars_sets_the_fake_scores_levels_only_in_the_released_form(clip, monkeypatch, fake_score):
+    """train_sd3_refl_deepspeed.py draws the fake score's diffusion-loss levels from DynaRS's annealed Beta too
+    (its ts_gui; Beta(4, 1.5) at step 0, mean 0.73): `dynars.fake_score`; otherwise they are uniform (mean 0.5)."""
+    levels = []
+    real_loss = flow.flow_matching_loss
+    monkeypatch.setattr(flow, "flow_matching_loss", lambda model, x0, cond, t, *rest: (
+        levels.append(t.detach().clone()), real_loss(model, x0, cond, t, *rest))[1])
+    prompts = ["a photo of a circle", "a photo of two squares"] * 32
+    cfg, _, models = tiny_models(clip, "unet", {"steps": 1, "batch": 64, "dynars": {
+        "enabled": True, "a": 4.0, "b": 1.5, "steps": 1000, "fake_score": fake_score}})
+    train(cfg, models, prompts, seed=0)
+    first = levels[0]
+    assert len(first) == 64
+    assert (first.mean() > 0.65) if fake_score else (0.4 < first.mean() < 0.6)
+
+
+@pytest.mark.parametrize("kind, targets", [("sd3", {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                                                     "add_v_proj", "to_add_out"}),
+                                            ("unet", {"to_q", "to_k", "to_v", "to_out.0"})])
+def test_the_released_dynadg_lora_adapts_the_attention_projections_only(kind, targets):
+    """As the released shared LoRA: every attention projection (SD3's context stream included), no feed-forward
+    layer; the paper form also adapts the feed-forward layers."""
+    from dmdr.distill import add_lora
+    kw = dict(channels=(16, 16), head_dim=8) if kind == "unet" else dict(layers=2, heads=2, head_dim=8)  # the last
+    # of SD3's blocks has no context output (to_add_out): two blocks have every projection
+    adapted = {}
+    for form in ("released", "paper"):
+        model = VelocityModel(build_backbone(kind, 16, 16, **kw))
+        add_lora(model, 4, form)
+        adapted[form] = {n.split(".lora_A")[0].split(".", 2)[-1] for n, _ in model.backbone.named_parameters()
+                         if "lora_A" in n}
+    suffix = lambda names: {t for t in targets | {"ff.net.0.proj", "ff.net.2"} if any(n.endswith(t) for n in names)}
+    assert suffix(adapted["released"]) == targets
+    assert {"ff.net.0.proj", "ff.net.2"} <= suffix(adapted["paper"])

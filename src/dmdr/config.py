@@ -234,6 +234,7 @@ class DynaRSParams:
     a: float = knob(4.0, Range(0, 100, above=True))
     b: float = knob(1.5, Range(0, 100, above=True))
     steps: int = knob(100, STEPS)
+    fake_score: bool = False  # released: the fake score's diffusion loss draws its levels from the same Beta
 
 
 @dataclass

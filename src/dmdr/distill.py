@@ -152,16 +152,25 @@ GENERATOR_LORA = "generator"
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 
-def add_lora(model, rank: int):
-    """DynaDG's peft LoRA adapter on the backbone's attention and feed-forward projections (once); only it is
-    trainable."""
+def attention_targets(backbone) -> list[str]:
+    """The ATTENTION projections a backbone has (a UNet has no context stream)."""
+    return sorted({n.rsplit(".", 1)[-1] if not n.endswith("to_out.0") else "to_out.0"
+                   for n, _ in backbone.named_modules()} & set(ATTENTION))
+
+
+def add_lora(model, rank: int, form: str = "paper"):
+    """DynaDG's peft LoRA adapter (once); only it is trainable. Paper form: on the attention and feed-forward
+    projections. Released form, as train_sd3_refl_deepspeed.py's shared LoRA: on the attention projections only,
+    SD3's context stream included, Gaussian init."""
     from peft import LoraConfig
     backbone = model.backbone
     backbone.requires_grad_(False)
     if LORA not in (getattr(backbone, "peft_config", None) or {}):
-        backbone.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
-                                        target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]),
-                             adapter_name=LORA)
+        config = (LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                             target_modules=attention_targets(backbone)) if form == "released" else
+                  LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
+                             target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]))
+        backbone.add_adapter(config, adapter_name=LORA)
     params = [p for n, p in backbone.named_parameters() if "lora_" in n]
     for q in params:
         q.requires_grad_(True)
@@ -174,10 +183,8 @@ def add_generator_lora(model, rank: int, alpha: float) -> None:
     from peft import LoraConfig
     backbone = backbone_of(model)
     backbone.requires_grad_(False)
-    targets = sorted({n.rsplit(".", 1)[-1] if not n.endswith("to_out.0") else "to_out.0"
-                      for n, _ in backbone.named_modules()} & set(ATTENTION))
-    backbone.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets),
-                         adapter_name=GENERATOR_LORA)
+    backbone.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                    target_modules=attention_targets(backbone)), adapter_name=GENERATOR_LORA)
 
 
 def set_lora_scale(model, scale: float) -> None:
@@ -217,13 +224,13 @@ def lora_state(model) -> dict[str, torch.Tensor]:
             for k, v in get_peft_model_state_dict(model.backbone, adapter_name=LORA).items()}
 
 
-def load_lora_state(model, rank: int, state: dict[str, torch.Tensor]) -> None:
-    """Give `model` DynaDG's adapter (rank `rank`) with the weights of `lora_state`."""
+def load_lora_state(model, rank: int, state: dict[str, torch.Tensor], form: str = "released") -> None:
+    """Give `model` DynaDG's adapter (rank `rank`, of `form`) with the weights of `lora_state`."""
     from peft import set_peft_model_state_dict
     saved = next(v.shape[0] for k, v in state.items() if "lora_A" in k)
     if saved != rank:
         raise ValueError(f"the saved DynaDG LoRA has rank {saved}, the recipe asks for dynadg.rank {rank}")
-    add_lora(model, rank)
+    add_lora(model, rank, form)
     result = set_peft_model_state_dict(model.backbone, state, adapter_name=LORA)
     if getattr(result, "unexpected_keys", None):
         raise ValueError(f"the saved DynaDG LoRA does not fit this model: {result.unexpected_keys[:3]} ...")
@@ -449,7 +456,7 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
     dynadg, shared = cfg.dynadg.form != "off", cfg.dynadg.form == "released"
     reuse_final = cfg.rollout_reuse and cfg.rtdm.enabled  # RT-DM's reward is then taken on the fake's rollout
     real = models.real.requires_grad_(False).eval()
-    lora = add_lora(real, cfg.dynadg.rank) if dynadg else []
+    lora = add_lora(real, cfg.dynadg.rank, cfg.dynadg.form) if dynadg else []
     fake = real if shared else models.fake
     if distill and fake is None:
         raise ValueError("DMD needs a fake score (Models.fake) unless DynaDG's released form shares the real's LoRA")
@@ -553,7 +560,12 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
         return randn() if scale == 1.0 else randn() * scale
 
     def score_times():  # noise levels of the fake score's diffusion loss, within the scores' range
-        return rand() if models.max_t == 1.0 else rand() * models.max_t
+        if cfg.dynars.enabled and cfg.dynars.fake_score:  # released: its levels too from DynaRS's annealed Beta
+            a, b = dynars_beta(step, cfg.dynars.steps, cfg.dynars.a, cfg.dynars.b)
+            u = to_dev(torch.from_numpy(prng.beta(a, b, size=cfg.batch)[mine]).float())
+        else:
+            u = rand()
+        return u if models.max_t == 1.0 else u * models.max_t
 
     def batch_wide(x: torch.Tensor) -> torch.Tensor:
         """A per-sample quantity of the whole global batch (the identity under one process)."""
