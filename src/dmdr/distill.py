@@ -224,13 +224,14 @@ def lora_state(model) -> dict[str, torch.Tensor]:
             for k, v in get_peft_model_state_dict(model.backbone, adapter_name=LORA).items()}
 
 
-def load_lora_state(model, rank: int, state: dict[str, torch.Tensor], form: str = "released") -> None:
-    """Give `model` DynaDG's adapter (rank `rank`, of `form`) with the weights of `lora_state`."""
+def load_lora_state(model, rank: int, state: dict[str, torch.Tensor]) -> None:
+    """Give `model` DynaDG's adapter (rank `rank`; the form whose layers the saved state has) with the weights of
+    `lora_state`."""
     from peft import set_peft_model_state_dict
     saved = next(v.shape[0] for k, v in state.items() if "lora_A" in k)
     if saved != rank:
         raise ValueError(f"the saved DynaDG LoRA has rank {saved}, the recipe asks for dynadg.rank {rank}")
-    add_lora(model, rank, form)
+    add_lora(model, rank, "paper" if any(".ff.net." in k for k in state) else "released")
     result = set_peft_model_state_dict(model.backbone, state, adapter_name=LORA)
     if getattr(result, "unexpected_keys", None):
         raise ValueError(f"the saved DynaDG LoRA does not fit this model: {result.unexpected_keys[:3]} ...")
