@@ -29,19 +29,23 @@ class Crash(Exception):
     pass
 
 
+def crash_at(at: int, clip, settings: dict, checkpoint_dir: Path) -> None:
+    """A run of `settings` that crashes when it logs step `at`, leaving its checkpoints in `checkpoint_dir`."""
+    def crash(generator, step):
+        if step == at:
+            raise Crash
+        return probe(generator, step)
+    cfg, _, models = tiny_models(clip, "unet", settings)
+    with pytest.raises(Crash):
+        train(cfg, models, PROMPTS, seed=0, curve_fn=crash, checkpoint_dir=checkpoint_dir)
+
+
 @pytest.mark.parametrize("precision", ["no", "bf16-weights"])  # bf16-weights: the fp32 masters are checkpointed
 def test_resume_ends_exactly_where_an_uninterrupted_run_ends(clip, tmp_path, precision):
     settings = STAGE1_AND_RL | {"mixed_precision": precision}
     cfg, _, models = tiny_models(clip, "unet", settings)
     rows = train(cfg, models, PROMPTS, seed=0, curve_fn=probe, checkpoint_dir=tmp_path / "whole")
-
-    def crash_at_3(generator, step):
-        if step == 3:
-            raise Crash
-        return probe(generator, step)
-    cfg, _, first = tiny_models(clip, "unet", settings)
-    with pytest.raises(Crash):
-        train(cfg, first, PROMPTS, seed=0, curve_fn=crash_at_3, checkpoint_dir=tmp_path / "cut")
+    crash_at(3, clip, settings, tmp_path / "cut")
     assert (tmp_path / "cut" / "loop.json").exists() and (tmp_path / "cut" / "model.safetensors").exists()
     cfg, _, again = tiny_models(clip, "unet", settings)  # a new process: fresh models, then resume
     resumed = train(cfg, again, PROMPTS, seed=0, curve_fn=probe, checkpoint_dir=tmp_path / "cut")
@@ -234,14 +238,7 @@ def test_a_truncated_checkpoint_is_set_aside_and_the_run_starts_over(clip, tmp_p
     settings = {"steps": 3, "checkpoint_every": 1}
     cfg, _, models = tiny_models(clip, "unet", settings)
     rows = train(cfg, models, PROMPTS, seed=0, curve_fn=probe)
-
-    def crash_at_2(generator, step):
-        if step == 2:
-            raise Crash
-        return probe(generator, step)
-    cfg, _, first = tiny_models(clip, "unet", settings)
-    with pytest.raises(Crash):
-        train(cfg, first, PROMPTS, seed=0, curve_fn=crash_at_2, checkpoint_dir=tmp_path / "ckpt")
+    crash_at(2, clip, settings, tmp_path / "ckpt")
     f = tmp_path / "ckpt" / cut
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     capsys.readouterr()

@@ -97,8 +97,6 @@ def knob(default=dataclasses.MISSING, rule=None):
     return field(default=default, metadata=meta)
 
 
-POSITIVE = Range(0, above=True)
-NON_NEGATIVE = Range(0)
 UNIT = Range(0, 1)
 LR = Range(0, 1, above=True)
 CFG = Range(0, 50)
