@@ -34,7 +34,8 @@ FAULTS = [
      "only that recipe, its evaluation and the report rerun; `dvc exp show` and `dvc metrics diff` show the change",
      "test_pipeline.py::test_dvc_exp_run_with_a_changed_parameter_reruns_what_it_changes"),
     ("one NaN weight in the hps reward model",
-     "`model dmdr-4: hps is nan, not finite`; its old metrics, samples and notebook stay",
+     "`results/metrics/dmdr-4.json: hps is nan, not a finite number: not written`; its old metrics, samples and "
+     "notebook stay",
      "test_pipeline.py::test_a_poisoned_reward_model_stops_its_evaluation_and_keeps_the_metrics"),
     ("a checkpoint file cut in half (each of model, fake score, optimizer, RNG states, loop.json, generators)",
      "`checkpoint ... is broken (<file>: ...): set aside as ....broken; the run starts over`",

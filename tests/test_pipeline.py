@@ -215,7 +215,7 @@ def test_a_poisoned_reward_model_stops_its_evaluation_and_keeps_the_metrics(smok
     save_file(weights, hps)
     r = subprocess.run([sys.executable, "pipeline/run_stage.py", "evaluate", "dmdr-4"], cwd=repo, env=dvc_env(repo),
                        capture_output=True, text=True)
-    assert r.returncode != 0 and "model dmdr-4: hps is nan, not finite" in r.stdout + r.stderr
+    assert r.returncode != 0 and "results/metrics/dmdr-4.json: hps is nan, not a finite number" in r.stdout + r.stderr
     after = digest(repo, "results", "runs")
     assert after.pop("runs/failed/evaluate-dmdr-4.ipynb") and after == before
 

@@ -416,8 +416,8 @@ def build(cls, data, key: str = ""):
     obj = cls(**values)
     for keys, holds, why in getattr(obj, "relations", lambda: ())():
         if not holds:
-            values = ", ".join(f"{k} = {_value_at(obj, k)!r}" for k in keys)
-            fail(", ".join(f"{at}{k}" for k in keys), f"{why} (here {values})")
+            here = ", ".join(f"{k} = {_value_at(obj, k)!r}" for k in keys)
+            fail(", ".join(f"{at}{k}" for k in keys), f"{why} (here {here})")
     return obj
 
 
@@ -460,7 +460,7 @@ def reward_spec_error(spec: str) -> str | None:
         try:
             weight = float(w) if w else 1.0
         except ValueError:
-            weight = -1.0
+            weight = math.nan
         if not (math.isfinite(weight) and weight >= 0):
             return f"bad weight {w!r} in {spec!r} (a finite number >= 0)"
     return None
@@ -579,11 +579,16 @@ def overrides(assignments: list[str]) -> dict:
     return out
 
 
+def _nested(a: str, b: str) -> bool:
+    """Whether dotted keys `a` and `b` are one key, or one lies inside the other."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
 def _where_set(path: Path, key: str, changes: dict) -> str:
     """Where the bad value of `key` came from, for the error: a --set assignment, or a change to the params file
     since its last commit (an edit, or `dvc exp run -S`, which writes its changes into the file)."""
     for k, v in dotted(changes).items():
-        if k == key or k.startswith(key + ".") or key.startswith(k + "."):
+        if _nested(k, key):
             return f" (from --set {k}={v})"
     try:
         committed = subprocess.run(["git", "show", f"HEAD:./{path.name}"], cwd=path.parent, capture_output=True,
@@ -594,8 +599,7 @@ def _where_set(path: Path, key: str, changes: dict) -> str:
         return ""
     if before is None:
         return ""
-    changed = [k for k in sorted(now.keys() | before.keys()) if now.get(k) != before.get(k)
-               and (k == key or k.startswith(key + ".") or key.startswith(k + "."))]
+    changed = [k for k in sorted(now.keys() | before.keys()) if now.get(k) != before.get(k) and _nested(k, key)]
     if not changed:
         return ""
     k = changed[0]

@@ -560,12 +560,16 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
         scale = flow.start_noise_scale(float(times[0]))
         return randn() if scale == 1.0 else randn() * scale
 
+    def levels(dynars: bool) -> torch.Tensor:
+        """Noise levels in [0, 1] for this process's part of the batch: DynaRS's annealed Beta at this step, or
+        uniform."""
+        if not dynars:
+            return rand()
+        a, b = dynars_beta(step, cfg.dynars.steps, cfg.dynars.a, cfg.dynars.b)
+        return to_dev(torch.from_numpy(prng.beta(a, b, size=cfg.batch)[mine]).float())
+
     def score_times():  # noise levels of the fake score's diffusion loss, within the scores' range
-        if cfg.dynars.enabled and cfg.dynars.fake_score:  # released: its levels too from DynaRS's annealed Beta
-            a, b = dynars_beta(step, cfg.dynars.steps, cfg.dynars.a, cfg.dynars.b)
-            u = to_dev(torch.from_numpy(prng.beta(a, b, size=cfg.batch)[mine]).float())
-        else:
-            u = rand()
+        u = levels(cfg.dynars.enabled and cfg.dynars.fake_score)  # released: from DynaRS's Beta too
         return u if models.max_t == 1.0 else u * models.max_t
 
     def batch_wide(x: torch.Tensor) -> torch.Tensor:
@@ -773,12 +777,7 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
                     r_final = batch_wide(reward_of(final, texts))
                 weight = rtdm_weights(r_final, cfg.rtdm.beta, cfg.rtdm.form)[mine]
                 last["reward_rollout"] = r_final.mean()
-            if cfg.dynars.enabled:
-                a, b = dynars_beta(step, cfg.dynars.steps, cfg.dynars.a, cfg.dynars.b)
-                u = to_dev(torch.from_numpy(prng.beta(a, b, size=cfg.batch)[mine]).float())
-            else:
-                u = rand()
-            t = cfg.t_min + (t_max - cfg.t_min) * u
+            t = cfg.t_min + (t_max - cfg.t_min) * levels(cfg.dynars.enabled)
             noise = randn()
             guidance = cfg.real_cfg + cfg.cfg_jitter * (2 * rand() - 1)
         logged = {"loss_dmd": 0, "reward_x0": 0}

@@ -250,11 +250,11 @@ def scheduler_for(teacher: Teacher, shift: float, steps: int):
 
 MODEL_CARD = """# A few-step generator distilled with DMDR
 
-Distilled from `{teacher}` by [dmdr](https://github.com/) (Distribution Matching Distillation meets Reinforcement
-Learning): {steps} step{s}, no classifier-free guidance, {size} px. Sample it as it was trained:
+Distilled from `{teacher}` by dmdr (Distribution Matching Distillation meets Reinforcement Learning): {steps}
+step{s}, no classifier-free guidance, {size} px. Sample it as it was trained:
 
 ```python
-import json, torch
+import torch
 from diffusers import DiffusionPipeline
 
 pipe = DiffusionPipeline.from_pretrained("{path}", dtype=torch.bfloat16)

@@ -29,8 +29,6 @@ class PromptFileError(ValueError):
 def _lines(path: Path):
     """(line number, text) of each line, read and decoded one line at a time (memory in proportion to a line);
     a byte that is not UTF-8 is an error naming its line; a leading byte-order mark is dropped."""
-    if path.is_dir():
-        raise PromptFileError(f"{path}: is a directory, not a prompt file (name one of its files)")
     try:
         f = open(path, "rb")
     except FileNotFoundError:

@@ -145,32 +145,29 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
-def set_aside_if_broken(path: Path) -> bool:
-    """A broken checkpoint is moved to `<path>.broken` (replacing an older one), with a message naming it, so that
-    the run starts over instead of failing inside the loaders. Returns whether it was broken."""
-    problem = checkpoint_problem(path)
-    if problem is None:
-        return False
+def set_aside(path: Path, problem: str) -> None:
+    """Move a broken checkpoint to `<path>.broken` (replacing an older one), with a message naming it and its
+    `problem`, so that the run starts over instead of failing inside the loaders."""
     broken = path.with_name(path.name + ".broken")
     shutil.rmtree(broken, ignore_errors=True)
     path.rename(broken)
     print(f"checkpoint {path} is broken ({problem}): set aside as {broken}; the run starts over")
-    return True
 
 
 def load(acc, ckpt: Checkpoint | None, tensors: dict[str, torch.Tensor] | None = None, modules=()) -> dict | None:
     """Restore the run's checkpoint into the prepared objects (`modules`: the trained models, in the order
     prepared), its generators and `tensors` (in place); returns the loop state, or None when there is no checkpoint
-    of this run (a broken one is set aside first: `set_aside_if_broken`)."""
+    of this run (a broken one, `checkpoint_problem`, is set aside first)."""
     if ckpt is None or not Path(ckpt.path).is_dir():
         return None
     path = Path(ckpt.path)
-    broken = checkpoint_problem(path) is not None
-    if acc.num_processes > 1:  # every process decides as the main one does
+    problem = checkpoint_problem(path) if acc.is_main_process else None  # the files read once, by one process
+    broken = problem is not None
+    if acc.num_processes > 1:  # and every process decides as it does
         broken = bool(acc.reduce(torch.tensor(float(broken), device=acc.device), "sum"))
     if broken:
         if acc.is_main_process:
-            set_aside_if_broken(path)
+            set_aside(path, problem)
         acc.wait_for_everyone()
         return None
     loop = json.loads((path / "loop.json").read_text())
