@@ -516,18 +516,22 @@ def test_compiled_blocks_change_speed_not_results(clip, kind):
 @pytest.mark.parametrize("fake_score", [False, True])
 def test_dynars_sets_the_fake_scores_levels_only_in_the_released_form(clip, monkeypatch, fake_score):
     """train_sd3_refl_deepspeed.py draws the fake score's diffusion-loss levels from DynaRS's annealed Beta too
-    (its ts_gui; Beta(4, 1.5) at step 0, mean 0.73): `dynars.fake_score`; otherwise they are uniform (mean 0.5)."""
-    levels = []
-    real_loss = flow.flow_matching_loss
+    (its ts_gui; Beta(4, 1.5) at step 0, mean 0.73): `dynars.fake_score`; otherwise they are uniform (mean 0.5).
+    The DMD levels (where the real score is called) follow DynaRS's Beta either way."""
+    levels, dmd_levels = [], []
+    real_loss, real_guided = flow.flow_matching_loss, flow.guided_velocity
     monkeypatch.setattr(flow, "flow_matching_loss", lambda model, x0, cond, t, *rest: (
         levels.append(t.detach().clone()), real_loss(model, x0, cond, t, *rest))[1])
+    monkeypatch.setattr(flow, "guided_velocity", lambda model, x, t, *rest: (
+        dmd_levels.append(t.detach().clone()), real_guided(model, x, t, *rest))[1])
     prompts = ["a photo of a circle", "a photo of two squares"] * 32
     cfg, _, models = tiny_models(clip, "unet", {"steps": 1, "batch": 64, "dynars": {
         "enabled": True, "a": 4.0, "b": 1.5, "steps": 1000, "fake_score": fake_score}})
     train(cfg, models, prompts, seed=0)
     first = levels[0]
-    assert len(first) == 64
+    assert len(first) == 64 and len(dmd_levels[0]) == 64
     assert (first.mean() > 0.65) if fake_score else (0.4 < first.mean() < 0.6)
+    assert dmd_levels[0].mean() > 0.65
 
 
 @pytest.mark.parametrize("kind, targets", [("sd3", {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
