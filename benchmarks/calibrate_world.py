@@ -16,7 +16,8 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from dmdr import standins  # noqa: E402
 from dmdr.config import TeacherParams  # noqa: E402
-from dmdr.models import ClipConfig, TinyClip  # noqa: E402
+from dmdr.config import ClipConfig  # noqa: E402
+from dmdr.tiny_clip import TinyClip  # noqa: E402
 from dmdr.world import grammar  # noqa: E402
 
 VARIANTS = {

@@ -36,7 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from diffusers import AutoencoderKL, SD3Transformer2DModel  # noqa: E402
 
 from dmdr import config, flow  # noqa: E402
-from dmdr.distill import MasterWeights, add_lora, init_models, master_weights, set_lora_scale, train  # noqa: E402
+from dmdr.distill import init_models, train  # noqa: E402
+from dmdr.lora import add_lora, set_lora_scale  # noqa: E402
+from dmdr.precision import MasterWeights, master_weights  # noqa: E402
 from dmdr.models import LatentDecoder, VelocityModel  # noqa: E402
 
 import host_samples  # noqa: E402

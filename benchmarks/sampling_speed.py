@@ -12,7 +12,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from dmdr.config import EvalModel  # noqa: E402
-from dmdr.evaluation import World, load_model, nfe, sample_latents  # noqa: E402
+from dmdr.evaluation import load_model, nfe, sample_latents  # noqa: E402
+from dmdr.standins import World  # noqa: E402
 from dmdr.models import decode_latents  # noqa: E402
 from dmdr.prompts import load_prompts  # noqa: E402
 

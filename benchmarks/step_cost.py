@@ -5,11 +5,13 @@ world's teacher and rewards (`dmdr.distill.train`, the recipe defaults of params
     stage-2 step / DMD step  (goal <= 1.3x: + ReFL through the VAE decoder and the reward model)
 
 The phases take turns, `--rounds` times, and each reports its median seconds per generator step, so drift of the
-machine's speed hits all of them alike.
+machine's speed hits all of them alike, and how that step splits into the method's own turns (`DMDR.fake_step`,
+`dynadg_step`, `generator_step`, timed where the loop calls them).
 
     python benchmarks/step_cost.py [--steps 4] [--rounds 3] [--batch 16] [--out FILE]
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
 import statistics
@@ -21,10 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from dmdr import config, distill  # noqa: E402
-from dmdr.evaluation import World  # noqa: E402
+from dmdr.distill import DMDR  # noqa: E402
 from dmdr.models import LatentDecoder  # noqa: E402
 from dmdr.prompts import load_prompts  # noqa: E402
 from dmdr.rewards import load_reward  # noqa: E402
+from dmdr.standins import World  # noqa: E402
 
 PHASES = {
     "DMD": {},
@@ -33,6 +36,29 @@ PHASES = {
                                           "dynars": {"enabled": True}},
     "stage 2 (DMD + ReFL)": {"rl": {"weight": 0.5}},
 }
+TURNS = ("fake_step", "dynadg_step", "generator_step")
+
+
+@contextlib.contextmanager
+def timed_turns(seconds: dict):
+    """The method's turns, each adding its wall time to `seconds[turn]` while the loop runs them."""
+    originals = {name: getattr(DMDR, name) for name in TURNS}
+
+    def timed(name, turn):
+        def run(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return turn(*args, **kwargs)
+            finally:
+                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t
+        return run
+    for name, turn in originals.items():
+        setattr(DMDR, name, timed(name, turn))
+    try:
+        yield seconds
+    finally:
+        for name, turn in originals.items():
+            setattr(DMDR, name, turn)
 
 
 def main():
@@ -50,7 +76,7 @@ def main():
     base = dataclasses.asdict(p.distill) | {"steps": a.steps, "log_every": 10 ** 9}
     if a.batch:
         base["batch"] = a.batch
-    times = {k: [] for k in PHASES}
+    times, turns = {k: [] for k in PHASES}, {k: [] for k in PHASES}
     for r in range(a.rounds):
         for name, over in PHASES.items():
             cfg = config.build(config.DistillParams, config.deep_merge(base, over))
@@ -58,13 +84,18 @@ def main():
                                          decode=LatentDecoder(world.vae), reward=reward)
             distill.train(dataclasses.replace(cfg, steps=1), models, prompts, seed=r)  # warm-up: allocator, LoRA, threads
             t = time.perf_counter()
-            distill.train(cfg, models, prompts, seed=r)
+            with timed_turns({}) as seconds:
+                distill.train(cfg, models, prompts, seed=r)
             times[name].append((time.perf_counter() - t) / a.steps)
+            turns[name].append({k: v / a.steps for k, v in seconds.items()})
     dmd = statistics.median(times["DMD"])
     lines = [f"batch {base['batch']}, {a.steps} generator steps x {a.rounds} rounds, ttur {base['ttur']}, "
              f"{base['generator_steps']}-step generator, CPU threads {torch.get_num_threads()}"]
     for name, ts in times.items():
-        lines.append(f"{name:36s} {statistics.median(ts):6.2f} s/step   {statistics.median(ts) / dmd:5.2f}x DMD")
+        split = ", ".join(f"{k} {statistics.median(t.get(k, 0.0) for t in turns[name]):.2f} s" for k in TURNS
+                          if any(k in t for t in turns[name]))
+        lines.append(f"{name:36s} {statistics.median(ts):6.2f} s/step   {statistics.median(ts) / dmd:5.2f}x DMD   "
+                     f"({split})")
     print("\n".join(lines))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,7 @@ def test_logged_rows_go_to_experiment_trackers(clip, tmp_path):
     among the held-out values go to the trackers' log_images, not into the rows."""
     from accelerate.tracking import GeneralTracker
 
-    from dmdr.distill import Tracking
+    from dmdr.loop import Tracking
 
     class Recorder(GeneralTracker):
         name, requires_logging_directory = "recorder", False
@@ -414,7 +414,7 @@ def test_master_weights_take_the_exact_gradients_and_give_back_their_bf16_roundi
     """MasterWeights converts gradients in groups of bounded size (fused copies): every master gets its parameter's
     bf16 gradient exactly, in fp32, and the parameter lets go of it; a parameter without a gradient leaves its
     master's alone; the model then takes the masters' bf16 roundings."""
-    from dmdr.distill import MasterWeights
+    from dmdr.precision import MasterWeights
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(*shape, dtype=torch.bfloat16)) for shape in ((7, 5), (3,), (40,), (2, 2))]
     masters = MasterWeights(params)
@@ -435,7 +435,7 @@ def test_master_weights_take_the_exact_gradients_and_give_back_their_bf16_roundi
 def test_master_weights_step_a_group_at_a_time_as_one_clipped_step():
     """MasterWeights.step converts, clips and steps the gradients a group at a time (fp32 gradients of one group held
     at once): the same step as converting them all, clipping with torch's clip_grad_norm_ and stepping once."""
-    from dmdr.distill import MasterWeights
+    from dmdr.precision import MasterWeights
     after = []
     for grouped in (False, True):
         torch.manual_seed(0)
@@ -494,7 +494,7 @@ def test_compiled_blocks_change_speed_not_results(clip, kind):
     generating code): the same training, parameter names unchanged, and DynaDG's changing LoRA scale does not
     recompile the blocks step after step (a run of 4 steps traces no more graphs than a run of 2)."""
     from torch._dynamo.utils import counters
-    from dmdr.distill import plain
+    from dmdr.lora import plain
     torch._dynamo.reset()
     counters.clear()
     overrides = {"rtdm": {"enabled": True}, "dynadg": {"form": "released", "scale": 0.5, "steps": 4},
@@ -540,7 +540,7 @@ def test_dynars_sets_the_fake_scores_levels_only_in_the_released_form(clip, monk
 def test_the_released_dynadg_lora_adapts_the_attention_projections_only(kind, targets):
     """As the released shared LoRA: every attention projection (SD3's context stream included), no feed-forward
     layer; the paper form also adapts the feed-forward layers."""
-    from dmdr.distill import add_lora
+    from dmdr.lora import add_lora
     kw = dict(channels=(16, 16), head_dim=8) if kind == "unet" else dict(layers=2, heads=2, head_dim=8)  # the last
     # of SD3's blocks has no context output (to_add_out): two blocks have every projection
     adapted = {}

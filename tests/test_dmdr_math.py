@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from dmdr import flow
-from dmdr.distill import (add_generator_lora, add_lora, cosine_anneal, dmd_gradient, dmd_loss, dynadg_scale,
-                          dynars_beta, fake_weights, fused_copy, joint_loss, load_lora_state, lora_state, plain,
-                          rl_loss, rtdm_weights, set_lora_scale)
+from dmdr import rl
+from dmdr.config import RLParams
+from dmdr.distill import cosine_anneal, dmd_gradient, dmd_loss, dynadg_scale, dynars_beta, fake_weights, joint_loss, \
+    rtdm_weights
+from dmdr.lora import add_generator_lora, add_lora, fused_copy, load_lora_state, lora_state, plain, set_lora_scale
 from dmdr.models import VelocityModel, build_backbone
 from test_dmd import gaussian_x0
 
@@ -80,28 +82,34 @@ def test_schedules_hit_their_endpoints():
 def test_joint_loss_reduces_to_dmd_at_lambda_zero():
     x0 = torch.randn(6, 4, requires_grad=True)
     grad = torch.randn(6, 4)
-    reward = lambda: (x0 ** 2).sum(1)
-    joint_loss(dmd_loss(x0, grad), rl_loss(reward()), 0.0).backward()
+    refl = rl.make(RLParams(loss="refl"))
+    loss_rl = lambda: refl.loss(x0, [""] * 6, lambda x, texts: [(1.0, (x ** 2).sum(1))])[0]
+    joint_loss(dmd_loss(x0, grad), loss_rl(), 0.0).backward()
     joint = x0.grad.clone()
     x0.grad = None
     dmd_loss(x0, grad).backward()
     assert torch.equal(joint, x0.grad)
     x0.grad = None
-    joint_loss(dmd_loss(x0, grad), rl_loss(reward()), 0.5).backward()
+    joint_loss(dmd_loss(x0, grad), loss_rl(), 0.5).backward()
     assert not torch.allclose(joint, x0.grad)
 
 
-def test_rl_losses():
+def test_rl_objectives():
+    """ReFL and the released hinge as RL plug-ins (dmdr.rl): each given the reward's weighted terms on x0."""
+    def loss(name, parts, margin=0.7):
+        return rl.make(RLParams(loss=name, margin=margin)).loss(torch.zeros(2), ["a", "b"], lambda x0, texts: parts)
+
     r = torch.tensor([0.5, 0.9])
-    assert rl_loss(r) == -0.7
-    assert torch.isclose(rl_loss(r, "hinge", 0.7), torch.tensor(0.1))
-    with pytest.raises(ValueError):
-        rl_loss(r, "ppo")
+    assert loss("refl", [(1.0, r)])[0] == -0.7 and torch.isclose(loss("refl", [(1.0, r)])[1], torch.tensor(0.7))
+    assert torch.isclose(loss("hinge", [(1.0, r)])[0], torch.tensor(0.1))
+    with pytest.raises(ValueError, match="unknown RL objective 'ppo'; known: hinge, refl"):
+        rl.make(RLParams(loss="ppo"))
     # a weighted sum of rewards: ReFL on the sum, the released hinge on each reward (0.3 relu(0.7 - r_k) summed)
     clip, hps = torch.tensor([0.5, 0.9]), torch.tensor([0.8, 0.1])
     parts = [(0.3, clip), (0.3, hps)]
-    assert torch.isclose(rl_loss(parts), -(0.3 * clip + 0.3 * hps).mean())
-    assert torch.isclose(rl_loss(parts, "hinge", 0.7), torch.tensor(0.3 * 0.1 + 0.3 * 0.3))
+    assert torch.isclose(loss("refl", parts)[0], -(0.3 * clip + 0.3 * hps).mean())
+    assert torch.isclose(loss("hinge", parts)[0], torch.tensor(0.3 * 0.1 + 0.3 * 0.3))
+    assert torch.isclose(loss("hinge", parts, margin=0.9)[0], torch.tensor(0.3 * 0.2 + 0.3 * 0.45))
 
 
 def test_lora_scale_interpolates_and_fuses():

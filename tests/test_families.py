@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from dmdr import flow
 from dmdr.config import DistillParams, build
-from dmdr.distill import init_models, plain, train
+from dmdr.distill import init_models, train
+from dmdr.lora import plain
 from dmdr.families import export, load_exported, load_teacher
 from tiny import free_port, tiny_sd3_pipeline
 

@@ -142,8 +142,8 @@ class NanReward(torch.nn.Module):
 def fused_adamw(monkeypatch):
     """The loop's optimizers as fused AdamW (CPUs have one too), as on GPUs: a non-finite loss's update is then
     skipped on the device (found_inf) and the loss read at the next logged row."""
-    from dmdr import distill
-    monkeypatch.setattr(distill, "optimizer", lambda params, lr, cfg, weight_decay=0.0: torch.optim.AdamW(
+    from dmdr import loop
+    monkeypatch.setattr(loop, "optimizer", lambda params, lr, kind, weight_decay=0.0: torch.optim.AdamW(
         [p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay, fused=True))
 
 
@@ -197,7 +197,7 @@ def test_the_library_never_unpickles_or_runs_remote_code():
 
 
 def test_a_missing_checkpoint_names_the_directory(tmp_path):
-    from dmdr.evaluation import World
+    from dmdr.standins import World
     from dmdr.models import load_backbone
     with pytest.raises(FileNotFoundError, match=r"world checkpoint directory .*nowhere does not exist \(run the stage"):
         World.load(tmp_path / "nowhere")

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dmdr.config import ParamsError
-from dmdr.rewards import (AestheticModel, CosineReward, Combined, agreement, bradley_terry_loss,
+from dmdr.reward_terms import Combined
+from dmdr.rewards import (AestheticModel, CosineReward, agreement, bradley_terry_loss,
                           build_pairs, load_aesthetic, parse_spec, save_aesthetic, train_reward)
 from dmdr.world import grammar, render
 

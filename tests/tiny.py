@@ -5,7 +5,9 @@ from diffusers import AutoencoderKL
 
 from dmdr.config import DistillParams, build, deep_merge
 from dmdr.distill import init_models
-from dmdr.models import ClipConfig, TinyClip, VelocityModel, build_backbone, build_vae, LatentDecoder
+from dmdr.config import ClipConfig
+from dmdr.models import LatentDecoder, VelocityModel, build_backbone, build_vae
+from dmdr.tiny_clip import TinyClip
 from dmdr.rewards import CosineReward
 
 
@@ -152,7 +154,7 @@ def _route_on_cpu(kind: str, setup) -> None:
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType
 
-    import dmdr.distill
+    import dmdr.loop
 
     if os.environ.get(f"ACCELERATE_USE_{kind}") != "true" or torch.cuda.is_available():
         return
@@ -164,7 +166,7 @@ def _route_on_cpu(kind: str, setup) -> None:
         setup(acc)
         return acc
 
-    dmdr.distill.Accelerator = accelerator
+    dmdr.loop.Accelerator = accelerator
 
 
 def fsdp_on_cpu() -> None:

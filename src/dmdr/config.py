@@ -71,6 +71,15 @@ class OneOf:
         return None if v in self.choices else f"must be one of {self.choices}"
 
 
+@dataclass(frozen=True)
+class Registered:
+    """The name of an RL objective: a module of dmdr.rl (a file each)."""
+
+    def error(self, v) -> str | None:
+        from .rl import names
+        return None if v in names() else f"must be one of {tuple(names())}"
+
+
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
 
 
@@ -239,7 +248,7 @@ class DynaRSParams:
 class RLParams:
     """Stage 2 (Eq. 3): L = dmd_weight * L_DMD + weight * L_RL, ReFL through the generator's one-step x0."""
     weight: float = knob(0.0, Range(0, 100))  # lambda; 0: no RL
-    loss: str = knob("refl", OneOf(("refl", "hinge")))  # refl: -r (the paper) | hinge: relu(margin - r) (released)
+    loss: str = knob("refl", Registered())  # an objective of dmdr.rl: refl, -r (the paper) | hinge, relu(margin - r)
     margin: float = knob(0.7, Range(-1000, 1000))
     reward: str = "hps"  # a reward or weighted sum: clip | hps | pick | aesthetic | clip+hps | 0.5*clip+hps
 

@@ -11,47 +11,21 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
 
 from . import flow
 from .config import EvalModel, Params, eval_model
 from .files import write_json
-from .models import TinyClip, VelocityModel, decode_latents, load_backbone, require_dir
+from .models import VelocityModel, decode_latents, load_backbone, require_dir
 from .prompts import load_records
 from .rewards import load_reward
-from .standins import to_tensor, to_uint8
+from .standins import World, to_tensor, to_uint8
+from .tiny_clip import TinyClip
 from .world import grammar, parse
 from .world.score import MissingParent, dpg_question_scores, geneval_correct, geneval_summary, gold
-
-
-@dataclass
-class World:
-    """The trained stand-ins of the world stage."""
-    clip: TinyClip
-    clip_eval: TinyClip
-    vae: AutoencoderKL
-    teacher: VelocityModel
-
-    @classmethod
-    def load(cls, root: Path = Path("models/world")) -> "World":
-        root = require_dir(root, "world")
-        return cls(TinyClip.load(root / "clip"), TinyClip.load(root / "clip_eval"),
-                   AutoencoderKL.from_pretrained(require_dir(root / "vae", "VAE"), use_safetensors=True).eval(),
-                   VelocityModel(load_backbone(root / "teacher")).eval())
-
-    @torch.no_grad()
-    def encode(self, texts: list[str]):
-        return self.clip.encode(texts)
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        c = self.teacher.backbone.config
-        return (c.in_channels, c.sample_size, c.sample_size)
 
 
 def nfe(m: EvalModel) -> int:

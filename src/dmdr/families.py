@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import flow
-from .distill import backbone_of, plain
+from .lora import backbone_of, plain
 from .files import sha256
 from .models import LatentDecoder, VelocityModel, atomic_dir, computed_in, returned_as, shard_units
 

@@ -24,15 +24,18 @@ from accelerate.utils import broadcast_object_list, reduce
 from safetensors.torch import load_file
 
 from . import config, flow, resume
-from .distill import Tracking, fused_copy, init_models, load_lora_state, lora_state, train, what_trains
+from .config import parse_spec
+from .distill import init_models, train, what_trains
 from .families import (DYNADG_LORA_FILE, TRAINING_FILE, Teacher, export, load_exported, load_teacher,
                        pipeline_directory, pipeline_sha256)
 from .files import write_json
+from .loop import Tracking
+from .lora import fused_copy, load_lora_state, lora_state
 from .models import VelocityModel, load_backbone
 from .prompts import load_prompts
 from .real_rewards import load_real_reward
 from .report import plot_training, plt
-from .rewards import Combined, parse_spec
+from .reward_terms import Combined
 
 
 def process_state() -> PartialState:

@@ -26,7 +26,9 @@ from scipy import ndimage
 from torch import nn
 
 from .config import parse_spec
-from .models import TinyClip, atomic_dir, require_dir
+from .reward_terms import Combined
+from .models import atomic_dir, require_dir
+from .tiny_clip import TinyClip
 from .world import grammar, render
 from .world.scene import COLORS
 
@@ -52,25 +54,6 @@ class AestheticModel(nn.Module):
 
     def forward(self, images: torch.Tensor, texts: list[str] | None = None) -> torch.Tensor:
         return self.head(self.clip.encode_image(images)).squeeze(-1)
-
-
-class Combined(nn.Module):
-    """A weighted sum of rewards, e.g. `clip+hps` (equal weights, as the released code's CLIP + HPS)."""
-
-    def __init__(self, rewards: dict[str, nn.Module], weights: dict[str, float]):
-        super().__init__()
-        self.rewards = nn.ModuleDict(rewards)
-        self.weights = weights
-
-    def forward(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
-        return sum(w * r(images, texts) for w, r in weighted_terms(self))
-
-
-def weighted_terms(reward: nn.Module) -> list[tuple[float, nn.Module]]:
-    """(w_k, reward_k) of a reward: a weighted sum's terms, in the order of its spec, or the reward itself, weight 1."""
-    if isinstance(reward, Combined):
-        return [(w, reward.rewards[k]) for k, w in reward.weights.items()]
-    return [(1.0, reward)]
 
 
 def load_reward(spec: str, world: Path = Path("models/world"), root: Path = Path("models/rewards")) -> nn.Module:
@@ -238,14 +221,12 @@ def teacher_samples(world, specs: list, seed: int, batch: int = 256) -> np.ndarr
     return np.stack(out, axis=1)
 
 
-def build_rewards(p, train_specs: list, test_specs: list, out: Path, metrics_path: Path) -> dict:
+def build_rewards(p, world, train_specs: list, test_specs: list, out: Path, metrics_path: Path) -> dict:
     """Train the hps, pick and aesthetic analogues on disjoint halves of the train prompts (as HPSv2 and PickScore
     come from different collections, with different label noise) and report every reward's pairwise agreement with
-    gold on held-out pairs built from the test prompts."""
-    from .evaluation import World
+    gold on held-out pairs built from the test prompts. `world`: the world stage's stand-ins (standins.World)."""
     from .files import write_json
     r, t0 = p.rewards, time.time()
-    world = World.load()
     rng = np.random.default_rng(p.seed)
     specs = train_specs[: r.prompts]
     data = build_pairs(specs, teacher_samples(world, specs, p.seed), rng)

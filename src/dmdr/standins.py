@@ -7,23 +7,51 @@ import dataclasses
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from diffusers import AutoencoderKL
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from . import flow, resume
 from .config import ClipConfig, TeacherParams
 from .files import write_csv, write_json
-from .models import (TinyClip, VelocityModel, build_backbone, build_vae, decode_latents, encode_latents,
-                     save_diffusers)
+from .models import (VelocityModel, build_backbone, build_vae, decode_latents, encode_latents,
+                     load_backbone, require_dir, save_diffusers)
+from .tiny_clip import TinyClip
 from .world import grammar, parse, render
 from .world.score import geneval_correct, geneval_summary
 
 CAPTION_TAGS = grammar.GENEVAL_TAGS + ("dense",)
+
+
+@dataclass
+class World:
+    """The trained stand-ins of the world stage."""
+    clip: TinyClip
+    clip_eval: TinyClip
+    vae: AutoencoderKL
+    teacher: VelocityModel
+
+    @classmethod
+    def load(cls, root: Path = Path("models/world")) -> "World":
+        root = require_dir(root, "world")
+        return cls(TinyClip.load(root / "clip"), TinyClip.load(root / "clip_eval"),
+                   AutoencoderKL.from_pretrained(require_dir(root / "vae", "VAE"), use_safetensors=True).eval(),
+                   VelocityModel(load_backbone(root / "teacher")).eval())
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]):
+        return self.clip.encode(texts)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        c = self.teacher.backbone.config
+        return (c.in_channels, c.sample_size, c.sample_size)
 
 
 def world_batch(rng: np.random.Generator, n: int, tags=CAPTION_TAGS) -> tuple[np.ndarray, list[str]]:

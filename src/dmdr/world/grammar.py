@@ -203,8 +203,7 @@ def sample_spec(rng, tag: str) -> Spec:
 def scene_for(spec: Spec, rng, tries: int = 100):
     """A random scene that satisfies the spec exactly: unspecified colours and sizes drawn at random, no other
     objects. Returns a list of `Obj`."""
-    from .scene import place
-    from .score import relative_position  # the relation is decided by the benchmark's own rule
+    from .scene import place, relative_position  # the relation is decided by the benchmark's own rule
 
     for _ in range(tries):
         objs = []

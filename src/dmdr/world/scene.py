@@ -22,6 +22,7 @@ COLORS = {
 BACKGROUND = (245, 245, 245)
 SIZES = {"small": (6, 9), "large": (11, 15)}  # bounding-box side in pixels, inclusive
 RELATIONS = ("left of", "right of", "above", "below")
+POSITION_THRESHOLD = 0.1  # GenEval's
 MAX_OBJECTS = 4
 SUPERSAMPLE = 4  # sub-pixel samples per axis for antialiasing
 
@@ -125,3 +126,27 @@ def random_scene(rng: np.random.Generator, n_objects: int | None = None) -> list
             objs.append(o)
         if len(objs) == n:
             return objs
+
+
+def relative_position(a: tuple, b: tuple) -> set[str]:
+    """GenEval's relations (evaluation/evaluate_images.py) of box `a` relative to box `b` (x0, y0, x1, y1): the
+    centre offset shrunk by 0.1 times the summed box sides, normalised by the raw offset; a component below -0.5 /
+    above 0.5 gives left/right, above/below."""
+    boxes = np.array([a[:4], b[:4]], np.float64).reshape(2, 2, 2)
+    center_a, center_b = boxes.mean(axis=-2)
+    dim_a, dim_b = np.abs(np.diff(boxes, axis=-2))[..., 0, :]
+    offset = center_a - center_b
+    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * (dim_a + dim_b), 0) * np.sign(offset)
+    if np.all(np.abs(revised) < 1e-3):
+        return set()
+    dx, dy = revised / np.linalg.norm(offset)
+    rel = set()
+    if dx < -0.5:
+        rel.add("left of")
+    if dx > 0.5:
+        rel.add("right of")
+    if dy < -0.5:
+        rel.add("above")
+    if dy > 0.5:
+        rel.add("below")
+    return rel

@@ -1,0 +1,120 @@
+"""The pipeline's stages, one function each: what the notebooks of dvc.yaml call. Each reads its part of the params,
+writes its outputs and returns what its notebook shows. The library underneath knows no stage."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+PROMPTS = Path("data/prompts")
+
+
+def prompts(p, out: Path = PROMPTS, metrics: Path = Path("results/metrics")) -> dict:
+    """The train and test prompt sets from the world's grammar, and the world's parser checked on random renders
+    (clean and mildly corrupted)."""
+    from .files import write_json
+    from .prompts import build_prompt_sets
+    from .world.parse import scene_exact_rate
+    counts = build_prompt_sets(p, out)
+    write_json(counts, metrics / "prompts.json")
+    parser = {"clean_scene_exact": scene_exact_rate(300, seed=p.seed),
+              "mild_corruption_scene_exact": scene_exact_rate(300, seed=p.seed + 1, corrupt=True), "scenes": 300}
+    write_json(parser, metrics / "parser.json")
+    return {"prompts": counts, "parser": parser}
+
+
+def extra_prompts(p, name: str) -> dict:
+    """A real prompt file of prompts.extra_files, converted to one prompt a line."""
+    from .prompts import convert_prompt_file
+    return convert_prompt_file(p.prompts.extra_files[name], Path("data/extra_prompts") / f"{name}.txt",
+                               Path("results/extra_prompts") / f"{name}.json")
+
+
+def world(p, prompt_dir: Path = PROMPTS) -> dict:
+    """The world's stand-ins: the CLIPs, the VAE and the teacher (dmdr.standins.build_world)."""
+    from .prompts import test_specs
+    from .standins import build_world
+    eval_specs = test_specs(prompt_dir, p.world.teacher.eval_prompts_per_tag)
+    return build_world(p, eval_specs, Path("models/world"), Path("results/metrics/world.json"),
+                       Path("results/curves/teacher.csv"))
+
+
+def rewards(p, prompt_dir: Path = PROMPTS, out: Path = Path("models/rewards"),
+            metrics_path: Path = Path("results/metrics/rewards.json")) -> dict:
+    """The world's second half: the hps, pick and aesthetic analogues trained on gold-labelled pairs of the
+    teacher's samples (dmdr.rewards.build_rewards)."""
+    from .prompts import load_prompts, test_specs
+    from .rewards import build_rewards
+    from .standins import World
+    from .world import grammar
+    train_specs = [grammar.read(t) for t in load_prompts(prompt_dir / "train.txt")]
+    return build_rewards(p, World.load(), train_specs, test_specs(prompt_dir), out, metrics_path)
+
+
+def distill(p, name: str, prompt_dir: Path = PROMPTS, out: Path = Path("models/distill"),
+            curves: Path = Path("results/curves"), checkpoints: Path = Path("checkpoints")) -> list[dict]:
+    """One recipe: trained from its init checkpoint on the train prompts, with curves on held-out and train prompts;
+    the generator (and fake score) saved as diffusers model directories with the sampler settings (sampler.json).
+    Returns the curve's rows."""
+    from . import flow, resume
+    from .config import TEACHER, recipe
+    from .distill import init_models, train
+    from .evaluation import curve_metrics
+    from .lora import backbone_of, fused_copy, plain
+    from .models import LatentDecoder, VelocityModel, atomic_dir, load_backbone, require_dir
+    from .prompts import load_prompts, load_records, test_specs
+    from .rewards import load_reward
+    from .standins import World
+    from .world import grammar
+
+    cfg = recipe(p, name)
+    world = World.load()
+    start = start_fake = None
+    if cfg.init != TEACHER:
+        init = require_dir(Path(cfg.init), f"recipe {name}'s init")
+        start = VelocityModel(load_backbone(init, world.latent_shape))
+        if (init / "fake").is_dir():
+            start_fake = VelocityModel(load_backbone(init / "fake", world.latent_shape))
+    reward = load_reward(cfg.rl.reward)
+    models = init_models(world.teacher, world.encode, world.encode([""]), start, start_fake, cfg,
+                         decode=LatentDecoder(world.vae), reward=reward)
+    world.vae.requires_grad_(False)
+    specs = test_specs(prompt_dir, cfg.curve_prompts_per_tag)
+    dense = [grammar.read(r["prompt"])
+             for r in load_records(prompt_dir / "test_dpg.csv")][: 6 * cfg.curve_prompts_per_tag]
+    train_prompts = load_prompts(prompt_dir / "train.txt")
+    seed = p.seed + cfg.seed
+
+    def curve_fn(generator, step):
+        return curve_metrics(world, generator, cfg.generator_steps, cfg.shift, specs, seed, dense, reward,
+                             train_prompts[: len(specs)])
+
+    checkpoint = checkpoints / name
+    read = [Path("models/world"), Path("models/rewards")] + ([Path(cfg.init)] if cfg.init != TEACHER else [])
+    rows = train(cfg, models, train_prompts, seed, curve_fn, curves / f"{name}.csv", checkpoint,
+                 run_identity=resume.files_fingerprint(*read))
+
+    def write(d: Path):
+        backbone_of(plain(models.generator)).save_pretrained(d, safe_serialization=True)
+        fake = fused_copy(models.real, cfg.dynadg.fake_scale) if cfg.dynadg.form == "released" else models.fake
+        if fake is not None:
+            fake.backbone.save_pretrained(d / "fake", safe_serialization=True)
+        times = flow.generator_times(cfg.generator_steps, cfg.shift).tolist()
+        (d / "sampler.json").write_text(json.dumps({"steps": cfg.generator_steps, "shift": cfg.shift, "times": times,
+                                                    "cfg": cfg.generator_cfg, "prediction": "velocity",
+                                                    "recipe": name}, indent=1))
+    atomic_dir(out / name, write)
+    shutil.rmtree(checkpoint, ignore_errors=True)  # the run is complete: nothing left to resume
+    return rows
+
+
+def evaluate(p, name: str) -> dict:
+    """One model's samples of every test prompt, scored (dmdr.evaluation.evaluate)."""
+    from .evaluation import evaluate as scored
+    return scored(p, name)
+
+
+def report(p) -> dict:
+    """Tables, figures, claims and the README's results section (dmdr.report.build)."""
+    from .report import build
+    return build(p)
