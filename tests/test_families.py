@@ -181,14 +181,14 @@ def test_the_real_runner_trains_both_stages_of_a_preset_exports_and_scores(sd3, 
     done, and one with other settings, or with other teacher weights at the same path, is refused, naming them."""
     import shutil
 
-    from dmdr import config, real
+    from dmdr import config, distill, real
     from dmdr.families import DYNADG_LORA_FILE, TRAINING_FILE, pipeline_sha256
     teacher = tmp_path / "teacher"
     shutil.copytree(sd3, teacher)
     params = tiny_preset(teacher, tmp_path)
     loaded = []
-    load = real.load_lora_state
-    monkeypatch.setattr(real, "load_lora_state", lambda *a: loaded.append(a) or load(*a))
+    load = distill.load_lora_state
+    monkeypatch.setattr(distill, "load_lora_state", lambda *a: loaded.append(a) or load(*a))
     seen = []
     forward = real.PromptPrefix.forward
     monkeypatch.setattr(real.PromptPrefix, "forward", lambda self, images, texts: seen.append(self.prefix) or

@@ -9,9 +9,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "dmdr"
 # the method and its engine, the flow maths, the adapters: what a new teacher or objective plugs into
-CORE = ["flow", "distill", "draws", "loop", "lora", "precision", "rl", "rl.refl", "reward_terms", "families",
-        "models", "resume", "sharded", "zero", "files", "config"]
-ABOVE_CORE = ("world", "evaluation", "report", "standins", "rewards", "stages", "tiny_clip", "prompts", "real")
+CORE = ["flow", "distill", "draws", "loop", "lora", "precision", "rl", "rl.refl", "rl.hinge", "reward_terms", "teacher",
+        "families", "models", "resume", "sharded", "zero", "files", "config"]
+ABOVE_CORE = ("world", "evaluation", "report", "standins", "rewards", "stages", "tiny_clip", "prompts", "real",
+              "embedded")
 
 
 def module_name(f: Path) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,8 @@ import torch
 from . import flow, loop, resume, rl
 from .config import DistillParams
 from .draws import Draws
-from .lora import add_generator_lora, add_lora, backbone_of, plain, set_lora_scale
+from .lora import (add_generator_lora, add_lora, backbone_of, fused_copy, load_lora_state, lora_state, plain,
+                   set_lora_scale)
 from .loop import Engine, Trainee, Tracking  # noqa: F401  (Tracking: the runners pass it to train)
 from .reward_terms import weighted_terms
 
@@ -440,3 +442,31 @@ def init_models(teacher, encode, uncond, start=None, start_fake=None, cfg: Disti
         fake = copy.deepcopy(start_fake if start_fake is not None else start).train().requires_grad_(True)
     return Models(generator=generator, fake=fake, real=copy.deepcopy(real), encode=encode, uncond=uncond,
                   decode=decode, reward=reward, latent_shape=latent_shape)
+
+
+def distill_stage(cfg: DistillParams, teacher, prompts: list[str], seed: int, directory: Path, checkpoint: Path,
+                  reward=None, start=None, start_fake=None, dynadg_lora: dict | None = None, curve_fn=None,
+                  curve_path: Path | None = None, run_identity: str = "", tracking: Tracking | None = None,
+                  **export) -> tuple[torch.nn.Module, torch.nn.Module | None, list[dict]]:
+    """One stage of distillation on any teacher (dmdr.teacher.Teacher): the models from the teacher, or from a
+    previous stage's generator and fake score (`start`, `start_fake`; the released DynaDG form's shared LoRA,
+    `dynadg_lora`, continued), trained (resuming from `checkpoint`), then exported by the main process to
+    `directory` in the teacher's own format (`export`: what else its export takes). Returns the generator and the
+    fake score, for a next stage, and the loop's logged rows."""
+    from accelerate import PartialState
+    models = init_models(teacher.model, teacher.encode, teacher.uncond, start, start_fake, cfg, decode=teacher.decode,
+                         reward=reward if cfg.rl.weight > 0 or cfg.rtdm.enabled else None,
+                         latent_shape=teacher.latent_shape)
+    models.times, models.max_t = teacher.generator_times(cfg.generator_steps, cfg.shift), teacher.max_t
+    shared = cfg.dynadg.form == "released"
+    if shared and dynadg_lora is not None:
+        load_lora_state(models.real, cfg.dynadg.rank, dynadg_lora)
+    rows = train(cfg, models, prompts, seed, curve_fn, curve_path, checkpoint, run_identity, tracking)
+    fake = fused_copy(models.real, cfg.dynadg.fake_scale) if shared else models.fake
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.is_main_process:
+        teacher.export(models.generator, fake, directory, cfg, dynadg_lora=lora_state(models.real) if shared else None,
+                       **export)
+        shutil.rmtree(checkpoint, ignore_errors=True)  # exported: nothing left to resume
+    state.wait_for_everyone()
+    return models.generator, fake, rows

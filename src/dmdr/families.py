@@ -155,6 +155,11 @@ class Teacher:
         """Normalised latents -> images in [-1, 1], differentiable (rewards see decoded images)."""
         return LatentDecoder(self.vae)
 
+    def export(self, generator, fake, directory: Path, cfg, dynadg_lora: dict | None = None,
+               record: dict | None = None) -> Path:
+        """The generator as a pipeline directory of this family (`export`)."""
+        return export(generator, self, directory, cfg.generator_steps, cfg.shift, fake, dynadg_lora, record)
+
 
 def family_of(pipeline: DiffusionPipeline, source) -> str:
     name = type(pipeline).__name__

@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import diffusers
@@ -25,12 +24,11 @@ from safetensors.torch import load_file
 
 from . import config, flow, resume
 from .config import parse_spec
-from .distill import init_models, train, what_trains
-from .families import (DYNADG_LORA_FILE, TRAINING_FILE, Teacher, export, load_exported, load_teacher,
+from .distill import distill_stage, what_trains
+from .families import (DYNADG_LORA_FILE, TRAINING_FILE, Teacher, load_exported, load_teacher,
                        pipeline_directory, pipeline_sha256)
 from .files import write_json
 from .loop import Tracking
-from .lora import fused_copy, load_lora_state, lora_state
 from .models import VelocityModel, load_backbone
 from .prompts import load_prompts
 from .real_rewards import load_real_reward
@@ -187,30 +185,18 @@ def stage(cfg, teacher: Teacher, prompts: list[str], seed: int, out: Path, name:
         generator = teacher.wrap(load_backbone(done / teacher.component))
         fake = teacher.wrap(load_backbone(done / "fake")) if (done / "fake").is_dir() else None
         return generator, fake
-    needs_reward = cfg.rl.weight > 0 or cfg.rtdm.enabled
-    models = init_models(teacher.model, teacher.encode, teacher.uncond, start, start_fake, cfg,
-                         decode=teacher.decode, reward=reward if needs_reward else None,
-                         latent_shape=teacher.latent_shape)
-    models.times, models.max_t = teacher.generator_times(cfg.generator_steps, cfg.shift), teacher.max_t
-    shared = cfg.dynadg.form == "released"
-    if shared and previous is not None and (previous / DYNADG_LORA_FILE).exists():
-        load_lora_state(models.real, cfg.dynadg.rank, load_file(previous / DYNADG_LORA_FILE))
-    checkpoint = out / "checkpoints" / name
+    lora = previous / DYNADG_LORA_FILE if previous is not None else None
     tracking = (Tracking(log_with, out / "logs", f"{out.name}-{name}", tracker_settings(record) if record else {})
                 if log_with else None)
-    samples = (sample_images(teacher, sample_prompts, models.times, seed, out / "samples" / name)
-               if sample_prompts else None)
-    train(cfg, models, prompts, seed, samples, out / "curves" / f"{name}.csv", checkpoint,
-          run_identity=record["fingerprint"] if record else "", tracking=tracking)
-    fake = fused_copy(models.real, cfg.dynadg.fake_scale) if shared else models.fake
-    state = process_state()
-    if state.is_main_process:
-        export(models.generator, teacher, done, cfg.generator_steps, cfg.shift, fake=fake,
-               dynadg_lora=lora_state(models.real) if shared else None, record=record)
+    times = teacher.generator_times(cfg.generator_steps, cfg.shift)
+    samples = sample_images(teacher, sample_prompts, times, seed, out / "samples" / name) if sample_prompts else None
+    generator, fake, _ = distill_stage(
+        cfg, teacher, prompts, seed, done, out / "checkpoints" / name, reward, start, start_fake,
+        load_file(lora) if cfg.dynadg.form == "released" and lora is not None and lora.exists() else None,
+        samples, out / "curves" / f"{name}.csv", record["fingerprint"] if record else "", tracking, record=record)
+    if process_state().is_main_process:
         plt.close(plot_training(out))  # <out>/curves.png: every stage so far
-        shutil.rmtree(checkpoint, ignore_errors=True)  # exported: nothing left to resume
-    state.wait_for_everyone()
-    return models.generator, fake
+    return generator, fake
 
 
 @torch.no_grad()

@@ -2,8 +2,6 @@
 writes its outputs and returns what its notebook shows. The library underneath knows no stage."""
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 PROMPTS = Path("data/prompts")
@@ -53,15 +51,15 @@ def rewards(p, prompt_dir: Path = PROMPTS, out: Path = Path("models/rewards"),
 
 def distill(p, name: str, prompt_dir: Path = PROMPTS, out: Path = Path("models/distill"),
             curves: Path = Path("results/curves"), checkpoints: Path = Path("checkpoints")) -> list[dict]:
-    """One recipe: trained from its init checkpoint on the train prompts, with curves on held-out and train prompts;
-    the generator (and fake score) saved as diffusers model directories with the sampler settings (sampler.json).
-    Returns the curve's rows."""
-    from . import flow, resume
+    """One recipe on the world's teacher (dmdr.distill.distill_stage): trained from its init checkpoint on the train
+    prompts, with curves on held-out and train prompts; the generator (and fake score) saved as diffusers model
+    directories with the sampler settings (sampler.json). Returns the curve's rows."""
+    from . import resume
     from .config import TEACHER, recipe
-    from .distill import init_models, train
+    from .distill import distill_stage
+    from .embedded import WorldTeacher
     from .evaluation import curve_metrics
-    from .lora import backbone_of, fused_copy, plain
-    from .models import LatentDecoder, VelocityModel, atomic_dir, load_backbone, require_dir
+    from .models import load_backbone, require_dir
     from .prompts import load_prompts, load_records, test_specs
     from .rewards import load_reward
     from .standins import World
@@ -69,16 +67,14 @@ def distill(p, name: str, prompt_dir: Path = PROMPTS, out: Path = Path("models/d
 
     cfg = recipe(p, name)
     world = World.load()
+    teacher = WorldTeacher(world)
     start = start_fake = None
     if cfg.init != TEACHER:
         init = require_dir(Path(cfg.init), f"recipe {name}'s init")
-        start = VelocityModel(load_backbone(init, world.latent_shape))
+        start = teacher.wrap(load_backbone(init, world.latent_shape))
         if (init / "fake").is_dir():
-            start_fake = VelocityModel(load_backbone(init / "fake", world.latent_shape))
+            start_fake = teacher.wrap(load_backbone(init / "fake", world.latent_shape))
     reward = load_reward(cfg.rl.reward)
-    models = init_models(world.teacher, world.encode, world.encode([""]), start, start_fake, cfg,
-                         decode=LatentDecoder(world.vae), reward=reward)
-    world.vae.requires_grad_(False)
     specs = test_specs(prompt_dir, cfg.curve_prompts_per_tag)
     dense = [grammar.read(r["prompt"])
              for r in load_records(prompt_dir / "test_dpg.csv")][: 6 * cfg.curve_prompts_per_tag]
@@ -89,22 +85,10 @@ def distill(p, name: str, prompt_dir: Path = PROMPTS, out: Path = Path("models/d
         return curve_metrics(world, generator, cfg.generator_steps, cfg.shift, specs, seed, dense, reward,
                              train_prompts[: len(specs)])
 
-    checkpoint = checkpoints / name
     read = [Path("models/world"), Path("models/rewards")] + ([Path(cfg.init)] if cfg.init != TEACHER else [])
-    rows = train(cfg, models, train_prompts, seed, curve_fn, curves / f"{name}.csv", checkpoint,
-                 run_identity=resume.files_fingerprint(*read))
-
-    def write(d: Path):
-        backbone_of(plain(models.generator)).save_pretrained(d, safe_serialization=True)
-        fake = fused_copy(models.real, cfg.dynadg.fake_scale) if cfg.dynadg.form == "released" else models.fake
-        if fake is not None:
-            fake.backbone.save_pretrained(d / "fake", safe_serialization=True)
-        times = flow.generator_times(cfg.generator_steps, cfg.shift).tolist()
-        (d / "sampler.json").write_text(json.dumps({"steps": cfg.generator_steps, "shift": cfg.shift, "times": times,
-                                                    "cfg": cfg.generator_cfg, "prediction": "velocity",
-                                                    "recipe": name}, indent=1))
-    atomic_dir(out / name, write)
-    shutil.rmtree(checkpoint, ignore_errors=True)  # the run is complete: nothing left to resume
+    *_, rows = distill_stage(cfg, teacher, train_prompts, seed, out / name, checkpoints / name, reward, start,
+                             start_fake, curve_fn=curve_fn, curve_path=curves / f"{name}.csv",
+                             run_identity=resume.files_fingerprint(*read), recipe=name)
     return rows
 
 
