@@ -73,7 +73,7 @@ def main():
     world.vae.requires_grad_(False)
     reward = load_reward(p.distill.rl.reward)
     prompts = load_prompts("data/prompts/train.txt")
-    base = dataclasses.asdict(p.distill) | {"steps": a.steps, "log_every": 10 ** 9}
+    base = dataclasses.asdict(p.distill) | {"steps": a.steps, "log_every": 10_000_000}  # no row but the last
     if a.batch:
         base["batch"] = a.batch
     times, turns = {k: [] for k in PHASES}, {k: [] for k in PHASES}
