@@ -72,10 +72,11 @@ def test_dmdr_on_a_real_sd3_pipeline_then_export(sd3, tmp_path):
 
     out = export(models.generator, teacher, tmp_path / "dmdr-4", steps=4, shift=3.0)
     pipe, sampler = load_exported(out)
-    assert type(pipe).__name__ == "StableDiffusion3Pipeline" and sampler["num_inference_steps"] == 4
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline" and sampler["steps"] == 4
+    assert sampler["times"] == flow.generator_times(4, 3.0).tolist() and sampler["recipe"] == "dmdr-4"
     # the export's call: the trained levels as sigmas (diffusers' own 4 steps are others), size and text length
-    assert sampler["call"] == {"sigmas": sampler["sigmas"], "guidance_scale": 1.0, "max_sequence_length": 8,
-                               "height": 16, "width": 16}
+    assert sampler["call"] == {"sigmas": torch.linspace(1.0, 0.001, 5)[:4].tolist(), "guidance_scale": 1.0,
+                               "max_sequence_length": 8, "height": 16, "width": 16}
     pipe.scheduler.set_timesteps(4)
     assert not torch.allclose(pipe.scheduler.sigmas[:4], flow.generator_times(4, 3.0)[:4], atol=1e-3)
     noise = torch.randn(2, *teacher.latent_shape, generator=torch.Generator().manual_seed(1))
@@ -323,7 +324,8 @@ def test_dmdr_on_a_real_sdxl_pipeline_then_export(sdxl, tmp_path, steps):
     assert {"loss_dmd", "reward_x0"} <= set(rows[-1])
 
     pipe, sampler = load_exported(export(models.generator, teacher, tmp_path / "dmdr", steps=steps))
-    assert type(pipe).__name__ == "StableDiffusionXLPipeline" and len(sampler["sigmas"]) == steps + 1
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline" and len(sampler["times"]) == steps + 1
+    assert sampler["prediction"] == "epsilon"
     assert sampler["call"] == {"num_inference_steps": steps, "guidance_scale": 1.0, "height": 16, "width": 16}
     noise = torch.randn(2, *teacher.latent_shape, generator=torch.Generator().manual_seed(1))
     t0 = float(times[0])
@@ -374,8 +376,7 @@ def test_the_real_runner_on_an_sd35_preset(tmp_path_factory, tmp_path, precision
     noise = torch.randn(2, *exported.latent_shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours = flow.sample_generator(exported.model, noise, exported.encode(TEXTS), flow.generator_times(4, 3.0))
-    theirs = pipe(TEXTS, sigmas=sampler["sigmas"], guidance_scale=sampler["guidance_scale"], latents=noise.clone(),
-                  max_sequence_length=8, output_type="latent").images
+    theirs = pipe(TEXTS, **sampler["call"], latents=noise.clone(), output_type="latent").images
     assert torch.allclose(ours, theirs, atol=1e-4)
 
 

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "dmdr"
 # the method and its engine, the flow maths, the adapters: what a new teacher or objective plugs into
 CORE = ["flow", "distill", "draws", "loop", "lora", "precision", "rl", "rl.refl", "rl.hinge", "reward_terms", "teacher",
-        "families", "models", "resume", "sharded", "zero", "files", "config"]
+        "sampler", "families", "models", "resume", "sharded", "zero", "files", "config"]
 ABOVE_CORE = ("world", "evaluation", "report", "standins", "rewards", "stages", "tiny_clip", "prompts", "real",
               "embedded")
 

@@ -2,12 +2,11 @@
 world's flow teacher on the VAE's latents, the world's CLIP as its text encoder."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from . import flow
+from . import flow, sampler
 from .lora import backbone_of, plain
 from .models import LatentDecoder, VelocityModel, atomic_dir
 from .standins import World
@@ -36,14 +35,12 @@ class WorldTeacher:
         return VelocityModel(backbone)
 
     def export(self, generator, fake, directory: Path, cfg, dynadg_lora=None, recipe: str = "") -> Path:
-        """The generator (and fake score, in `fake/`) as diffusers model directories, with the sampler settings
-        (sampler.json). (The released DynaDG form's shared LoRA is in its fused fake score.)"""
+        """The generator (and fake score, in `fake/`) as diffusers model directories, with its sampler's settings
+        (dmdr.sampler). (The released DynaDG form's shared LoRA is in its fused fake score.)"""
         def write(d: Path):
             backbone_of(plain(generator)).save_pretrained(d, safe_serialization=True)
             if fake is not None:
                 backbone_of(fake).save_pretrained(d / "fake", safe_serialization=True)
-            times = flow.generator_times(cfg.generator_steps, cfg.shift).tolist()
-            (d / "sampler.json").write_text(json.dumps({"steps": cfg.generator_steps, "shift": cfg.shift,
-                                                        "times": times, "cfg": cfg.generator_cfg,
-                                                        "prediction": "velocity", "recipe": recipe}, indent=1))
+            sampler.write(d, sampler.settings(cfg.generator_steps, cfg.shift, self.generator_times(
+                cfg.generator_steps, cfg.shift), cfg.generator_cfg, recipe=recipe))
         return atomic_dir(directory, write)

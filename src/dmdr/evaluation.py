@@ -8,7 +8,6 @@ pixels, at the evaluation batch on this machine).
 """
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import flow
+from . import flow, sampler
 from .config import EvalModel, Params, eval_model
 from .files import write_json
 from .models import VelocityModel, decode_latents, load_backbone, require_dir
@@ -103,8 +102,7 @@ def load_model(world: World, m: EvalModel):
     if Path(m.checkpoint) == Path("models/world/teacher"):
         return world.teacher, 1.0
     path = require_dir(Path(m.checkpoint), "generator")
-    settings = json.loads((path / "sampler.json").read_text()) if (path / "sampler.json").exists() else {}
-    return VelocityModel(load_backbone(path, world.latent_shape)).eval(), settings.get("shift", 1.0)
+    return VelocityModel(load_backbone(path, world.latent_shape)).eval(), sampler.read(path).get("shift", 1.0)
 
 
 def evaluate(p: Params, name: str, prompt_dir: Path = Path("data/prompts"), world: World | None = None,

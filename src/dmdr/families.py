@@ -22,13 +22,13 @@ from diffusers import AutoencoderKL, DiffusionPipeline, EulerDiscreteScheduler, 
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from . import flow
+from . import flow, sampler
 from .lora import backbone_of, plain
 from .files import sha256
 from .models import LatentDecoder, VelocityModel, atomic_dir, computed_in, returned_as, shard_units
+from .sampler import SAMPLER_FILE
 
 FAMILIES = {"StableDiffusion3Pipeline": "sd3", "StableDiffusionXLPipeline": "sdxl"}
-SAMPLER_FILE = "dmdr_sampler.json"
 
 
 class EpsilonAsFlow(torch.nn.Module):
@@ -221,8 +221,8 @@ DYNADG_LORA_FILE = "dynadg_lora.safetensors"
 TRAINING_FILE = "dmdr_training.json"  # what the exported model was trained with (dmdr.real.training_record)
 
 
-def sampler_settings(teacher: Teacher, steps: int, shift: float) -> dict:
-    """The few-step generator's sampler in the pipeline's terms, no guidance; `call`: the keyword arguments of
+def sampler_settings(teacher: Teacher, steps: int, shift: float, recipe: str = "") -> dict:
+    """The few-step generator's sampler (dmdr.sampler's settings), no guidance; `call`: the keyword arguments of
     `pipe(prompt, **call)` that sample as the generator was trained (size and, for SD3, text length too).
     SDXL: the exported EulerDiscreteScheduler's own schedule for `steps` is the generator's (`scheduler_for`), so
     `num_inference_steps` is enough; its sigmas k = t / (1 - t), then 0: an Euler step in k is the generator's
@@ -232,13 +232,12 @@ def sampler_settings(teacher: Teacher, steps: int, shift: float) -> dict:
     N + 1)[:N] shifted once), so the call names the unshifted levels as `sigmas` (the scheduler shifts them)."""
     size = {"height": teacher.resolution, "width": teacher.resolution}
     if teacher.family == "sdxl":
-        times = teacher.generator_times(steps, shift)
-        sigmas = [float(t / (1 - t)) for t in times[:-1]] + [0.0]
         call = {"num_inference_steps": steps, "guidance_scale": 1.0} | size
     else:
         sigmas = [float(s) for s in torch.linspace(1.0, 0.001, steps + 1)[:steps]]
         call = {"sigmas": sigmas, "guidance_scale": 1.0, "max_sequence_length": teacher.max_sequence_length} | size
-    return {"num_inference_steps": steps, "sigmas": sigmas, "guidance_scale": 1.0, "shift": shift, "call": call}
+    return sampler.settings(steps, shift, teacher.generator_times(steps, shift), 1.0,
+                            "epsilon" if teacher.family == "sdxl" else "velocity", recipe, call)
 
 
 def scheduler_for(teacher: Teacher, shift: float, steps: int):
@@ -274,7 +273,7 @@ def model_card(teacher: Teacher, source: str, path: Path, settings: dict) -> str
     call = ", ".join(f"{k}={v!r}" for k, v in settings["call"].items())
     note = ("`sigmas` are needed: diffusers' FlowMatchEulerDiscreteScheduler spaces its own levels otherwise."
             if "sigmas" in settings["call"] else "The scheduler's own schedule for this step count is the trained one.")
-    steps = settings["num_inference_steps"]
+    steps = settings["steps"]
     return MODEL_CARD.format(teacher=source, steps=steps, s="s" if steps > 1 else "", size=teacher.resolution,
                              path=path, call=call, sampler=SAMPLER_FILE, note=note)
 
@@ -282,19 +281,19 @@ def model_card(teacher: Teacher, source: str, path: Path, settings: dict) -> str
 def export(generator: torch.nn.Module, teacher: Teacher, out: Path, steps: int, shift: float = 1.0,
            fake: torch.nn.Module | None = None, dynadg_lora: dict | None = None, record: dict | None = None) -> Path:
     """Save a diffusers pipeline directory: the teacher's pipeline with the distilled generator's weights and its
-    few-step scheduler, plus SAMPLER_FILE (steps, sigmas, guidance, and `call`: the keyword arguments of the
-    few-step call `pipe(prompt, **call)`) and a model card (README.md) with that call written out. A `fake` score
+    few-step scheduler, plus SAMPLER_FILE (dmdr.sampler, with `call`: the keyword arguments of the few-step call
+    `pipe(prompt, **call)`) and a model card (README.md) with that call written out. A `fake` score
     is saved in `fake/` (ignored by diffusers) so that a next stage continues it, and DynaDG's shared LoRA
     (`dynadg_lora`, released form) in DYNADG_LORA_FILE, the settings it was trained with (`record`) in
     TRAINING_FILE. A LoRA generator is merged into its backbone."""
-    settings = sampler_settings(teacher, steps, shift)
+    settings = sampler_settings(teacher, steps, shift, recipe=Path(out).name)
     pipe = type(teacher.pipeline)(**(teacher.pipeline.components | {teacher.component: backbone_of(plain(generator)),
                                                                     "scheduler": scheduler_for(teacher, shift, steps)}))
     source = (record or {}).get("settings", {}).get("teacher", "the teacher")
 
     def write(d: Path):
         pipe.save_pretrained(d, safe_serialization=True)
-        (d / SAMPLER_FILE).write_text(json.dumps(settings, indent=1))
+        sampler.write(d, settings)
         (d / "README.md").write_text(model_card(teacher, source, Path(out), settings))
         if fake is not None:
             backbone_of(fake).save_pretrained(d / "fake", safe_serialization=True)
@@ -308,4 +307,4 @@ def export(generator: torch.nn.Module, teacher: Teacher, out: Path, steps: int, 
 def load_exported(path: Path, dtype: torch.dtype = torch.float32) -> tuple[DiffusionPipeline, dict]:
     """An exported few-step pipeline and its sampler settings."""
     pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, use_safetensors=True)
-    return pipe, json.loads((Path(path) / SAMPLER_FILE).read_text())
+    return pipe, sampler.read(path)

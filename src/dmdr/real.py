@@ -233,7 +233,7 @@ def evaluate(teacher: Teacher, exported: Path, pre, real_cfg: float, prompts: li
         return teacher.pipeline(chunk, num_inference_steps=pre.eval_steps, guidance_scale=real_cfg,
                                 **teacher.call_kwargs(), height=pre.resolution,
                                 width=pre.resolution, generator=generators, output_type="pt").images
-    return {"few_step": score(few_step, prompts, rewards, seed) | {"nfe": sampler["num_inference_steps"]},
+    return {"few_step": score(few_step, prompts, rewards, seed) | {"nfe": sampler["steps"]},
             "teacher": score(teacher_call, prompts, rewards, seed) | {"nfe": 2 * pre.eval_steps},
             "processes": process_state().num_processes}
 
