@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from . import flow, loop, resume, rl
 from .config import DistillParams
@@ -445,12 +446,12 @@ def init_models(teacher, encode, uncond, start=None, start_fake=None, cfg: Disti
 
 
 def distill_stage(cfg: DistillParams, teacher, prompts: list[str], seed: int, directory: Path, checkpoint: Path,
-                  reward=None, start=None, start_fake=None, dynadg_lora: dict | None = None, curve_fn=None,
+                  reward=None, start=None, start_fake=None, dynadg_lora: Path | None = None, curve_fn=None,
                   curve_path: Path | None = None, run_identity: str = "", tracking: Tracking | None = None,
                   **export) -> tuple[torch.nn.Module, torch.nn.Module | None, list[dict]]:
     """One stage of distillation on any teacher (dmdr.teacher.Teacher): the models from the teacher, or from a
-    previous stage's generator and fake score (`start`, `start_fake`; the released DynaDG form's shared LoRA,
-    `dynadg_lora`, continued), trained (resuming from `checkpoint`), then exported by the main process to
+    previous stage's generator and fake score (`start`, `start_fake`; the released DynaDG form continues the shared
+    LoRA saved in the file `dynadg_lora`), trained (resuming from `checkpoint`), then exported by the main process to
     `directory` in the teacher's own format (`export`: what else its export takes). Returns the generator and the
     fake score, for a next stage, and the loop's logged rows."""
     from accelerate import PartialState
@@ -460,7 +461,7 @@ def distill_stage(cfg: DistillParams, teacher, prompts: list[str], seed: int, di
     models.times, models.max_t = teacher.generator_times(cfg.generator_steps, cfg.shift), teacher.max_t
     shared = cfg.dynadg.form == "released"
     if shared and dynadg_lora is not None:
-        load_lora_state(models.real, cfg.dynadg.rank, dynadg_lora)
+        load_lora_state(models.real, cfg.dynadg.rank, load_file(dynadg_lora))
     rows = train(cfg, models, prompts, seed, curve_fn, curve_path, checkpoint, run_identity, tracking)
     fake = fused_copy(models.real, cfg.dynadg.fake_scale) if shared else models.fake
     state = PartialState(cpu=not torch.cuda.is_available())

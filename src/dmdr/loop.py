@@ -107,8 +107,8 @@ class Engine:
             zero.configure(acc, cfg, size)
         self.device = acc.device
         self.masters: dict[str, MasterWeights] = {}  # bf16-weights: the fp32 weights each optimizer steps, by name
-        self.engines, self.trained, self.roles, self.plain_copies = [], {}, [], {}
-        self.optimizers: dict[str, tuple] = {}  # name: (optimizer, prepared model, label)
+        self.engines, self.plain_copies = [], {}
+        self.trainees: dict[str, tuple] = {}  # name: (prepared model, optimizer, role, label), in the order prepared
         self.pending = []  # (what, step, loss) of the updates whose loss the host has not read yet
         self.skipped = self.in_a_row = 0
 
@@ -145,12 +145,14 @@ class Engine:
             for m in method.called:
                 compile_blocks(m, cfg.compile)
         for t in trainees:  # in order: checkpoints store the prepared models in it
-            model, opt = self._prepared(t.model, self._optimizer(t))
-            self.trained[t.name] = model
-            self.roles.append(t.role)
-            self.optimizers[t.name] = (opt, model, t.label or t.name)
+            self.trainees[t.name] = (*self._prepared(t.model, self._optimizer(t)), t.role, t.label or t.name)
         self._describe()
-        method.bind(dict(self.trained))
+        method.bind({name: model for name, (model, *_) in self.trainees.items()})
+
+    @property
+    def trained(self) -> list:
+        """The prepared trained models, in the order prepared."""
+        return [model for model, *_ in self.trainees.values()]
 
     def _optimizer(self, t: Trainee):
         params = [p for p in t.params if p.requires_grad]
@@ -174,13 +176,14 @@ class Engine:
         acc = self.acc
         processes = f"{acc.num_processes} process{'es' if acc.num_processes > 1 else ''}"
         if self.fsdp and acc.is_main_process:
-            first = next(iter(self.trained.values()))
+            first = self.trained[0]
             units = sorted({type(m).__name__.removeprefix("FSDP") for m in first.modules()
                             if m is not first and hasattr(m, "unshard")})
             print(f"FSDP2: {', '.join(self.plain_copies)} sharded over {processes}, by {', '.join(units)}")
         if self.deepspeed and acc.is_main_process:
-            print(f"DeepSpeed ZeRO-{acc.state.deepspeed_plugin.zero_stage}: {', '.join(self.roles)} trained by an "
-                  f"engine each, their fp32 weights and AdamW states partitioned over {processes}")
+            roles = ", ".join(role for _, _, role, _ in self.trainees.values())
+            print(f"DeepSpeed ZeRO-{acc.state.deepspeed_plugin.zero_stage}: {roles} trained by an engine each, their "
+                  f"fp32 weights and AdamW states partitioned over {processes}")
 
     def unwrap(self, model):
         return self.acc.unwrap_model(model)
@@ -201,7 +204,7 @@ class Engine:
         differentiated one micro-batch at a time, each weighted by its share, so that only one micro-batch's
         activations are held (the gradients synchronised across processes on the last one only); then a step.
         Returns the batch's loss and logged values, averaged over processes."""
-        opt, model, _ = self.optimizers[name]
+        model = self.trainees[name][0]
         total, logs = 0, {}
         for i, part in enumerate(self.micro):
             last = i == len(self.micro) - 1
@@ -215,34 +218,36 @@ class Engine:
             total = total + loss.detach()
             for k, v in logged.items():
                 logs[k] = logs.get(k, 0) + v.detach() / len(self.micro)
-        self._step(total, name, step)
-        return self.mean(total), {k: self.mean(v) for k, v in logs.items()}
+        return self._step(total, name, step), {k: self.mean(v) for k, v in logs.items()}
 
-    def _step(self, loss, name: str, step: int) -> None:
+    def _step(self, loss, name: str, step: int) -> torch.Tensor:
         """After backward: the gradient norm clipped to 1 and one step (of the fp32 masters under bf16-weights),
         skipped when the batch's `loss` is non-finite (settle counts it). A fused AdamW skips on the device (its
         found_inf, as under a GradScaler), so the host does not wait for the GPU to decide, and settle reads the
-        loss at the next logged row or checkpoint; elsewhere the host decides at once."""
-        opt, model, what = self.optimizers[name]
-        self.pending.append((what, step, self.mean(loss)))  # every process takes the same decision
+        loss at the next logged row or checkpoint; elsewhere the host decides at once. Returns the loss averaged
+        over processes."""
+        model, opt, _, what = self.trainees[name]
+        mean = self.mean(loss)
+        self.pending.append((what, step, mean))  # every process takes the same decision
         if self.deepspeed:  # the engine clips, and skips a step whose gradient norm (a non-finite loss's) is not finite
             self.settle()
             model.step()
-            return
+            return mean
         inner = inner_optimizer(opt)
         if not self.fsdp and getattr(inner, "defaults", {}).get("fused"):
-            inner.found_inf = (~torch.isfinite(self.pending[-1][2])).float()
+            inner.found_inf = (~torch.isfinite(mean)).float()
         elif not self.settle():
             model.zero_grad(set_to_none=True)
-            return
+            return mean
         if name in self.masters:
             self.masters[name].step(opt, max_norm=1.0)
-            return
+            return mean
         # under FSDP, torch's own clipping of the sharded gradients: accelerate's compares parameter lists with ==,
         # which fails on two sharded models of one shape
         (torch.nn.utils.clip_grad_norm_ if self.fsdp else self.acc.clip_grad_norm_)(params_of(opt), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return mean
 
     # --- what the loop uses -------------------------------------------------------------------------------------
 
@@ -276,14 +281,14 @@ class Engine:
         return {f"master.{name}.{i}": m for name, w in self.masters.items() for i, m in enumerate(w.masters)}
 
     def load(self, ckpt) -> dict | None:
-        state = resume.load(self.acc, ckpt, self._master_state(), list(self.trained.values()))
+        state = resume.load(self.acc, ckpt, self._master_state(), self.trained)
         if state is not None:
             for w in self.masters.values():
                 w.give_weights()
         return state
 
     def save(self, ckpt, state: dict) -> None:
-        if not resume.save(self.acc, ckpt, state, list(self.trained.values()), self._master_state()):
+        if not resume.save(self.acc, ckpt, state, self.trained, self._master_state()):
             raise FloatingPointError(f"non-finite weights at step {state['step']}: not checkpointed; the last good "
                                      f"checkpoint stays in {self.checkpoint_dir}")
 

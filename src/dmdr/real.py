@@ -20,7 +20,6 @@ import diffusers
 import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, reduce
-from safetensors.torch import load_file
 
 from . import config, flow, resume
 from .config import parse_spec
@@ -192,7 +191,7 @@ def stage(cfg, teacher: Teacher, prompts: list[str], seed: int, out: Path, name:
     samples = sample_images(teacher, sample_prompts, times, seed, out / "samples" / name) if sample_prompts else None
     generator, fake, _ = distill_stage(
         cfg, teacher, prompts, seed, done, out / "checkpoints" / name, reward, start, start_fake,
-        load_file(lora) if cfg.dynadg.form == "released" and lora is not None and lora.exists() else None,
+        lora if lora is not None and lora.exists() else None,
         samples, out / "curves" / f"{name}.csv", record["fingerprint"] if record else "", tracking, record=record)
     if process_state().is_main_process:
         plt.close(plot_training(out))  # <out>/curves.png: every stage so far
