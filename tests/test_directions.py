@@ -62,3 +62,15 @@ def test_rl_raises_the_reward(clip, objective):
     before = reward()
     train(cfg, models, PROMPTS, seed=0)
     assert reward() > before + 0.005, (before, reward())
+
+
+def test_the_training_reward_sees_valid_images(clip):
+    """Images beyond the valid range are clamped before the reward: a decoder whose every pixel lies past white
+    leaves ReFL on brightness no gradient, so the generator does not move (unclamped, it would brighten)."""
+    cfg, _, models = tiny_models(clip, "unet", {"steps": 3, "generator_lr": 1e-2, "generator_weight_decay": 0.0,
+                                                "dmd_weight": 0.0, "rl": {"weight": 1.0, "loss": "refl"}},
+                                 reward=Brightness())
+    models.decode = lambda z: z + 10.0
+    _, before = mean_sample(models, cfg)
+    train(cfg, models, PROMPTS, seed=0)
+    assert torch.equal(mean_sample(models, cfg)[1], before)

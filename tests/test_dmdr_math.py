@@ -168,3 +168,11 @@ def test_a_lora_generator_starts_as_its_start_trains_only_its_adapter_and_merges
     assert not any("lora_" in n for n, _ in merged.named_parameters())
     assert torch.allclose(merged(x, t, *cond), generator(x, t, *cond), atol=1e-5)
     assert plain(start) is start
+
+
+def test_the_effective_sample_size_of_rtdm_weights_falls_as_beta_falls():
+    from dmdr.distill import effective_sample_size, rtdm_weights
+    r = torch.linspace(0, 1, 16)
+    ess = [float(effective_sample_size(rtdm_weights(r, beta))) for beta in (100.0, 0.25, 0.05, 0.001)]
+    assert ess[0] == pytest.approx(16, rel=1e-3) and ess[-1] == pytest.approx(1, rel=1e-3)
+    assert all(a > b for a, b in zip(ess, ess[1:]))

@@ -183,7 +183,8 @@ def test_the_real_runner_trains_both_stages_of_a_preset_exports_and_scores(sd3, 
     import shutil
 
     from dmdr import config, distill, real
-    from dmdr.families import DYNADG_LORA_FILE, TRAINING_FILE, pipeline_sha256
+    from dmdr.families import DYNADG_LORA_FILE, pipeline_sha256
+    from dmdr.sampler import TRAINING_FILE
     teacher = tmp_path / "teacher"
     shutil.copytree(sd3, teacher)
     params = tiny_preset(teacher, tmp_path)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import math
 import shutil
 from dataclasses import dataclass
@@ -69,6 +71,12 @@ def rtdm_weights(reward: torch.Tensor, beta: float, form: str = "exp") -> torch.
     raise ValueError(f"unknown RT-DM weight form {form!r}")
 
 
+def effective_sample_size(weights: torch.Tensor) -> torch.Tensor:
+    """Kish's effective sample size of importance weights, (sum w)^2 / sum w^2: the batch size when the weights are
+    equal, 1 when one sample takes all the weight. How far RT-DM's weights tilt the batch."""
+    return weights.sum() ** 2 / (weights ** 2).sum().clamp_min(1e-12)
+
+
 def fake_weights(reward: torch.Tensor, beta: float) -> torch.Tensor:
     """Weights of the fake score's diffusion loss that make it model p_fake(x) exp(-r(x) / beta) (see rtdm_weights):
     w_i = B softmax(-r / beta)_i."""
@@ -121,6 +129,13 @@ def rollout(generator, noise: torch.Tensor, cond, times: torch.Tensor, rng: torc
             if k:  # the level made on the device: a copy from the host would make the host wait for the GPU
                 x_t = flow.renoise(final, eps, torch.full((noise.shape[0],), float(times[k]), device=noise.device))
     return x_t, float(times[k]), final
+
+
+def valid(images: torch.Tensor) -> torch.Tensor:
+    """Decoded images as every reward sees them: clamped to the valid range [-1, 1], as evaluation (8-bit images) and
+    the released code clamp them. A pixel outside the range passes no reward gradient back (clamp's gradient is 0
+    there), so RL cannot raise a reward by pushing pixels past what an image can show."""
+    return images.clamp(-1, 1)
 
 
 def parted(cond: flow.Cond, part: slice) -> flow.Cond:
@@ -292,8 +307,9 @@ class DMDR:
             if cfg.rtdm.enabled:
                 with torch.no_grad(), autocast:
                     r_final = self.engine.gather(self.reward(final, texts))
-                weight = rtdm_weights(r_final, cfg.rtdm.beta, cfg.rtdm.form)[self.draws.mine]
-                logs["reward_rollout"] = r_final.mean()
+                weights = rtdm_weights(r_final, cfg.rtdm.beta, cfg.rtdm.form)
+                weight = weights[self.draws.mine]
+                logs["reward_rollout"], logs["rtdm_ess"] = r_final.mean(), effective_sample_size(weights)
             t = cfg.t_min + (self.t_max - cfg.t_min) * self.levels(step, cfg.dynars.enabled)
             noise = self.draws.randn(self.latent_shape)
             guidance = cfg.real_cfg + cfg.cfg_jitter * (2 * self.draws.rand() - 1)
@@ -364,12 +380,13 @@ class DMDR:
         return loss_of
 
     def reward(self, latents, texts) -> torch.Tensor:
-        return self.models.reward(self.models.decode(latents.float()), texts)
+        return self.models.reward(valid(self.models.decode(latents.float())), texts)
 
     def reward_terms(self, latents, texts) -> list[tuple[float, torch.Tensor]]:
-        """(w_k, r_k) of the reward's terms on the decoded latents, with gradient. With `reward_chunk`, decoded that
-        many samples at a time, each chunk recomputed in backward, so that the decoder's full-resolution
-        activations are held for one chunk at a time (the reward models then score the whole batch at once)."""
+        """(w_k, r_k) of the reward's terms on the decoded latents (`valid` images), with gradient. With
+        `reward_chunk`, decoded that many samples at a time, each chunk recomputed in backward, so that the decoder's
+        full-resolution activations are held for one chunk at a time (the reward models then score the whole batch
+        at once)."""
         n = self.cfg.reward_chunk
         if not n or len(latents) <= n:
             images = self.models.decode(latents.float())
@@ -377,13 +394,27 @@ class DMDR:
             from torch.utils.checkpoint import checkpoint
             images = torch.cat([checkpoint(self.models.decode, z.float(), use_reentrant=False)
                                 for z in latents.split(n)])
-        return [(w, r(images, texts)) for w, r in weighted_terms(self.models.reward)]
+        return [(w, r(valid(images), texts)) for w, r in weighted_terms(self.models.reward)]
 
 
 def what_trains(cfg: DistillParams) -> dict:
     """The settings that define what a run trains: all of `cfg` but how the batch is passed (micro_batches), which,
     as the number of processes, changes the result only by float rounding."""
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "micro_batches"}
+
+
+def training_record(cfg: DistillParams, seed: int, prompts: list[str], **identity) -> dict:
+    """What defines a trained model, written beside it (dmdr.sampler.TRAINING_FILE): the stage's resolved settings
+    (what_trains), the seed, the training prompts (by content) and `identity`, what else it was trained from (the
+    teacher, reward models, the stage or recipe it starts from). Its fingerprint decides whether a later run may
+    reuse it; `trained_with` records the software, which does not define it."""
+    import diffusers
+    settings = identity | {"stage": what_trains(cfg), "seed": seed,
+                           "train_prompts": {"count": len(prompts),
+                                             "sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}}
+    settings = json.loads(json.dumps(settings, default=str))  # as it reads back from the file
+    return {"fingerprint": resume.fingerprint(settings), "settings": settings,
+            "trained_with": {"torch": torch.__version__, "diffusers": diffusers.__version__}}
 
 
 def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, curve_fn=None,

@@ -34,13 +34,17 @@ class WorldTeacher:
     def wrap(self, backbone) -> VelocityModel:
         return VelocityModel(backbone)
 
-    def export(self, generator, fake, directory: Path, cfg, dynadg_lora=None, recipe: str = "") -> Path:
+    def export(self, generator, fake, directory: Path, cfg, dynadg_lora=None, recipe: str = "",
+               record: dict | None = None) -> Path:
         """The generator (and fake score, in `fake/`) as diffusers model directories, with its sampler's settings
-        (dmdr.sampler). (The released DynaDG form's shared LoRA is in its fused fake score.)"""
+        (dmdr.sampler) and the `record` of how it was trained. (The released DynaDG form's shared LoRA is in its
+        fused fake score.)"""
         def write(d: Path):
             backbone_of(plain(generator)).save_pretrained(d, safe_serialization=True)
             if fake is not None:
                 backbone_of(fake).save_pretrained(d / "fake", safe_serialization=True)
             sampler.write(d, sampler.settings(cfg.generator_steps, cfg.shift, self.generator_times(
                 cfg.generator_steps, cfg.shift), cfg.generator_cfg, recipe=recipe))
+            if record is not None:
+                sampler.write_record(d, record)
         return atomic_dir(directory, write)

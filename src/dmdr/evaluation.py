@@ -8,21 +8,19 @@ pixels, at the evaluation batch on this machine).
 """
 from __future__ import annotations
 
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import flow, sampler
+from . import evaluator, flow, sampler
 from .config import EvalModel, Params, eval_model
 from .files import write_json
 from .models import VelocityModel, decode_latents, load_backbone, require_dir
 from .prompts import load_records
 from .rewards import load_reward
-from .standins import World, to_tensor, to_uint8
-from .tiny_clip import TinyClip
+from .standins import World
 from .world import grammar, parse
 from .world.score import MissingParent, dpg_question_scores, geneval_correct, geneval_summary, gold
 
@@ -40,61 +38,76 @@ def sample_latents(world: World, model: torch.nn.Module, m: EvalModel, texts: li
     return flow.sample_generator(model, noise, cond, flow.generator_times(m.steps, shift))
 
 
-@torch.no_grad()
+def noise_of(world: World, n: int, seed: int) -> torch.Tensor:
+    """Starting noise of image positions 0..n-1: it depends only on the seed and the position, so every model sees
+    the same noise for the same prompt and image index."""
+    return torch.randn((n, *world.latent_shape), generator=torch.Generator().manual_seed(seed))
+
+
+def world_sampler(world: World, model, m: EvalModel, texts: list[str], seed: int, shift: float = 1.0):
+    """`sample(positions) -> images` in [-1, 1] for dmdr.evaluator."""
+    noise = noise_of(world, len(texts), seed)
+
+    def sample(positions: list[int]) -> torch.Tensor:
+        idx = slice(positions[0], positions[-1] + 1)  # contiguous, as the evaluator's shares are
+        return decode_latents(world.vae, sample_latents(world, model, m, texts[idx], noise[idx], shift))
+    return sample
+
+
 def generate(world: World, model, m: EvalModel, texts: list[str], seed: int, batch: int,
              shift: float = 1.0) -> tuple[np.ndarray, float]:
-    """Images for `texts` (uint8) and seconds per image. Noise depends only on the seed and the position, so every
-    model sees the same noise for the same prompt and image index."""
-    noise = torch.randn((len(texts), *world.latent_shape), generator=torch.Generator().manual_seed(seed))
-    images, seconds = [], 0.0
-    for s in range(0, len(texts), batch):
-        t = time.perf_counter()
-        x = decode_latents(world.vae, sample_latents(world, model, m, texts[s:s + batch], noise[s:s + batch], shift))
-        seconds += time.perf_counter() - t
-        images.append(to_uint8(x))
-    return np.concatenate(images), seconds / len(texts)
+    """Images for `texts` (uint8) and seconds per image (dmdr.evaluator.generate)."""
+    return evaluator.generate(world_sampler(world, model, m, texts, seed, shift), list(range(len(texts))), batch)
 
 
-def geneval_scores(records: list[dict], detections: list, per_prompt: int) -> dict:
-    return geneval_summary((r["tag"], geneval_correct(d, r["include"], r.get("exclude", []), r["tag"]))
-                           for i, r in enumerate(records) for d in detections[i * per_prompt:(i + 1) * per_prompt])
+def geneval_verdicts(records: list[dict], detections: list, per_prompt: int) -> list[tuple[str, bool]]:
+    """(tag, correct) of each image under GenEval's rule for its prompt."""
+    return [(r["tag"], geneval_correct(d, r["include"], r.get("exclude", []), r["tag"]))
+            for i, r in enumerate(records) for d in detections[i * per_prompt:(i + 1) * per_prompt]]
+
+
+def dpg_parts(records: list[dict], detections: list, per_prompt: int) -> tuple[np.ndarray, dict]:
+    """Each image's DPG score (the mean of its question scores after dependencies; NaN for a dropped item) and each
+    category's question scores before dependencies (over every image; ELLA's script takes the last image only, its
+    issue #60). An item with a question whose parent is not a question of it is dropped with a warning, as ELLA's
+    script drops it."""
+    per_image, by_category = np.full(len(records) * per_prompt, np.nan), {}
+    for i, r in enumerate(records):
+        mine = slice(i * per_prompt, (i + 1) * per_prompt)
+        try:
+            scores = [dpg_question_scores(r["questions"], dets) for dets in detections[mine]]
+        except MissingParent as e:
+            warnings.warn(f"DPG item {r.get('item_id', i)} ({r['prompt'][:60]!r}): {e.args[0]}: dropped, as ELLA's "
+                          f"compute_dpg_bench.py drops it")
+            continue
+        per_image[mine] = [np.mean(post) for _, post in scores]
+        for raw, _ in scores:
+            for q, s in zip(r["questions"], raw):
+                by_category.setdefault(q["category_broad"], []).append(s)
+    return per_image, by_category
 
 
 def dpg_scores(records: list[dict], detections: list, per_prompt: int) -> dict:
     """DPG-Bench's scores: each prompt the mean over its images of the mean question score after dependencies,
     dpg_overall 100 times their mean, each category 100 times the mean of its questions' scores before dependencies
-    (over every image; ELLA's script takes the last image only, its issue #60). An item with a question whose parent
-    is not a question of it is dropped with a warning, as ELLA's script drops it."""
-    prompt_scores, by_category = [], {}
-    for i, r in enumerate(records):
-        per_image, categories = [], []
-        try:
-            for dets in detections[i * per_prompt:(i + 1) * per_prompt]:
-                raw, post = dpg_question_scores(r["questions"], dets)
-                per_image.append(np.mean(post))
-                categories += [(q["category_broad"], s) for q, s in zip(r["questions"], raw)]
-        except MissingParent as e:
-            warnings.warn(f"DPG item {r.get('item_id', i)} ({r['prompt'][:60]!r}): {e.args[0]}: dropped, as ELLA's "
-                          f"compute_dpg_bench.py drops it")
-            continue
-        for category, s in categories:
-            by_category.setdefault(category, []).append(s)
-        prompt_scores.append(np.mean(per_image))
+    (dpg_parts)."""
+    return dpg_summary(*dpg_parts(records, detections, per_prompt), per_prompt)
+
+
+def dpg_summary(per_image: np.ndarray, by_category: dict, per_prompt: int) -> dict:
+    prompt_scores = [p for p in per_image.reshape(-1, per_prompt).mean(1) if not np.isnan(p)]
     return {"dpg_overall": 100 * float(np.mean(prompt_scores))} | {
         f"dpg_{k}": 100 * float(np.mean(v)) for k, v in sorted(by_category.items())}
 
 
-@torch.no_grad()
-def clip_score(clip: TinyClip, images: np.ndarray, texts: list[str], batch: int = 512) -> float:
-    scores = [clip.score(to_tensor(images[s:s + batch]), texts[s:s + batch]) for s in range(0, len(texts), batch)]
-    return float(torch.cat(scores).mean())
-
-
-@torch.no_grad()
 def reward_score(reward, images: np.ndarray, texts: list[str], batch: int = 512) -> float:
     """Mean of a reward model over uint8 images."""
-    return float(torch.cat([reward(to_tensor(images[s:s + batch]), texts[s:s + batch])
-                            for s in range(0, len(texts), batch)]).mean())
+    return float(evaluator.score({"r": reward}, images, texts, batch)["r"].mean())
+
+
+def world_scorers(world: World) -> dict:
+    """The scorers of every image: the independent CLIP's clip_score and the reward analogues."""
+    return {"clip_score": world.clip_eval.score} | {k: load_reward(k) for k in ("aesthetic", "pick", "hps")}
 
 
 def load_model(world: World, m: EvalModel):
@@ -107,6 +120,10 @@ def load_model(world: World, m: EvalModel):
 
 def evaluate(p: Params, name: str, prompt_dir: Path = Path("data/prompts"), world: World | None = None,
              out: Path = Path("results")) -> dict:
+    """Metrics of model `name` (results/metrics/<name>.json), and its images with every per-image score
+    (results/samples/<name>.npz: images, texts, and score_<metric>: clip_score, aesthetic, pick, hps, gold per image,
+    geneval (1 when the image is correct) for the GenEval prompts' images, dpg (its score after dependencies) for
+    the DPG prompts' images), from which report pairs models prompt by prompt."""
     m = eval_model(p, name)
     world = world or World.load()
     model, shift = load_model(world, m)
@@ -115,18 +132,21 @@ def evaluate(p: Params, name: str, prompt_dir: Path = Path("data/prompts"), worl
     k = p.evaluate.images_per_prompt
     texts = [r["prompt"] for r in gen_records + dpg_records for _ in range(k)]
     torch.manual_seed(p.seed)
-    images, sec = generate(world, model, m, texts, p.seed, p.evaluate.batch, shift)
+    scores, images, sec = evaluator.sample_and_score(world_sampler(world, model, m, texts, p.seed, shift), texts,
+                                                     world_scorers(world), p.evaluate.batch)
     n_gen = len(gen_records) * k
     detections = [parse(im) for im in images]  # parsed once for every scorer
-    metrics = geneval_scores(gen_records, detections[:n_gen], k) | dpg_scores(dpg_records, detections[n_gen:], k)
-    metrics |= {"clip_score": clip_score(world.clip_eval, images, texts)}
-    metrics |= {k: reward_score(load_reward(k), images, texts) for k in ("aesthetic", "pick", "hps")}
-    metrics |= {
-                "gold": float(np.mean([gold(im, t, d) for im, t, d in zip(images, texts, detections)])),
-                "nfe": nfe(m), "sec_per_image": sec}
+    scores["gold"] = np.array([gold(im, t, d) for im, t, d in zip(images, texts, detections)])
+    verdicts = geneval_verdicts(gen_records, detections[:n_gen], k)
+    scores["geneval"] = np.array([float(correct) for _, correct in verdicts])
+    scores["dpg"], by_category = dpg_parts(dpg_records, detections[n_gen:], k)
+    metrics = geneval_summary(verdicts) | dpg_summary(scores["dpg"], by_category, k)
+    metrics |= {key: float(scores[key].mean()) for key in ("clip_score", "aesthetic", "pick", "hps", "gold")}
+    metrics |= {"nfe": nfe(m), "sec_per_image": sec}
     write_json(metrics, out / "metrics" / f"{name}.json")  # a non-finite metric: an error naming model and metric
     (out / "samples").mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out / "samples" / f"{name}.npz", images=images, texts=np.array(texts))
+    np.savez_compressed(out / "samples" / f"{name}.npz", images=images, texts=np.array(texts),
+                        **{f"score_{key}": v for key, v in scores.items()})
     return metrics
 
 

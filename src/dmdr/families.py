@@ -218,7 +218,6 @@ def load_teacher(source: str | Path, resolution: int, max_sequence_length: int =
 
 
 DYNADG_LORA_FILE = "dynadg_lora.safetensors"
-TRAINING_FILE = "dmdr_training.json"  # what the exported model was trained with (dmdr.real.training_record)
 
 
 def sampler_settings(teacher: Teacher, steps: int, shift: float, recipe: str = "") -> dict:
@@ -300,7 +299,7 @@ def export(generator: torch.nn.Module, teacher: Teacher, out: Path, steps: int, 
         if dynadg_lora is not None:
             save_file(dynadg_lora, d / DYNADG_LORA_FILE)
         if record is not None:
-            (d / TRAINING_FILE).write_text(json.dumps(record, indent=1, sort_keys=True))
+            sampler.write_record(d, record)
     return atomic_dir(out, write)
 
 

@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
-import diffusers
 import torch
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list, reduce
+from accelerate.utils import broadcast_object_list
 
-from . import config, flow, resume
+from . import config, evaluator, flow
 from .config import parse_spec
-from .distill import distill_stage, what_trains
-from .families import (DYNADG_LORA_FILE, TRAINING_FILE, Teacher, load_exported, load_teacher,
+from .distill import distill_stage
+from .distill import training_record as stage_record
+from .families import (DYNADG_LORA_FILE, Teacher, load_exported, load_teacher,
                        pipeline_directory, pipeline_sha256)
 from .files import write_json
 from .loop import Tracking
@@ -33,6 +32,7 @@ from .prompts import load_prompts
 from .real_rewards import load_real_reward
 from .report import plot_training, plt
 from .reward_terms import Combined
+from .sampler import TRAINING_FILE
 
 
 def process_state() -> PartialState:
@@ -80,24 +80,19 @@ def load_rewards(spec: str, reward_models: dict, dtype: torch.dtype = torch.floa
 
 def training_record(pre: config.PresetParams, cfg: config.DistillParams, teacher: str, teacher_sha256: str,
                     seed: int, prompts: list[str], starts_from: dict | None = None) -> dict:
-    """What defines a stage's trained model, written beside its export (TRAINING_FILE): the teacher (by name and by
-    content: families.pipeline_sha256), the preset's resolution and text length, the reward models the stage trains
-    on, the stage's settings, the seed, the training prompts (by content) and the record of the stage it starts from
-    (by fingerprint). Not the number of processes: N processes compute what one does."""
+    """A stage's training record (dmdr.distill.training_record) with what else defines it: the teacher (by name and
+    by content: families.pipeline_sha256), the preset's resolution and text length, the reward models the stage
+    trains on and the record of the stage it starts from (by fingerprint). Not the number of processes: N processes
+    compute what one does."""
     used = sorted(parse_spec(cfg.rl.reward)) if cfg.rl.weight > 0 or cfg.rtdm.enabled else []
     reward_models = {r: config.build(config.RewardModelParams, pre.reward_models[r], f"reward_models.{r}")
                      for r in used}
-    settings = {"teacher": teacher, "teacher_sha256": teacher_sha256, "resolution": pre.resolution,
-                "max_sequence_length": pre.max_sequence_length,
-                "reward_models": {r: dataclasses.asdict(w) for r, w in reward_models.items()},
-                "stage": what_trains(cfg), "seed": seed,
-                "train_prompts": {"count": len(prompts),
-                                  "sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()},
-                "starts_from": starts_from["fingerprint"] if starts_from else None}
-    settings = json.loads(json.dumps(settings, default=str))  # as it reads back from the file
-    return {"fingerprint": resume.fingerprint(settings), "settings": settings,
-            "trained_with": {"processes": process_state().num_processes, "torch": torch.__version__,
-                             "diffusers": diffusers.__version__}}
+    record = stage_record(cfg, seed, prompts, teacher=teacher, teacher_sha256=teacher_sha256,
+                          resolution=pre.resolution, max_sequence_length=pre.max_sequence_length,
+                          reward_models={r: dataclasses.asdict(w) for r, w in reward_models.items()},
+                          starts_from=starts_from["fingerprint"] if starts_from else None)
+    record["trained_with"]["processes"] = process_state().num_processes
+    return record
 
 
 def trackers(log_with: str) -> list[str]:
@@ -198,23 +193,18 @@ def stage(cfg, teacher: Teacher, prompts: list[str], seed: int, out: Path, name:
     return generator, fake
 
 
-@torch.no_grad()
 def score(pipe_call, prompts: list[str], rewards: dict, seed: int, batch: int = 4) -> dict:
-    """Mean of every reward over one image per prompt; `pipe_call(prompts, generators)` returns images in [0, 1].
-    Prompt i is sampled with seed + i whichever process samples it: each process takes its share of the prompts
-    and the sums are added up, so the numbers do not depend on the number of processes."""
+    """Mean of every reward over one image per prompt (dmdr.evaluator: each process samples its share and the
+    per-image scores are gathered, so the numbers do not depend on the number of processes); `pipe_call(prompts,
+    generators)` returns images in [0, 1], prompt i sampled with seed + i whichever process samples it. Rewards score
+    the images as saved (8 bits)."""
     state = process_state()
-    totals = torch.zeros(len(rewards), dtype=torch.float64, device=state.device)
-    with state.split_between_processes(list(range(len(prompts)))) as mine:
-        for s in range(0, len(mine), batch):
-            idx = mine[s:s + batch]
-            chunk = [prompts[i] for i in idx]
-            images = pipe_call(chunk, [torch.Generator().manual_seed(seed + i) for i in idx]) * 2 - 1
-            for k, r in enumerate(rewards.values()):
-                totals[k] += r(images, chunk).double().sum()
-    if state.num_processes > 1:
-        totals = reduce(totals, "sum")
-    return {name: float(v) / len(prompts) for name, v in zip(rewards, totals)}
+
+    def sample(positions: list[int]) -> torch.Tensor:
+        return pipe_call([prompts[i] for i in positions],
+                         [torch.Generator().manual_seed(seed + i) for i in positions]).float() * 2 - 1
+    per_image, _, _ = evaluator.sample_and_score(sample, prompts, rewards, batch, state, batch, state.device)
+    return {name: float(v.mean()) for name, v in per_image.items()}
 
 
 def evaluate(teacher: Teacher, exported: Path, pre, real_cfg: float, prompts: list[str], seed: int) -> dict:

@@ -243,85 +243,96 @@ def _early_mean(p, name: str, metric: str) -> float | None:
     return float(np.mean([r[metric] for r in rows])) if rows else None
 
 
-def _beats(a, b) -> bool | None:
-    """a > b, or None when either was not measured (e.g. a curve shorter than the window)."""
-    return None if a is None or b is None else a > b
+class Pairs:
+    """Paired checks between evaluated models (dmdr.paired): a model's per-prompt values, over its seeds."""
+
+    def __init__(self, p, results: Path):
+        from .prompts import load_records
+        self.p, self.results = p, results
+        self.tags = [r["tag"] for r in load_records(Path("data/prompts") / "test_geneval.jsonl")]
+
+    def have(self, *models: str) -> bool:
+        return all((self.results / "samples" / f"{m}.npz").exists() for m in models)
+
+    def values(self, model: str, metric: str):
+        from .paired import prompt_values
+        return [prompt_values(self.results / "samples" / f"{m}.npz", metric, self.p.evaluate.images_per_prompt,
+                              self.tags) for m in seeds_of(self.p, model) if self.have(m)]
+
+    def check(self, name: str, metric: str, better: str, other: str) -> dict:
+        """`better` minus `other` on `metric` (each over its seeds), with the paired bootstrap's 95% interval."""
+        from .paired import difference
+        d, ci = difference(self.values(better, metric), self.values(other, metric), seed=self.p.seed)
+        return {"name": name, "metric": metric, "models": [better, other], "difference": d, "ci95": ci}
 
 
-def _verdict(checks: dict) -> bool | None:
-    return None if any(v is None for v in checks.values()) else all(checks.values())
+def _window_check(p, name: str, metric: str, better: str, other: str) -> dict:
+    """A curve window's mean difference; no interval (curves keep no per-prompt scores), so it decides nothing."""
+    a, b = _early_mean(p, better, metric), _early_mean(p, other, metric)
+    return {"name": name, "metric": f"{metric} mean over curve steps {EARLY[0]}-{EARLY[1]}",
+            "models": [better, other], "difference": None if a is None or b is None else a - b, "ci95": None}
 
 
-def _stats(values: list[float]) -> dict:
-    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
+def _claim(cid: str, text: str, checks: list[dict], n_seeds: int, note: str = "") -> dict:
+    from .paired import verdict
+    return {"id": cid, "claim": text, "verdict": verdict([c["ci95"] for c in checks]), "n_seeds": n_seeds,
+            "checks": checks} | ({"note": note} if note else {})
 
 
 def claims(p, summ: dict, results: Path = RESULTS) -> list[dict]:
-    """The paper's claims C1-C4 checked against this run's numbers. Each: id, claim, numbers, holds (None when a
-    run is missing). The metrics and windows are fixed here, before looking at results (see the README)."""
-    out = []
-    have = lambda *ms: all(m in summ for m in ms)
+    """The paper's claims C1-C4 decided from intervals (DESIGN.md section 4): each check is the claimed-better model
+    minus the other, with the 95% interval of a paired bootstrap over the test prompts combined with the training
+    seeds where a recipe has several (dmdr.paired); a claim holds when every interval lies above 0, does not hold
+    when one lies below. The models, metrics and windows are fixed here, before looking at results."""
+    out, pairs = [], Pairs(p, results)
+    if pairs.have("dmdr-4", "teacher", "dmd2-4"):
+        rivals = [m for m in ("teacher", "dmd2-4", "dmd2-4-long") if pairs.have(m)]
+        checks = [pairs.check(f"dmdr-4 above {r} on {k}", k, "dmdr-4", r)
+                  for k in ("hps", "gold", "geneval_overall", "dpg_overall") for r in rivals]
+        out.append(_claim("C1", "dmdr-4 beats the teacher and DMD (dmd2-4, and dmd2-4-long: DMD for as many steps) on "
+                          "hps and on the held-out metrics gold, geneval_overall, dpg_overall", checks,
+                          len(seeds_of(p, "dmdr-4"))))
 
-    if have("dmdr-4", "teacher", "dmd2-4"):
-        rivals = [m for m in ("teacher", "dmd2-4", "dmd2-4-long") if m in summ]
-        nums = {k: {m: summ[m][k] for m in ["dmdr-4"] + rivals} for k in ("hps", "gold", "geneval_overall", "dpg_overall")}
-        verdict = {k: all(v["dmdr-4"] > v[r] for r in rivals) for k, v in nums.items()}
-        out.append({"id": "C1", "claim": "dmdr-4 beats the teacher and DMD (dmd2-4, and dmd2-4-long: DMD for as many "
-                    "steps) on hps and on the held-out metrics gold, geneval_overall, dpg_overall",
-                    "numbers": nums, "per_metric": verdict, "holds": all(verdict.values())})
-
-    rl, joint = seeds_of(p, "dmd-then-rl-4"), seeds_of(p, "dmd-then-joint-4")
-    if all(m in summ for m in rl + joint) and "dmd2-4" in summ:
-        final = lambda n: stitched_curve(p, n)[-1].get("reward_train")
-        nums = {
-            "reward_train": {"dmd-then-rl-4": _stats([final(n) for n in rl]),
-                             "dmd-then-joint-4": _stats([final(n) for n in joint])},
-            **{k: {"dmd-then-rl-4": _stats([summ[n][k] for n in rl]), "dmd-then-joint-4": _stats([summ[n][k] for n in joint]),
-                   "dmd2-4": summ["dmd2-4"][k]} for k in ("hps", "gold", "dpg_overall")}}
-        others = [final(n) for n in ("dmd2-4-long", "dmdr-4", "rtdm-only-4") if n in p.recipes and stitched_curve(p, n)]
-        highest = nums["reward_train"]["dmd-then-rl-4"]["mean"] > max(
-            [nums["reward_train"]["dmd-then-joint-4"]["mean"]] + others)
-        hacked = any(nums[k]["dmd-then-rl-4"]["mean"] < nums[k]["dmd-then-joint-4"]["mean"] for k in ("gold", "dpg_overall"))
-        kept = nums["dpg_overall"]["dmd-then-joint-4"]["mean"] >= summ["dmd2-4"]["dpg_overall"]
-        out.append({"id": "C2", "claim": "RL after DMD reaches the highest train reward while its gold or dpg_overall "
-                    "falls below DMD then joint DMD+RL (reward hacking); the joint run keeps dpg_overall at least at "
-                    "dmd2-4's level", "numbers": nums,
-                    "per_metric": {"highest_train_reward": highest, "gold_or_dpg_below_joint": hacked,
-                                   "joint_keeps_dpg": kept}, "holds": highest and hacked and kept})
+    rl, joint = "dmd-then-rl-4", "dmd-then-joint-4"
+    if pairs.have(rl, joint, "dmd2-4"):
+        others = [m for m in (joint, "dmd2-4-long", "dmdr-4", "rtdm-only-4") if pairs.have(m)]
+        checks = [pairs.check(f"RL alone above {m} on the training reward", "hps", rl, m) for m in others]
+        checks += [pairs.check("joint above RL alone on gold (RL alone hacks the reward)", "gold", joint, rl),
+                   pairs.check("joint above dmd2-4 on dpg_overall", "dpg_overall", joint, "dmd2-4")]
+        out.append(_claim("C2", "RL after DMD reaches the highest training reward (hps on the test prompts) while its "
+                          "gold falls below DMD then joint DMD+RL (reward hacking); the joint run keeps dpg_overall "
+                          "at dmd2-4's level", checks, min(len(seeds_of(p, rl)), len(seeds_of(p, joint)))))
 
     if stitched_curve(p, "dmdr-stage1-4") and stitched_curve(p, "dmd2-4"):
-        nums = {k: {m: _early_mean(p, m, k) for m in ("dmdr-stage1-4", "dmd2-4")} for k in ("reward_test", "reward_train")}
-        verdict = {k: _beats(v["dmdr-stage1-4"], v["dmd2-4"]) for k, v in nums.items()}
-        out.append({"id": "C3", "claim": f"RT-DM (stage 1, with DynaDG and DynaRS) raises the reward earlier than DMD "
-                    f"only: mean reward over curve steps {EARLY[0]}-{EARLY[1]}", "numbers": nums, "per_metric": verdict,
-                    "holds": _verdict(verdict)})
+        checks = [_window_check(p, f"stage 1 above DMD on {k}", k, "dmdr-stage1-4", "dmd2-4")
+                  for k in ("reward_test", "reward_train")]
+        out.append(_claim("C3", f"RT-DM (stage 1, with DynaDG and DynaRS) raises the reward earlier than DMD only: "
+                          f"mean reward over curve steps {EARLY[0]}-{EARLY[1]}", checks, 1,
+                          "curves keep no per-prompt scores yet, so the window's difference has no interval"))
 
     ablations = [m for m in ("dmdr-4-no-dynadg", "dmdr-4-no-dynars") if stitched_curve(p, m)]
     if stitched_curve(p, "dmdr-stage1-4") and ablations:
-        nums = {k: {m: _early_mean(p, m, k) for m in ["dmdr-stage1-4"] + ablations}
-                for k in ("reward_test", "geneval_overall", "gold")}
-        verdict = {f"reward_test_vs_{a}": _beats(nums["reward_test"]["dmdr-stage1-4"], nums["reward_test"][a])
-                   for a in ablations}
-        out.append({"id": "C4", "claim": f"DynaDG and DynaRS improve early training: stage 1 with both beats it without "
-                    f"either, mean test reward over curve steps {EARLY[0]}-{EARLY[1]}", "numbers": nums,
-                    "per_metric": verdict, "holds": _verdict(verdict)})
+        checks = [_window_check(p, f"stage 1 above {a} on reward_test", "reward_test", "dmdr-stage1-4", a)
+                  for a in ablations]
+        out.append(_claim("C4", f"DynaDG and DynaRS improve early training: stage 1 with both beats it without "
+                          f"either, mean test reward over curve steps {EARLY[0]}-{EARLY[1]}", checks, 1,
+                          "curves keep no per-prompt scores yet, so the window's difference has no interval"))
     return out
 
 
 def claims_markdown(items: list[dict]) -> str:
-    def show(v):
-        if isinstance(v, dict) and "mean" in v:
-            return f"{v['mean']:.3f} ± {v['std']:.3f} (n={v['n']})"
-        return "-" if v is None else fmt(v)
+    """Each claim's verdict, then each check's difference (claimed-better minus other) with its 95% interval."""
     parts = []
     for c in items:
-        verdict = {True: "**holds**", False: "**does not hold**", None: "**not measured**"}[c["holds"]]
-        lines = [f"**{c['id']}** {c['claim']}: {verdict} in the embedded world."]
-        models = list(dict.fromkeys(m for v in c["numbers"].values() for m in v))
-        lines += ["", "| metric | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
-        lines += [f"| {k} | " + " | ".join(show(v.get(m)) for m in models) + " |" for k, v in c["numbers"].items()]
-        lines += ["", "Checks: " + ", ".join(f"{k} {({True: 'yes', False: 'no'}).get(ok, 'not measured')}"
-                                             for k, ok in c["per_metric"].items()) + "."]
+        seeds = f"{c['n_seeds']} training seed{'s' if c['n_seeds'] != 1 else ''}"
+        lines = [f"**{c['id']}** {c['claim']}: **{c['verdict']}** in the embedded world ({seeds})."]
+        lines += ["", "| check | metric | difference | 95% interval |", "|---|---|---|---|"]
+        for k in c["checks"]:
+            ci = "-" if k["ci95"] is None else f"[{fmt(k['ci95'][0])}, {fmt(k['ci95'][1])}]"
+            lines.append(f"| {k['name']} | {k['metric']} | {'-' if k['difference'] is None else fmt(k['difference'])} "
+                         f"| {ci} |")
+        if c.get("note"):
+            lines += ["", c["note"] + "."]
         parts.append("\n".join(lines))
     return "\n\n".join(parts) if parts else "_No claims checked yet: run the main command._"
 

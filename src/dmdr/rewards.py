@@ -166,7 +166,7 @@ def bradley_terry_loss(score_win: torch.Tensor, score_lose: torch.Tensor, scale:
 @torch.no_grad()
 def agreement(model: nn.Module, pairs: Pairs, key: str = "gold", batch: int = 512) -> float:
     """Held-out pairwise agreement with the gold preference: how often the reward ranks a pair as gold does."""
-    from .standins import to_tensor
+    from .evaluator import to_tensor
     scores = torch.cat([model(to_tensor(pairs.images[s:s + batch]), pairs.texts[s:s + batch])
                         for s in range(0, len(pairs.texts), batch)]).numpy()
     truth = getattr(pairs, key)
@@ -177,7 +177,8 @@ def agreement(model: nn.Module, pairs: Pairs, key: str = "gold", batch: int = 51
 def train_reward(kind: str, clip: TinyClip, pairs: Pairs, steps: int, batch: int, lr: float, label_noise: float,
                  seed: int) -> nn.Module:
     """Fit one reward model to noisy gold-labelled pairs (the Bradley-Terry loss)."""
-    from .standins import to_tensor, train_loop
+    from .evaluator import to_tensor
+    from .standins import train_loop
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = AestheticModel(copy.deepcopy(clip)) if kind == "aesthetic" else CosineReward(copy.deepcopy(clip))
@@ -207,7 +208,7 @@ def teacher_samples(world, specs: list, seed: int, batch: int = 256) -> np.ndarr
     without guidance. Returns (n, 2, H, W, 3) uint8."""
     from . import flow
     from .models import decode_latents
-    from .standins import to_uint8
+    from .evaluator import to_uint8
     g = torch.Generator().manual_seed(seed)
     out = []
     for steps, cfg in ((6, 3.0), (3, 1.0)):

@@ -56,7 +56,7 @@ def distill(p, name: str, prompt_dir: Path = PROMPTS, out: Path = Path("models/d
     directories with the sampler settings (sampler.json). Returns the curve's rows."""
     from . import resume
     from .config import TEACHER, recipe
-    from .distill import distill_stage
+    from .distill import distill_stage, training_record
     from .embedded import WorldTeacher
     from .evaluation import curve_metrics
     from .models import load_backbone, require_dir
@@ -86,9 +86,11 @@ def distill(p, name: str, prompt_dir: Path = PROMPTS, out: Path = Path("models/d
                              train_prompts[: len(specs)])
 
     read = [Path("models/world"), Path("models/rewards")] + ([Path(cfg.init)] if cfg.init != TEACHER else [])
+    record = training_record(cfg, seed, train_prompts, recipe=name, world=resume.files_fingerprint(*read[:2]),
+                             init=cfg.init if cfg.init == TEACHER else resume.files_fingerprint(*read[2:]))
     *_, rows = distill_stage(cfg, teacher, train_prompts, seed, out / name, checkpoints / name, reward, start,
                              start_fake, curve_fn=curve_fn, curve_path=curves / f"{name}.csv",
-                             run_identity=resume.files_fingerprint(*read), recipe=name)
+                             run_identity=resume.files_fingerprint(*read), recipe=name, record=record)
     return rows
 
 

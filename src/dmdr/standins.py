@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from . import flow, resume
 from .config import ClipConfig, TeacherParams
+from .evaluator import to_tensor, to_uint8
 from .files import write_csv, write_json
 from .models import (VelocityModel, build_backbone, build_vae, decode_latents, encode_latents,
                      load_backbone, require_dir, save_diffusers)
@@ -64,18 +65,8 @@ def world_batch(rng: np.random.Generator, n: int, tags=CAPTION_TAGS) -> tuple[np
     return np.stack(images), captions
 
 
-def to_tensor(images: np.ndarray, device="cpu") -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
 def device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """float (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3)."""
-    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
 def train_loop(model: torch.nn.Module, loss_fn, steps: int, lr: float, desc: str, warmup: int = 100,

@@ -1,0 +1,51 @@
+"""Paired bootstrap intervals and the three verdicts (dmdr.paired)."""
+import numpy as np
+import pytest
+
+from dmdr.paired import PromptValues, difference, metric_of, verdict
+
+
+def values(v, strata=None):
+    v = np.asarray(v, float)
+    strata = np.zeros(len(v), int) if strata is None else np.asarray(strata)
+    return PromptValues(v, strata, {s: 1 / len(set(strata.tolist())) for s in set(strata.tolist())})
+
+
+def test_a_shift_shared_by_every_prompt_is_decided_despite_a_large_spread_between_prompts():
+    rng = np.random.default_rng(0)
+    base = rng.normal(0, 1.0, 200)  # prompts differ far more than the models do: pairing removes it
+    d, ci = difference([values(base + 0.05 + rng.normal(0, 0.01, 200))], [values(base)])
+    assert 0.04 < d < 0.06 and 0 < ci[0] < d < ci[1] < 0.1
+    d_unpaired, ci_unpaired = difference([values(rng.permutation(base) + 0.05)], [values(base)])
+    assert ci_unpaired[0] < 0 < ci_unpaired[1]  # the same shift without pairing: not decided
+
+
+def test_the_interval_widens_with_the_spread_over_training_seeds():
+    rng = np.random.default_rng(1)
+    base = rng.normal(0, 1.0, 300)
+    tight = [values(base + 0.1 + rng.normal(0, 0.001, 300)) for _ in range(3)]
+    loose = [values(base + 0.1 + s + rng.normal(0, 0.001, 300)) for s in (-0.3, 0.0, 0.3)]  # seeds disagree
+    _, ci_tight = difference(tight, [values(base)])
+    _, ci_loose = difference(loose, [values(base)])
+    assert ci_loose[1] - ci_loose[0] > 5 * (ci_tight[1] - ci_tight[0])
+    assert ci_loose[0] < 0 < ci_loose[1]
+
+
+def test_a_stratified_metric_is_recomputed_as_evaluation_computes_it():
+    v = values([1, 1, 0, 0, 0, 1], strata=["a", "a", "b", "b", "b", "b"])
+    assert metric_of(v.values, v.strata, v.weights) == pytest.approx(0.5 * 1.0 + 0.5 * 0.25)
+    d, ci = difference([v], [v])
+    assert d == 0 and ci == [0.0, 0.0]
+
+
+def test_models_evaluated_on_different_prompts_are_refused():
+    with pytest.raises(ValueError, match="different prompts"):
+        difference([values([1, 2, 3])], [values([1, 2])])
+
+
+def test_three_verdicts():
+    assert verdict([[0.1, 0.2], [0.01, 0.3]]) == "holds"
+    assert verdict([[0.1, 0.2], [-0.3, -0.01]]) == "does not hold"
+    assert verdict([[0.1, 0.2], [-0.1, 0.3]]) == "inconclusive"
+    assert verdict([[0.1, 0.2], None]) == "inconclusive"
+    assert verdict([]) == "inconclusive"
