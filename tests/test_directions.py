@@ -74,3 +74,106 @@ def test_the_training_reward_sees_valid_images(clip):
     _, before = mean_sample(models, cfg)
     train(cfg, models, PROMPTS, seed=0)
     assert torch.equal(mean_sample(models, cfg)[1], before)
+
+
+class CondTarget(nn.Module):
+    """A score predicting clean sample `cond_level` for a prompt and `uncond_level` for the empty prompt (told apart
+    by the pooled text state), everywhere."""
+
+    def __init__(self, uncond_pooled: torch.Tensor, shape, cond_level: float, uncond_level: float):
+        super().__init__()
+        self.register_buffer("uncond", uncond_pooled.reshape(1, -1))
+        self.shape, self.levels = shape, (cond_level, uncond_level)
+        self.unused = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t, *cond):
+        empty = (cond[-1].reshape(len(x), -1) == self.uncond).all(1).float().view(-1, 1, 1, 1)
+        target = self.levels[0] + (self.levels[1] - self.levels[0]) * empty
+        t = (t.expand(x.shape[0]) if t.dim() == 0 else t).view(-1, 1, 1, 1)
+        return (x - target) / t + 0 * self.unused
+
+
+@pytest.mark.parametrize("real_cfg, direction", [(1.0, 1), (3.0, -1)])
+def test_the_real_score_applies_its_guidance(clip, real_cfg, direction):
+    """Real score: prompt -> before + 0.5, empty prompt -> before + 1. Unguided it pulls samples up; at CFG 3 the
+    guided prediction is before + 1 + 3 (0.5 - 1) = before - 0.5, so DMD pulls them down."""
+    cfg, _, models = tiny_models(clip, "unet", {"steps": 6, "generator_lr": 1e-3, "real_cfg": real_cfg})
+    before, x0 = mean_sample(models, cfg)
+    models.real = CondTarget(models.uncond[-1], x0.shape[1:], before + 0.5, before + 1.0)
+    models.fake = PredictsX0(torch.full_like(x0[0], before))
+    train(cfg, models, PROMPTS, seed=0)
+    after, _ = mean_sample(models, cfg)
+    assert (after - before) * direction > 0.05, (before, after)
+
+
+def test_the_fake_score_learns_the_generators_samples(clip):
+    """A generator whose every sample is the image c: after the fake-score turns, the fake predicts c from renoised
+    c far better than before (trained on other samples, it would not)."""
+    cfg, _, models = tiny_models(clip, "unet", {"steps": 8, "ttur": 5, "fake_lr": 3e-3})
+    c = torch.linspace(-0.8, 0.8, 4 * 8 * 8).reshape(4, 8, 8)
+    models.generator, models.latent_shape = PredictsX0(c), (4, 8, 8)
+    x_t = flow.renoise(c.expand(4, -1, -1, -1), torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(3)),
+                       torch.full((4,), 0.5))
+    cond = models.encode(PROMPTS + PROMPTS[:1])
+
+    def error():
+        with torch.no_grad():
+            return float((flow.x0_from_velocity(x_t, models.fake.eval()(x_t, torch.full((4,), 0.5), *cond),
+                                                torch.full((4,), 0.5)) - c).abs().mean())
+    before = error()
+    train(cfg, models, PROMPTS, seed=0)
+    assert error() < 0.6 * before, (before, error())
+
+
+def test_the_rollout_reports_the_level_its_sample_was_renoised_to():
+    """rollout's x_t is the ODE's output renoised to the level it returns: x_t = (1 - t_k) x0 + t_k eps."""
+    from dmdr.distill import rollout
+    c = torch.full((2, 4, 8, 8), 0.3)
+    times = flow.generator_times(4, 1.0)
+    eps = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    seen = set()
+    for seed in range(12):
+        x_t, t_k, final = rollout(PredictsX0(c[0]), torch.randn(2, 4, 8, 8), (), times,
+                                  torch.Generator().manual_seed(seed), "renoise", True, lambda: eps)
+        assert torch.allclose(final, c, atol=1e-5)
+        assert torch.allclose(x_t, (1 - t_k) * c + t_k * eps, atol=1e-5) if t_k < 1 else True
+        seen.add(t_k)
+    assert len(seen) > 1  # levels are drawn, and each is reported as used
+
+
+def test_dynadg_anneals_the_lora_of_the_model_that_is_the_real_score(clip, monkeypatch):
+    """Where the generator's DMD gradient calls the real score, DynaDG's LoRA scale on that model follows
+    scale * cosine_anneal(step, K)."""
+    import dmdr.distill as distill
+    cfg, _, models = tiny_models(clip, "unet", {"steps": 5, "dynadg": {"form": "paper", "steps": 4, "scale": 0.8}})
+    used, real_calls = [], []
+    guided = flow.guided_velocity
+
+    def recording(model, *args):
+        real_calls.append(model)
+        used.append(float(distill.backbone_of(model)._dynadg_scale))
+        return guided(model, *args)
+    monkeypatch.setattr(flow, "guided_velocity", recording)
+    train(cfg, models, PROMPTS, seed=0)
+    assert all(m is real_calls[0] for m in real_calls)
+    scored, i = [], 0
+    while i < len(used):  # while the scale is above 0, the logged pull calls the plain real score (LoRA 0) next
+        scored.append(used[i])
+        i += 2 if used[i] > 0 else 1
+    assert used[1] == 0.0 and scored == pytest.approx([distill.dynadg_scale(s, 4, 0.8) for s in range(5)], abs=1e-6)
+
+
+def test_rtdm_with_a_tilted_fake_score_moves_samples_toward_the_tilt(clip):
+    """RT-DM with `tilt_fake`: the fake score learns the generator's samples down-weighted by exp(-r / beta), so DMD
+    drives the generator toward p_real exp(r / beta): with brightness as the reward, samples end brighter than the
+    same run without the tilt."""
+    def brightness_after(tilt: bool) -> float:
+        cfg, _, models = tiny_models(clip, "unet", {"steps": 10, "ttur": 5, "fake_lr": 3e-3, "generator_lr": 1e-3,
+                                                    "rtdm": {"enabled": True, "beta": 0.01, "tilt_fake": tilt}},
+                                     reward=Brightness())
+        models.decode = lambda z: z  # the reward reads the latents' brightness
+        models.real = PredictsX0(mean_sample(models, cfg)[1].mean(0))
+        train(cfg, models, PROMPTS, seed=0)
+        return mean_sample(models, cfg)[0]
+    untilted, tilted = brightness_after(False), brightness_after(True)
+    assert tilted > untilted + 0.002, (untilted, tilted)

@@ -138,6 +138,11 @@ def valid(images: torch.Tensor) -> torch.Tensor:
     return images.clamp(-1, 1)
 
 
+def latent_shape_of(model) -> tuple[int, int, int]:
+    c = backbone_of(model).config
+    return c.in_channels, c.sample_size, c.sample_size
+
+
 def parted(cond: flow.Cond, part: slice) -> flow.Cond:
     """The conditioning of a part of a batch (a micro-batch)."""
     return tuple(c[part] for c in cond)
@@ -185,8 +190,7 @@ class DMDR:
         self.times = models.times if models.times is not None else flow.generator_times(cfg.generator_steps,
                                                                                          cfg.shift)
         self.t_max = min(cfg.t_max, models.max_t)
-        c = backbone_of(models.generator).config
-        self.latent_shape = models.latent_shape or (c.in_channels, c.sample_size, c.sample_size)
+        self.latent_shape = models.latent_shape or latent_shape_of(models.generator)
         self.reused = None  # released: the last fake update's rollout, for the generator update
 
     # --- what the engine prepares ---------------------------------------------------------------------------------
@@ -320,8 +324,11 @@ class DMDR:
             with autocast:
                 x0 = kept if kept is not None else flow.generator_step(self.generator, x_t[part], t_k, cond_part)
                 if self.distill:
-                    x0_real, x0_fake = self.scores(flow.renoise(x0.detach(), noise[part], t[part]), t[part],
-                                                   cond_part, guidance[part], scale)
+                    x_t_part = flow.renoise(x0.detach(), noise[part], t[part])
+                    x0_real, x0_fake = self.scores(x_t_part, t[part], cond_part, guidance[part], scale)
+                    if self.dynadg and scale > 0:
+                        logged["dynadg_pull"] = self.dynadg_pull(x_t_part, t[part], cond_part, guidance[part],
+                                                                 x0_real, x0_fake)
                     loss_dmd = dmd_loss(x0, dmd_gradient(x0.detach().float(), x0_real.float(), x0_fake.float()),
                                         None if weight is None else weight[part])
                     logged["loss_dmd"] = loss_dmd
@@ -343,6 +350,15 @@ class DMDR:
                 set_lora_scale(self.dynadg_model, scale)
             v_real = flow.guided_velocity(self.real, x_t, t, cond, self.models.uncond, guidance)
             return flow.x0_from_velocity(x_t, v_real, t), x0_fake
+
+    def dynadg_pull(self, x_t, t, cond, guidance, x0_real, x0_fake) -> torch.Tensor:
+        """How far DynaDG's LoRA moves the real score toward the fake: mean |x0_real(LoRA) - x0_real(no LoRA)| as a
+        fraction of the DMD signal mean |x0_fake - x0_real(no LoRA)| (0: no pull; 1: as far as the signal)."""
+        with torch.no_grad():
+            set_lora_scale(self.dynadg_model, 0.0)
+            plain_real = flow.x0_from_velocity(
+                x_t, flow.guided_velocity(self.real, x_t, t, cond, self.models.uncond, guidance), t)
+        return (x0_real - plain_real).abs().mean() / (x0_fake - plain_real).abs().mean().clamp_min(1e-12)
 
     def batch(self):
         texts = self.draws.prompts(self.prompts)

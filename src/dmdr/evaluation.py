@@ -151,24 +151,40 @@ def evaluate(p: Params, name: str, prompt_dir: Path = Path("data/prompts"), worl
 
 
 def curve_metrics(world: World, generator, steps: int, shift: float, specs: list, seed: int,
-                  dense_specs: list = (), reward=None, train_prompts: list[str] = ()) -> dict:
+                  dense_specs: list = (), reward=None, train_prompts: list[str] = ()) -> tuple[dict, dict]:
     """Numbers for training curves, one image per prompt: on a fixed subset of the test prompts GenEval-analogue
     overall, gold, DPG-analogue overall and the training reward (reward_test); the reward on fixed train prompts
-    (reward_train)."""
+    (reward_train). Returns the row and each number's per-image values (geneval over `specs`' images, dpg over
+    `dense_specs`', reward_train over the train prompts', the others over all test images), which pair two curves
+    prompt by prompt."""
     m = EvalModel(checkpoint="", steps=steps)
     texts = [grammar.text(s) for s in specs] + [grammar.text(s) for s in dense_specs]
     images, _ = generate(world, generator, m, texts, seed, 256, shift)
     detections = [parse(im) for im in images]  # parsed once for every scorer
     verdicts = [(s.tag, geneval_correct(d, *grammar.geneval_clauses(s), s.tag)) for s, d in zip(specs, detections)]
-    row = {"geneval_overall": geneval_summary(verdicts)["geneval_overall"],
-           "gold": float(np.mean([gold(im, s, d) for im, s, d in zip(images, list(specs) + list(dense_specs),
-                                                                      detections)]))}
+    per_image = {"geneval_overall": np.array([float(c) for _, c in verdicts]),
+                 "gold": np.array([gold(im, s, d) for im, s, d in zip(images, list(specs) + list(dense_specs),
+                                                                    detections)])}
+    row = {"geneval_overall": geneval_summary(verdicts)["geneval_overall"], "gold": float(np.mean(per_image["gold"]))}
     if dense_specs:
-        row["dpg_overall"] = 100 * float(np.mean([np.mean(dpg_question_scores(grammar.questions(s), d)[1])
-                                                  for s, d in zip(dense_specs, detections[len(specs):])]))
+        per_image["dpg_overall"] = 100 * np.array([np.mean(dpg_question_scores(grammar.questions(s), d)[1])
+                                                   for s, d in zip(dense_specs, detections[len(specs):])])
+        row["dpg_overall"] = float(np.mean(per_image["dpg_overall"]))
     if reward is not None:
-        row["reward_test"] = reward_score(reward, images, texts)
+        per_image["reward_test"] = evaluator.score({"r": reward}, images, texts)["r"]
+        row["reward_test"] = float(per_image["reward_test"].mean())
         if train_prompts:
             train_images, _ = generate(world, generator, m, list(train_prompts), seed + 1, 256, shift)
-            row["reward_train"] = reward_score(reward, train_images, list(train_prompts))
-    return row
+            per_image["reward_train"] = evaluator.score({"r": reward}, train_images, list(train_prompts))["r"]
+            row["reward_train"] = float(per_image["reward_train"].mean())
+    return row, per_image
+
+
+def write_curve_scores(per_step: dict[int, dict], path: Path) -> None:
+    """A curve's per-image values (curve_metrics) as one array per number, logged steps by images, with `steps`."""
+    steps = sorted(per_step)
+    arrays = {k: np.stack([per_step[s][k] for s in steps]) for k in per_step[steps[-1]]}
+    tmp = path.with_suffix(".tmp.npz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(tmp, steps=np.array(steps), **arrays)
+    tmp.replace(path)

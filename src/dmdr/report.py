@@ -266,11 +266,33 @@ class Pairs:
         return {"name": name, "metric": metric, "models": [better, other], "difference": d, "ci95": ci}
 
 
-def _window_check(p, name: str, metric: str, better: str, other: str) -> dict:
-    """A curve window's mean difference; no interval (curves keep no per-prompt scores), so it decides nothing."""
-    a, b = _early_mean(p, better, metric), _early_mean(p, other, metric)
-    return {"name": name, "metric": f"{metric} mean over curve steps {EARLY[0]}-{EARLY[1]}",
-            "models": [better, other], "difference": None if a is None or b is None else a - b, "ci95": None}
+def window_values(p, name: str, metric: str, results: Path = RESULTS):
+    """A root recipe's per-image `metric` averaged over the curve steps of the EARLY window (from
+    results/curves/<recipe>.npz), as dmdr.paired's per-prompt values; None when not recorded."""
+    from .paired import PromptValues
+    path = results / "curves" / f"{name}.npz"
+    if name not in p.recipes or len(lineage(p, name)) != 1 or not path.exists():
+        return None
+    with np.load(path) as f:
+        steps = f["steps"]
+        inside = (steps >= EARLY[0]) & (steps <= EARLY[1])
+        if metric not in f or not inside.any():
+            return None
+        return tuple(steps[inside].tolist()), PromptValues(f[metric][inside].mean(0), np.zeros(f[metric].shape[1], int),
+                                                           {0: 1.0})
+
+
+def _window_check(p, name: str, metric: str, better: str, other: str, results: Path = RESULTS) -> dict:
+    """`better` minus `other` on `metric` averaged over the EARLY window of their curves, with the paired bootstrap's
+    interval over the curve's prompts (both curves sample the same prompts from the same noise)."""
+    from .paired import difference
+    a, b = window_values(p, better, metric, results), window_values(p, other, metric, results)
+    check = {"name": name, "metric": f"{metric}, mean over curve steps {EARLY[0]}-{EARLY[1]}",
+             "models": [better, other], "difference": None, "ci95": None}
+    if a is None or b is None or a[0] != b[0]:  # not run, or resumed (its earlier steps' values are gone)
+        return check
+    d, ci = difference([a[1]], [b[1]], seed=p.seed)
+    return check | {"difference": d, "ci95": ci}
 
 
 def _claim(cid: str, text: str, checks: list[dict], n_seeds: int, note: str = "") -> dict:
@@ -304,19 +326,17 @@ def claims(p, summ: dict, results: Path = RESULTS) -> list[dict]:
                           "at dmd2-4's level", checks, min(len(seeds_of(p, rl)), len(seeds_of(p, joint)))))
 
     if stitched_curve(p, "dmdr-stage1-4") and stitched_curve(p, "dmd2-4"):
-        checks = [_window_check(p, f"stage 1 above DMD on {k}", k, "dmdr-stage1-4", "dmd2-4")
+        checks = [_window_check(p, f"stage 1 above DMD on {k}", k, "dmdr-stage1-4", "dmd2-4", results)
                   for k in ("reward_test", "reward_train")]
         out.append(_claim("C3", f"RT-DM (stage 1, with DynaDG and DynaRS) raises the reward earlier than DMD only: "
-                          f"mean reward over curve steps {EARLY[0]}-{EARLY[1]}", checks, 1,
-                          "curves keep no per-prompt scores yet, so the window's difference has no interval"))
+                          f"mean reward over curve steps {EARLY[0]}-{EARLY[1]}", checks, 1))
 
     ablations = [m for m in ("dmdr-4-no-dynadg", "dmdr-4-no-dynars") if stitched_curve(p, m)]
     if stitched_curve(p, "dmdr-stage1-4") and ablations:
-        checks = [_window_check(p, f"stage 1 above {a} on reward_test", "reward_test", "dmdr-stage1-4", a)
+        checks = [_window_check(p, f"stage 1 above {a} on reward_test", "reward_test", "dmdr-stage1-4", a, results)
                   for a in ablations]
         out.append(_claim("C4", f"DynaDG and DynaRS improve early training: stage 1 with both beats it without "
-                          f"either, mean test reward over curve steps {EARLY[0]}-{EARLY[1]}", checks, 1,
-                          "curves keep no per-prompt scores yet, so the window's difference has no interval"))
+                          f"either, mean test reward over curve steps {EARLY[0]}-{EARLY[1]}", checks, 1))
     return out
 
 

@@ -53,12 +53,13 @@ def distill(p, name: str, prompt_dir: Path = PROMPTS, out: Path = Path("models/d
             curves: Path = Path("results/curves"), checkpoints: Path = Path("checkpoints")) -> list[dict]:
     """One recipe on the world's teacher (dmdr.distill.distill_stage): trained from its init checkpoint on the train
     prompts, with curves on held-out and train prompts; the generator (and fake score) saved as diffusers model
-    directories with the sampler settings (sampler.json). Returns the curve's rows."""
+    directories with the sampler settings (sampler.json) and training record. The curve's per-image values go to
+    results/curves/<recipe>.npz (evaluation.write_curve_scores). Returns the curve's rows."""
     from . import resume
     from .config import TEACHER, recipe
     from .distill import distill_stage, training_record
     from .embedded import WorldTeacher
-    from .evaluation import curve_metrics
+    from .evaluation import curve_metrics, write_curve_scores
     from .models import load_backbone, require_dir
     from .prompts import load_prompts, load_records, test_specs
     from .rewards import load_reward
@@ -81,9 +82,13 @@ def distill(p, name: str, prompt_dir: Path = PROMPTS, out: Path = Path("models/d
     train_prompts = load_prompts(prompt_dir / "train.txt")
     seed = p.seed + cfg.seed
 
+    per_step = {}  # step -> per-image values, written beside the curve (a resumed run has only its own steps)
+
     def curve_fn(generator, step):
-        return curve_metrics(world, generator, cfg.generator_steps, cfg.shift, specs, seed, dense, reward,
-                             train_prompts[: len(specs)])
+        row, per_step[step] = curve_metrics(world, generator, cfg.generator_steps, cfg.shift, specs, seed, dense,
+                                            reward, train_prompts[: len(specs)])
+        write_curve_scores(per_step, curves / f"{name}.npz")
+        return row
 
     read = [Path("models/world"), Path("models/rewards")] + ([Path(cfg.init)] if cfg.init != TEACHER else [])
     record = training_record(cfg, seed, train_prompts, recipe=name, world=resume.files_fingerprint(*read[:2]),
