@@ -326,7 +326,7 @@ class DMDR:
                 if self.distill:
                     x_t_part = flow.renoise(x0.detach(), noise[part], t[part])
                     x0_real, x0_fake = self.scores(x_t_part, t[part], cond_part, guidance[part], scale)
-                    if self.dynadg and scale > 0:
+                    if self.dynadg and scale > 0 and self.logged(step):
                         logged["dynadg_pull"] = self.dynadg_pull(x_t_part, t[part], cond_part, guidance[part],
                                                                  x0_real, x0_fake)
                     loss_dmd = dmd_loss(x0, dmd_gradient(x0.detach().float(), x0_real.float(), x0_fake.float()),
@@ -350,6 +350,11 @@ class DMDR:
                 set_lora_scale(self.dynadg_model, scale)
             v_real = flow.guided_velocity(self.real, x_t, t, cond, self.models.uncond, guidance)
             return flow.x0_from_velocity(x_t, v_real, t), x0_fake
+
+    def logged(self, step: int) -> bool:
+        """Whether this step's logs reach a curve row: the loop writes a row every `log_every` steps and at the end,
+        with the logs of the step before it (so a diagnostic that costs network calls is made only then)."""
+        return (step + 1) % self.cfg.log_every == 0 or step + 1 == self.cfg.steps
 
     def dynadg_pull(self, x_t, t, cond, guidance, x0_real, x0_fake) -> torch.Tensor:
         """How far DynaDG's LoRA moves the real score toward the fake: mean |x0_real(LoRA) - x0_real(no LoRA)| as a

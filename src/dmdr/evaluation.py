@@ -100,11 +100,6 @@ def dpg_summary(per_image: np.ndarray, by_category: dict, per_prompt: int) -> di
         f"dpg_{k}": 100 * float(np.mean(v)) for k, v in sorted(by_category.items())}
 
 
-def reward_score(reward, images: np.ndarray, texts: list[str], batch: int = 512) -> float:
-    """Mean of a reward model over uint8 images."""
-    return float(evaluator.score({"r": reward}, images, texts, batch)["r"].mean())
-
-
 def world_scorers(world: World) -> dict:
     """The scorers of every image: the independent CLIP's clip_score and the reward analogues."""
     return {"clip_score": world.clip_eval.score} | {k: load_reward(k) for k in ("aesthetic", "pick", "hps")}

@@ -33,7 +33,8 @@ def prompt_values(samples: Path, metric: str, images_per_prompt: int, tags: list
         if metric == "geneval_overall":
             v = f["score_geneval"].reshape(-1, images_per_prompt).mean(1)
             strata = np.array(tags)
-            return PromptValues(v, strata, {t: 1 / len(set(tags)) for t in set(tags)})
+            # in sorted order: the bootstrap draws strata in this order, and a set's order changes between processes
+            return PromptValues(v, strata, {t: 1 / len(set(tags)) for t in sorted(set(tags))})
         if metric == "dpg_overall":
             v = 100 * f["score_dpg"].reshape(-1, images_per_prompt).mean(1)
             keep = ~np.isnan(v)  # items DPG-Bench's rules drop: the same for every model

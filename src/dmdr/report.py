@@ -238,11 +238,6 @@ def plot_paradigms(p, groups: dict[str, list[str]], title: str, out: Path | None
 # --- claims -----------------------------------------------------------------------------------------------------
 
 
-def _early_mean(p, name: str, metric: str) -> float | None:
-    rows = [r for r in stitched_curve(p, name) if EARLY[0] <= r["step"] <= EARLY[1] and metric in r]
-    return float(np.mean([r[metric] for r in rows])) if rows else None
-
-
 class Pairs:
     """Paired checks between evaluated models (dmdr.paired): a model's per-prompt values, over its seeds."""
 
@@ -295,10 +290,10 @@ def _window_check(p, name: str, metric: str, better: str, other: str, results: P
     return check | {"difference": d, "ci95": ci}
 
 
-def _claim(cid: str, text: str, checks: list[dict], n_seeds: int, note: str = "") -> dict:
+def _claim(cid: str, text: str, checks: list[dict], n_seeds: int) -> dict:
     from .paired import verdict
     return {"id": cid, "claim": text, "verdict": verdict([c["ci95"] for c in checks]), "n_seeds": n_seeds,
-            "checks": checks} | ({"note": note} if note else {})
+            "checks": checks}
 
 
 def claims(p, summ: dict, results: Path = RESULTS) -> list[dict]:
@@ -351,8 +346,6 @@ def claims_markdown(items: list[dict]) -> str:
             ci = "-" if k["ci95"] is None else f"[{fmt(k['ci95'][0])}, {fmt(k['ci95'][1])}]"
             lines.append(f"| {k['name']} | {k['metric']} | {'-' if k['difference'] is None else fmt(k['difference'])} "
                          f"| {ci} |")
-        if c.get("note"):
-            lines += ["", c["note"] + "."]
         parts.append("\n".join(lines))
     return "\n\n".join(parts) if parts else "_No claims checked yet: run the main command._"
 
