@@ -64,6 +64,43 @@ def test_rl_raises_the_reward(clip, objective):
     assert reward() > before + 0.005, (before, reward())
 
 
+class OwnReFL:
+    """A Sampling objective (dmdr.rl): ReFL on fresh few-step samples it draws itself, through the whole ODE. It
+    records what it was given, so the test can check the hook's contract."""
+
+    def __init__(self):
+        self.sampled, self.parts = [], []
+
+    def sample(self, policy, texts, terms):
+        self.sampled.append(torch.is_grad_enabled())
+        return {"noise": policy.noise(), "texts": texts}
+
+    def loss_on(self, policy, samples, terms):
+        self.parts.append(len(samples["texts"]))
+        x0 = policy.sample(samples["noise"], policy.encode(samples["texts"]))
+        r = sum(w * r for w, r in terms(x0, samples["texts"]))
+        return -r.mean(), r.mean().detach()
+
+
+@pytest.mark.parametrize("dmd_weight", [0.0, 1.0])
+def test_an_objective_that_samples_itself_raises_the_reward(clip, monkeypatch, dmd_weight):
+    """The plug-in hook for objectives with their own samples (GRPO's groups, DPO's pairs): `sample` runs once per
+    generator update without gradient, `loss_on` on each micro-batch's slice of its samples, and its loss moves the
+    generator up the reward, alone or beside DMD."""
+    from dmdr import rl
+    objective = OwnReFL()
+    monkeypatch.setattr(rl, "make", lambda params: objective)
+    cfg, _, models = tiny_models(clip, "unet", {"steps": 6, "generator_lr": 1e-2, "dmd_weight": dmd_weight,
+                                                "batch": 4, "micro_batches": 2, "ttur": 1,
+                                                "rl": {"weight": 1.0 if dmd_weight == 0 else 50.0}},
+                                 reward=Brightness())
+    reward = lambda: float(Brightness()(models.decode(mean_sample(models, cfg)[1]), PROMPTS).mean())
+    before = reward()
+    train(cfg, models, PROMPTS, seed=0)
+    assert objective.sampled == [False] * 6 and objective.parts == [2] * 12
+    assert reward() > before + 0.005, (before, reward())
+
+
 def test_the_training_reward_sees_valid_images(clip):
     """Images beyond the valid range are clamped before the reward: a decoder whose every pixel lies past white
     leaves ReFL on brightness no gradient, so the generator does not move (unclamped, it would brighten)."""

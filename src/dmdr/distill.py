@@ -167,6 +167,28 @@ class Models:
     max_t: float = 1.0  # the noisiest flow time the scores are defined at (< 1 for a VP schedule such as SDXL's)
 
 
+@dataclass
+class Policy:
+    """The generator as an RL objective that draws its own samples sees it (dmdr.rl.Sampling): its few-step times
+    and text encoder, and the run's seeded draws (made for the whole batch, the same on every process, which keeps
+    its part)."""
+    generator: torch.nn.Module
+    times: torch.Tensor
+    encode: callable  # list[str] -> cond
+    draws: Draws
+    latent_shape: tuple[int, int, int]
+
+    def noise(self) -> torch.Tensor:
+        """Fresh starting noise at times[0], one per sample of this process's part of the batch."""
+        scale = flow.start_noise_scale(float(self.times[0]))
+        noise = self.draws.randn(self.latent_shape)
+        return noise if scale == 1.0 else noise * scale
+
+    def sample(self, noise: torch.Tensor, cond, upto: int | None = None) -> torch.Tensor:
+        """The few-step ODE from `noise` (flow.sample_generator): the final x0, or the point at times[upto]."""
+        return flow.sample_generator(self.generator, noise, cond, self.times, upto)
+
+
 class DMDR:
     """One DMDR run: per step, `ttur` fake-score updates (`fake_step`), DynaDG's update in its paper form, then one
     generator update (`generator_step`) with L = dmd_weight * L_DMD(RT-DM weights) + lambda * L_RL. The engine
@@ -192,6 +214,8 @@ class DMDR:
         self.t_max = min(cfg.t_max, models.max_t)
         self.latent_shape = models.latent_shape or latent_shape_of(models.generator)
         self.reused = None  # released: the last fake update's rollout, for the generator update
+        # RL on the DMD turn's x0 (ReFL, hinge), or on samples the objective draws itself (rl.Sampling)
+        self.own_samples = self.rl and rl.samples_itself(self.objective)
 
     # --- what the engine prepares ---------------------------------------------------------------------------------
 
@@ -225,6 +249,7 @@ class DMDR:
 
     def bind(self, prepared: dict) -> None:
         self.generator = prepared["generator"]
+        self.policy = Policy(self.generator, self.times, self.models.encode, self.draws, self.latent_shape)
         if self.shared:
             self.fake = self.real = prepared.get("fake", self.real)
         else:
@@ -299,13 +324,17 @@ class DMDR:
         real score at DynaDG's `scale`."""
         cfg, autocast, logs = self.cfg, self.engine.autocast, {}
         self.generator.train()
+        shared = self.distill or not self.own_samples  # the DMD turn's x0 is taken
         if self.reused is not None:  # released: the last fake update's rollout (and its call with grad)
             (texts, cond, x_t, t_k, final, kept), self.reused = self.reused, None
         else:
             texts, cond = self.batch()
             with torch.no_grad(), autocast:
-                x_t, t_k, final = self.rollout(cond, cfg.rtdm.enabled)
+                x_t, t_k, final = self.rollout(cond, cfg.rtdm.enabled) if shared else (None, None, None)
             kept = None
+        if self.own_samples:
+            with torch.no_grad(), autocast:
+                own = self.objective.sample(self.policy, texts, self.reward_terms)
         if self.distill:
             weight = None
             if cfg.rtdm.enabled:
@@ -322,7 +351,8 @@ class DMDR:
             cond_part, logged = parted(cond, part), {}
             loss_dmd = loss_rl = torch.zeros((), device=self.engine.device)
             with autocast:
-                x0 = kept if kept is not None else flow.generator_step(self.generator, x_t[part], t_k, cond_part)
+                x0 = (kept if kept is not None else flow.generator_step(self.generator, x_t[part], t_k, cond_part)
+                      if shared else None)
                 if self.distill:
                     x_t_part = flow.renoise(x0.detach(), noise[part], t[part])
                     x0_real, x0_fake = self.scores(x_t_part, t[part], cond_part, guidance[part], scale)
@@ -332,7 +362,10 @@ class DMDR:
                     loss_dmd = dmd_loss(x0, dmd_gradient(x0.detach().float(), x0_real.float(), x0_fake.float()),
                                         None if weight is None else weight[part])
                     logged["loss_dmd"] = loss_dmd
-                if self.rl:
+                if self.own_samples:
+                    loss_rl, logged["reward_x0"] = self.objective.loss_on(
+                        self.policy, {k: v[part] for k, v in own.items()}, self.reward_terms)
+                elif self.rl:
                     loss_rl, logged["reward_x0"] = self.objective.loss(x0, texts[part], self.reward_terms)
                 return joint_loss(loss_dmd, loss_rl, cfg.rl.weight, cfg.dmd_weight), logged
         return logs | self.engine.fit("generator", loss_of, step)[1]
@@ -373,11 +406,8 @@ class DMDR:
 
     def rollout(self, cond, need_final: bool):
         """The generator's rollout point from fresh noise at times[0] (`rollout`)."""
-        scale = flow.start_noise_scale(float(self.times[0]))
-        noise = self.draws.randn(self.latent_shape)
-        noise = noise if scale == 1.0 else noise * scale
-        return rollout(self.generator, noise, cond, self.times, self.draws.rng, self.cfg.rollout, need_final,
-                       lambda: self.draws.randn(self.latent_shape))
+        return rollout(self.generator, self.policy.noise(), cond, self.times, self.draws.rng, self.cfg.rollout,
+                       need_final, lambda: self.draws.randn(self.latent_shape))
 
     def levels(self, step: int, dynars: bool) -> torch.Tensor:
         """Noise levels in [0, 1] for this process's part of the batch: DynaRS's annealed Beta at this step, or

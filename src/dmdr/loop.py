@@ -12,7 +12,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -29,7 +29,8 @@ from .sharded import inner_optimizer, params_of
 class Trainee:
     """A model a method trains: the name of its optimizer (in checkpoints and `Engine.fit`), which of the method's
     models it is (`role`), the parameters it steps, their learning rate and weight decay, and what messages about its
-    updates call it."""
+    updates call it. Optionally a learning-rate `schedule` (the factor at each update, as LambdaLR takes it) and an
+    `ema` of the weights (diffusers' EMAModel) stepped after each update."""
     name: str
     role: str
     model: torch.nn.Module
@@ -37,6 +38,33 @@ class Trainee:
     lr: float
     weight_decay: float = 0.0
     label: str = ""
+    schedule: Callable[[int], float] | None = None
+    ema: object | None = None
+
+
+@dataclass
+class Prepared:
+    """A trainee as the engine holds it: its prepared model, optimizer and schedule."""
+    model: torch.nn.Module
+    optimizer: object
+    schedule: object | None
+    trainee: Trainee
+
+    @property
+    def label(self) -> str:
+        return self.trainee.label or self.trainee.name
+
+
+@dataclass
+class Settings:
+    """An engine's settings, for trainers that have no DistillParams (the world's stand-ins)."""
+    batch: int = 1
+    micro_batches: int = 1
+    mixed_precision: str = "no"
+    optimizer: str = "adamw"
+    gradient_checkpointing: bool = False
+    compile: str = "off"
+    max_nonfinite: int = 1
 
 
 class Method(Protocol):
@@ -108,7 +136,7 @@ class Engine:
         self.device = acc.device
         self.masters: dict[str, MasterWeights] = {}  # bf16-weights: the fp32 weights each optimizer steps, by name
         self.engines, self.plain_copies = [], {}
-        self.trainees: dict[str, tuple] = {}  # name: (prepared model, optimizer, role, label), in the order prepared
+        self.trainees: dict[str, Prepared] = {}  # by name, in the order prepared
         self.pending = []  # (what, step, loss) of the updates whose loss the host has not read yet
         self.skipped = self.in_a_row = 0
 
@@ -145,32 +173,35 @@ class Engine:
             for m in method.called:
                 compile_blocks(m, cfg.compile)
         for t in trainees:  # in order: checkpoints store the prepared models in it
-            self.trainees[t.name] = (*self._prepared(t.model, self._optimizer(t)), t.role, t.label or t.name)
+            self.trainees[t.name] = Prepared(*self._prepared(t.model, *self._optimizer(t)), t)
         self._describe()
-        method.bind({name: model for name, (model, *_) in self.trainees.items()})
+        method.bind({name: t.model for name, t in self.trainees.items()})
 
     @property
     def trained(self) -> list:
         """The prepared trained models, in the order prepared."""
-        return [model for model, *_ in self.trainees.values()]
+        return [t.model for t in self.trainees.values()]
 
-    def _optimizer(self, t: Trainee):
+    def _optimizer(self, t: Trainee) -> tuple:
+        """The trainee's optimizer and learning-rate schedule (None: constant)."""
         params = [p for p in t.params if p.requires_grad]
         if self.cfg.mixed_precision == "bf16-weights" and not (self.fsdp or self.deepspeed):  # else shards or ZeRO
             self.masters[t.name] = MasterWeights(params)
             params = self.masters[t.name].masters
-        return optimizer(params, t.lr, self.cfg.optimizer, t.weight_decay)
+        opt = optimizer(params, t.lr, self.cfg.optimizer, t.weight_decay)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, t.schedule) if t.schedule else None
 
-    def _prepared(self, model, opt):
-        """A model with its optimizer, in one call as FSDP requires; under DeepSpeed each by its own Accelerator,
-        as an engine trains one model."""
+    def _prepared(self, model, opt, schedule) -> tuple:
+        """A model with its optimizer (and schedule), in one call as FSDP requires; under DeepSpeed each by its own
+        Accelerator, as an engine trains one model."""
+        objects = (model, opt) + ((schedule,) if schedule else ())
         if not self.deepspeed:
-            return self.acc.prepare(model, opt)
+            return (*self.acc.prepare(*objects), None)[:3]
         by = Accelerator(cpu=not torch.cuda.is_available()) if self.engines else self.acc
         by.gradient_accumulation_steps = self.cfg.micro_batches  # as DeepSpeed's config has them (silences a warning)
-        model, opt = by.prepare(model, opt)
-        self.engines.append(model)
-        return model, opt
+        prepared = (*by.prepare(*objects), None)[:3]
+        self.engines.append(prepared[0])
+        return prepared
 
     def _describe(self) -> None:
         acc = self.acc
@@ -181,7 +212,7 @@ class Engine:
                             if m is not first and hasattr(m, "unshard")})
             print(f"FSDP2: {', '.join(self.plain_copies)} sharded over {processes}, by {', '.join(units)}")
         if self.deepspeed and acc.is_main_process:
-            roles = ", ".join(role for _, _, role, _ in self.trainees.values())
+            roles = ", ".join(t.trainee.role for t in self.trainees.values())
             print(f"DeepSpeed ZeRO-{acc.state.deepspeed_plugin.zero_stage}: {roles} trained by an engine each, their "
                   f"fp32 weights and AdamW states partitioned over {processes}")
 
@@ -204,7 +235,7 @@ class Engine:
         differentiated one micro-batch at a time, each weighted by its share, so that only one micro-batch's
         activations are held (the gradients synchronised across processes on the last one only); then a step.
         Returns the batch's loss and logged values, averaged over processes."""
-        model = self.trainees[name][0]
+        model = self.trainees[name].model
         total, logs = 0, {}
         for i, part in enumerate(self.micro):
             last = i == len(self.micro) - 1
@@ -226,13 +257,14 @@ class Engine:
         found_inf, as under a GradScaler), so the host does not wait for the GPU to decide, and settle reads the
         loss at the next logged row or checkpoint; elsewhere the host decides at once. Returns the loss averaged
         over processes."""
-        model, opt, _, what = self.trainees[name]
+        held = self.trainees[name]
+        model, opt, what = held.model, held.optimizer, held.label
         mean = self.mean(loss)
         self.pending.append((what, step, mean))  # every process takes the same decision
         if self.deepspeed:  # the engine clips, and skips a step whose gradient norm (a non-finite loss's) is not finite
             self.settle()
             model.step()
-            return mean
+            return self._stepped(held, mean)
         inner = inner_optimizer(opt)
         if not self.fsdp and getattr(inner, "defaults", {}).get("fused"):
             inner.found_inf = (~torch.isfinite(mean)).float()
@@ -241,25 +273,34 @@ class Engine:
             return mean
         if name in self.masters:
             self.masters[name].step(opt, max_norm=1.0)
-            return mean
+            return self._stepped(held, mean)
         # under FSDP, torch's own clipping of the sharded gradients: accelerate's compares parameter lists with ==,
         # which fails on two sharded models of one shape
         (torch.nn.utils.clip_grad_norm_ if self.fsdp else self.acc.clip_grad_norm_)(params_of(opt), 1.0)
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        return self._stepped(held, mean)
+
+    def _stepped(self, held: Prepared, mean: torch.Tensor) -> torch.Tensor:
+        """After an optimizer step: the schedule's step, the gradients cleared, the EMA updated."""
+        if held.schedule is not None:
+            held.schedule.step()
+        if not self.deepspeed:
+            held.optimizer.zero_grad(set_to_none=True)
+        if held.trainee.ema is not None:
+            held.trainee.ema.step(self.unwrap(held.model).parameters())
         return mean
 
     # --- what the loop uses -------------------------------------------------------------------------------------
 
     def settle(self) -> bool:
         """Reads the pending updates' losses: each non-finite one is counted (its update was skipped), and
-        `max_nonfinite` of them without a good generator update in between stop the run. Returns whether the last
-        was finite."""
-        finite = True
+        `max_nonfinite` of them without a good update of the first trainee (DMDR's generator) in between stop the
+        run. Returns whether the last was finite."""
+        finite, first = True, next(iter(self.trainees.values())).label if self.trainees else None
         for what, step, value in self.pending:
             finite = bool(torch.isfinite(value))
             if finite:
-                self.in_a_row = 0 if what == "generator" else self.in_a_row
+                self.in_a_row = 0 if what == first else self.in_a_row
                 continue
             self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
             print(f"step {step}: non-finite {what} loss ({float(value)}), update skipped ({self.skipped} so far)")
@@ -277,18 +318,26 @@ class Engine:
         self.settle()
         return {k: float(v) for k, v in values.items()}
 
-    def _master_state(self) -> dict:
-        return {f"master.{name}.{i}": m for name, w in self.masters.items() for i, m in enumerate(w.masters)}
+    def _tensors(self) -> dict:
+        """The trained state beyond the prepared models: fp32 masters and EMA weights."""
+        return ({f"master.{name}.{i}": m for name, w in self.masters.items() for i, m in enumerate(w.masters)}
+                | {f"ema.{name}.{i}": m for name, t in self._emas().items() for i, m in enumerate(t.shadow_params)})
+
+    def _emas(self) -> dict:
+        return {name: t.trainee.ema for name, t in self.trainees.items() if t.trainee.ema is not None}
 
     def load(self, ckpt) -> dict | None:
-        state = resume.load(self.acc, ckpt, self._master_state(), self.trained)
+        state = resume.load(self.acc, ckpt, self._tensors(), self.trained)
         if state is not None:
             for w in self.masters.values():
                 w.give_weights()
+            for name, ema in self._emas().items():
+                ema.optimization_step = state["ema_steps"][name]
         return state
 
     def save(self, ckpt, state: dict) -> None:
-        if not resume.save(self.acc, ckpt, state, self.trained, self._master_state()):
+        state = state | {"ema_steps": {name: ema.optimization_step for name, ema in self._emas().items()}}
+        if not resume.save(self.acc, ckpt, state, self.trained, self._tensors()):
             raise FloatingPointError(f"non-finite weights at step {state['step']}: not checkpointed; the last good "
                                      f"checkpoint stays in {self.checkpoint_dir}")
 
@@ -307,15 +356,17 @@ class Engine:
 
 
 def run(engine: Engine, method: Method, steps: int, log_every: int, curve_fn=None, curve_path: Path | None = None,
-        ckpt: resume.Checkpoint | None = None) -> list[dict]:
+        ckpt: resume.Checkpoint | None = None, checkpoint_at_end: bool = False) -> list[dict]:
     """`steps` steps of `method`, from its checkpoint in `ckpt` when there is one of the same run. Every `log_every`
-    steps a row: the method's last logged values and `curve_fn(model, step)` (held-out numbers of the model
-    `method.evaluated()` returns; image arrays, N x H x W x C uint8, go to the trackers instead), written to
-    `curve_path` as CSV. Returns the rows."""
+    steps, and after the last, a row: the method's last logged values and `curve_fn(model, step)` (held-out numbers
+    of the model `method.evaluated()` returns after `step` updates; image arrays, N x H x W x C uint8, go to the
+    trackers instead), written to `curve_path` as CSV. With `checkpoint_at_end` the finished run is checkpointed
+    too, so that a later part of its stage that fails does not train it again. Returns the rows."""
     acc = engine.acc
     rows, t0, last, start = [], time.time(), {}, 0
     if (state := engine.load(ckpt)) is not None:
         rows, last, start, engine.skipped = state["rows"], state["last"], state["step"], state["skipped"]
+        t0 -= state.get("seconds", 0.0)
     bar = tqdm(range(start, steps + 1), desc=method.name, mininterval=5)
     for step in bar:
         if (step % log_every == 0 or step == steps) and not (state and step == start):
@@ -327,6 +378,9 @@ def run(engine: Engine, method: Method, steps: int, log_every: int, curve_fn=Non
                 images = {k: held_out.pop(k) for k in [k for k, v in held_out.items()
                                                        if isinstance(v, np.ndarray) and v.ndim == 4]}
                 row |= held_out if acc.is_main_process else {}
+                if held_out and acc.is_main_process:
+                    tqdm.write(f"{method.name} step {step}: " + ", ".join(
+                        f"{k} {v:.4g}" for k, v in held_out.items() if isinstance(v, (int, float))))
             rows.append(row | last | ({"nonfinite_skipped": engine.skipped} if engine.skipped else {}))
             if engine.tracking:
                 acc.log({k: v for k, v in rows[-1].items() if k != "step" and isinstance(v, (int, float))}, step=step)
@@ -334,10 +388,11 @@ def run(engine: Engine, method: Method, steps: int, log_every: int, curve_fn=Non
                     log_images(acc.trackers, images, step)
             if curve_path is not None and acc.is_main_process:
                 write_csv(rows, curve_path)
+        if ckpt is not None and step > start and (step % ckpt.every == 0 if step < steps else checkpoint_at_end):
+            last = engine.read(last)
+            engine.save(ckpt, {"step": step, "rows": rows, "last": last, "skipped": engine.skipped,
+                               "seconds": time.time() - t0})
         if step == steps:
             break
-        if ckpt is not None and step > start and step % ckpt.every == 0:
-            last = engine.read(last)
-            engine.save(ckpt, {"step": step, "rows": rows, "last": last, "skipped": engine.skipped})
         last = method.step(step)
     return rows

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from diffusers import AutoencoderKL
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -21,6 +20,7 @@ from . import flow, resume
 from .config import ClipConfig, TeacherParams
 from .evaluator import to_tensor, to_uint8
 from .files import write_csv, write_json
+from .loop import Engine, Settings, Trainee, run
 from .models import (VelocityModel, build_backbone, build_vae, decode_latents, encode_latents,
                      load_backbone, require_dir, save_diffusers)
 from .tiny_clip import TinyClip
@@ -69,59 +69,55 @@ def device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def warmup_cosine(warmup: int, steps: int):
+    """The stand-ins' learning-rate factor: linear warm-up over `warmup` updates, then cosine decay to 0 at `steps`."""
+    return lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))
+
+
+class Fit:
+    """The stand-ins' method for the generic loop (dmdr.loop.run): one model minimising `loss_fn(step)`."""
+    networks = backpropagated = called = ()  # held as built: no precision change, checkpointing or compilation
+
+    def __init__(self, engine: Engine, trainee: Trainee, loss_fn, name: str):
+        self.engine, self.trainee, self.loss_fn, self.name = engine, trainee, loss_fn, name
+        self.model = trainee.model
+
+    def trainees(self) -> list[Trainee]:
+        return [self.trainee]
+
+    def bind(self, prepared: dict) -> None:
+        self.model = prepared[self.trainee.name]
+
+    def step(self, step: int) -> dict:
+        self.model.train()
+
+        def loss_of(part):
+            with self.engine.autocast:
+                return self.loss_fn(step), {}
+
+        loss, _ = self.engine.fit(self.trainee.name, loss_of, step)
+        return {"loss": loss}
+
+    def evaluated(self) -> torch.nn.Module:
+        return self.engine.unwrap(self.model)
+
+
 def train_loop(model: torch.nn.Module, loss_fn, steps: int, lr: float, desc: str, warmup: int = 100,
                weight_decay: float = 0.0, on_log=None, log_every: int = 100, mixed_precision: str = "no",
                ema: EMAModel | None = None, checkpoint: resume.Checkpoint | None = None) -> list[dict]:
-    """The stand-ins' training loop on accelerate: AdamW, linear warm-up then cosine decay, grad clip 1.0, progress
-    bar. `loss_fn(step)` returns the loss; `on_log(step)` may return extra numbers to record.
+    """A stand-in's training by the generic loop: AdamW with a linear warm-up then cosine decay (`warmup_cosine`),
+    gradients clipped to 1, an optional EMA. `loss_fn(step)` returns the loss; `on_log(model, step)` may return
+    held-out numbers for the row logged after `step` updates (every `log_every`, and after the last).
 
     With `checkpoint`, the whole state (model, optimizer, schedule, EMA, global RNGs and the loss's own generators)
     is saved every `checkpoint.every` steps and once more at the end, and a run finding a checkpoint of the same
     settings continues from it: a finished loop is not run again."""
-    acc = Accelerator(cpu=not torch.cuda.is_available())
-    # autocast here rather than Accelerator(mixed_precision=...): accelerate fixes that once per process
-    autocast = torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
-    model, opt, sched = acc.prepare(model, opt, sched)
-    history, start, t0 = [], 0, time.time()
-    ema_tensors = {f"ema.{i}": t for i, t in enumerate(ema.shadow_params)} if ema is not None else {}
-
-    def save(step: int):
-        if not resume.save(acc, checkpoint, {"step": step, "history": history, "seconds": time.time() - t0,
-                                             "ema_step": ema.optimization_step if ema else 0}, [model], ema_tensors):
-            raise FloatingPointError(f"{desc}: non-finite weights at step {step}; the last good checkpoint stays "
-                                     f"in {checkpoint.path}")
-
-    if (state := resume.load(acc, checkpoint, ema_tensors)) is not None:
-        history, start, t0 = state["history"], state["step"], time.time() - state["seconds"]
-        if ema is not None:
-            ema.optimization_step = state["ema_step"]
-    bar = tqdm(range(start, steps), desc=desc, mininterval=5, initial=start, total=steps)
-    for step in bar:
-        if checkpoint is not None and step > start and step % checkpoint.every == 0:
-            save(step)
-        model.train()
-        with autocast:
-            loss = loss_fn(step)
-        acc.backward(loss)
-        acc.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.step(model.parameters())
-        if step % log_every == 0 or step == steps - 1:
-            row = {"step": step, "loss": float(loss.detach()), "seconds": time.time() - t0}
-            if on_log is not None and (extra := on_log(step)):
-                row |= extra
-                tqdm.write(f"{desc} step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in extra.items()))
-            history.append(row)
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-    if checkpoint is not None and start < steps:
-        save(steps)  # the finished loop: a later part of the stage that crashes does not retrain this one
-    return history
+    engine = Engine(Settings(mixed_precision=mixed_precision), checkpoint_dir=checkpoint.path if checkpoint else None)
+    trainee = Trainee("model", "model", model, list(model.parameters()), lr, weight_decay,
+                      schedule=warmup_cosine(warmup, steps), ema=ema)
+    method = Fit(engine, trainee, loss_fn, desc)
+    engine.prepare(method)
+    return run(engine, method, steps, log_every, on_log, ckpt=checkpoint, checkpoint_at_end=True)
 
 
 # --- CLIP -----------------------------------------------------------------------------------------------------
@@ -157,7 +153,9 @@ def retrieval_accuracy(clip: TinyClip, seed: int, n: int = 500, candidates: int 
 
 def checkpointing(path: Path | None, every: int, *settings, rng=None, prng=None) -> resume.Checkpoint | None:
     """Checkpoints of one stand-in's training under `path`, identified by its settings (None: no checkpoints)."""
-    return None if path is None or every <= 0 else resume.Checkpoint(path, every, resume.fingerprint(*settings), rng, prng)
+    # "loop.run": the generic loop's checkpoints (those of the world's own loop before it are not resumed)
+    return None if path is None or every <= 0 else resume.Checkpoint(path, every, resume.fingerprint(
+        "loop.run", *settings), rng, prng)
 
 
 def train_clip(cfg: ClipConfig, seed: int, steps: int, batch: int, lr: float, mixed_precision: str = "bf16",
@@ -274,8 +272,8 @@ def train_teacher(cfg: TeacherParams, clip: TinyClip, vae, seed: int, eval_specs
         noise = torch.randn(x0.shape, generator=g).to(x0.device)
         return flow.flow_matching_loss(model, x0, (states, pooled), t, noise)
 
-    def on_log(step):
-        if step == 0 or step % cfg.eval_every and step != cfg.steps - 1:
+    def on_log(model, step):
+        if step == 0 or step % cfg.eval_every and step != cfg.steps:
             return {}
         shadow = copy.deepcopy(model).eval()
         ema.copy_to(shadow.parameters())
