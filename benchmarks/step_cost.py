@@ -3,6 +3,7 @@ world's teacher and rewards (`dmdr.distill.train`, the recipe defaults of params
 
     RT-DM step  / DMD step   (goal <= 1.15x: the reward of the full few-step output, no reward gradient)
     stage-2 step / DMD step  (goal <= 1.3x: + ReFL through the VAE decoder and the reward model)
+    DPO, GRPO stage-2 step / ReFL stage-2 step  (goal <= 2x: they draw their own samples, groups of 4 a prompt)
 
 The phases take turns, `--rounds` times, and each reports its median seconds per generator step, so drift of the
 machine's speed hits all of them alike, and how that step splits into the method's own turns (`DMDR.fake_step`,
@@ -35,7 +36,10 @@ PHASES = {
     "stage 1 (RT-DM + DynaDG + DynaRS)": {"rtdm": {"enabled": True}, "dynadg": {"form": "paper"},
                                           "dynars": {"enabled": True}},
     "stage 2 (DMD + ReFL)": {"rl": {"weight": 0.5}},
+    "stage 2 (DMD + DPO)": {"rl": {"weight": 0.5, "loss": "dpo"}, "samples_per_prompt": 4},
+    "stage 2 (DMD + GRPO)": {"rl": {"weight": 0.5, "loss": "grpo"}, "samples_per_prompt": 4},
 }
+REFL = "stage 2 (DMD + ReFL)"
 TURNS = ("fake_step", "dynadg_step", "generator_step")
 
 
@@ -88,14 +92,15 @@ def main():
                 distill.train(cfg, models, prompts, seed=r)
             times[name].append((time.perf_counter() - t) / a.steps)
             turns[name].append({k: v / a.steps for k, v in seconds.items()})
-    dmd = statistics.median(times["DMD"])
+    dmd, refl = statistics.median(times["DMD"]), statistics.median(times[REFL])
     lines = [f"batch {base['batch']}, {a.steps} generator steps x {a.rounds} rounds, ttur {base['ttur']}, "
              f"{base['generator_steps']}-step generator, CPU threads {torch.get_num_threads()}"]
     for name, ts in times.items():
         split = ", ".join(f"{k} {statistics.median(t.get(k, 0.0) for t in turns[name]):.2f} s" for k in TURNS
                           if any(k in t for t in turns[name]))
-        lines.append(f"{name:36s} {statistics.median(ts):6.2f} s/step   {statistics.median(ts) / dmd:5.2f}x DMD   "
-                     f"({split})")
+        versus = f"{statistics.median(ts) / refl:5.2f}x ReFL" if "stage 2" in name else " " * 10
+        lines.append(f"{name:36s} {statistics.median(ts):6.2f} s/step   {statistics.median(ts) / dmd:5.2f}x DMD  "
+                     f"{versus}   ({split})")
     print("\n".join(lines))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

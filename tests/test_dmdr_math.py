@@ -102,7 +102,7 @@ def test_rl_objectives():
     r = torch.tensor([0.5, 0.9])
     assert loss("refl", [(1.0, r)])[0] == -0.7 and torch.isclose(loss("refl", [(1.0, r)])[1], torch.tensor(0.7))
     assert torch.isclose(loss("hinge", [(1.0, r)])[0], torch.tensor(0.1))
-    with pytest.raises(ValueError, match="unknown RL objective 'ppo'; known: hinge, refl"):
+    with pytest.raises(ValueError, match="unknown RL objective .ppo.; known: dpo, grpo, hinge, refl"):
         rl.make(RLParams(loss="ppo"))
     # a weighted sum of rewards: ReFL on the sum, the released hinge on each reward (0.3 relu(0.7 - r_k) summed)
     clip, hps = torch.tensor([0.5, 0.9]), torch.tensor([0.8, 0.1])

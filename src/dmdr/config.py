@@ -245,12 +245,29 @@ class DynaRSParams:
 
 
 @dataclass
+class GrpoParams:
+    """GRPO (dmdr.rl.grpo): groups of `samples_per_prompt` samples of a prompt from the generator's noise-injected
+    few-step ODE, a clipped ratio of their Gaussian step densities, group-relative advantages."""
+    noise: float = knob(0.7, Range(0, 1, above=True))  # eta: the fresh share of each step's noise (0: the plain ODE)
+    clip: float = knob(0.2, Range(0, 10, above=True))  # epsilon: the ratio is clipped to [1 - eps, 1 + eps]
+    kl: float = knob(0.0, Range(0, 1000))  # weight of the KL to the reference (the stage's start); 0: none
+
+
+@dataclass
+class DpoParams:
+    """DPO (dmdr.rl.dpo): Diffusion-DPO on pairs of the generator's own samples of a prompt, ranked by the reward."""
+    beta: float = knob(5000.0, Range(0, 1e7, above=True))  # Diffusion-DPO's beta (its released SD1.5/SDXL value)
+
+
+@dataclass
 class RLParams:
     """Stage 2 (Eq. 3): L = dmd_weight * L_DMD + weight * L_RL, ReFL through the generator's one-step x0."""
     weight: float = knob(0.0, Range(0, 100))  # lambda; 0: no RL
-    loss: str = knob("refl", Registered())  # an objective of dmdr.rl: refl, -r (the paper) | hinge, relu(margin - r)
-    margin: float = knob(0.7, Range(-1000, 1000))
+    loss: str = knob("refl", Registered())  # an objective of dmdr.rl: refl | hinge | dpo | grpo
+    margin: float = knob(0.7, Range(-1000, 1000))  # hinge: relu(margin - r)
     reward: str = "hps"  # a reward or weighted sum: clip | hps | pick | aesthetic | clip+hps | 0.5*clip+hps
+    grpo: GrpoParams = field(default_factory=GrpoParams)
+    dpo: DpoParams = field(default_factory=DpoParams)
 
 
 @dataclass
@@ -294,6 +311,7 @@ class DistillParams:
     gradient_checkpointing: bool = False  # recompute activations in backward (real-scale memory)
     reward_chunk: int = knob(0, Range(0, 4096))  # RL: decode this many samples at a time, recomputed; 0: all at once
     micro_batches: int = knob(1, BATCH)  # each process's part of the batch in this many passes: the same update
+    samples_per_prompt: int = knob(1, BATCH)  # each drawn prompt this many times in a row in the batch (a group)
     compile: str = knob("off", OneOf(("off", "inductor", "aot_eager")))  # torch.compile each repeated block
     optimizer: str = knob("adamw", OneOf(("adamw", "adamw8bit")))  # adamw8bit: bitsandbytes, CUDA
     generator_weight_decay: float = knob(0.0, UNIT)  # AdamW's, for the generator (released: 0.01)
@@ -304,6 +322,15 @@ class DistillParams:
         yield ("cfg_jitter", "real_cfg"), self.cfg_jitter <= self.real_cfg, \
             "cfg_jitter must be at most real_cfg (a jittered CFG scale below 0)"
         yield ("micro_batches", "batch"), self.batch % self.micro_batches == 0, "micro_batches must divide batch"
+        yield ("samples_per_prompt", "batch"), self.batch % self.samples_per_prompt == 0, \
+            "samples_per_prompt must divide batch"
+        grouped = self.rl.weight > 0 and self.rl.loss in ("grpo", "dpo")
+        yield ("rl.loss", "samples_per_prompt"), not grouped or self.samples_per_prompt >= 2, \
+            f"{self.rl.loss} compares samples of one prompt: samples_per_prompt must be at least 2"
+        yield ("rl.loss", "samples_per_prompt"), not (grouped and self.rl.loss == "dpo") or \
+            self.samples_per_prompt % 2 == 0, "dpo pairs a prompt's samples: samples_per_prompt must be even"
+        yield ("rl.loss", "generator_steps"), not (grouped and self.rl.loss == "grpo") or self.generator_steps >= 2, \
+            "grpo's densities are those of the steps between the generator's levels: generator_steps must be at least 2"
         problem = reward_spec_error(self.rl.reward)
         yield ("rl.reward",), problem is None, problem
 

@@ -170,19 +170,26 @@ class Models:
 @dataclass
 class Policy:
     """The generator as an RL objective that draws its own samples sees it (dmdr.rl.Sampling): its few-step times
-    and text encoder, and the run's seeded draws (made for the whole batch, the same on every process, which keeps
-    its part)."""
+    and text encoder, the run's seeded draws (made for the whole batch, the same on every process, which keeps
+    its part), the size of a group of one prompt's samples (consecutive in the batch), and, for objectives that
+    ask for it (`needs_reference`), a frozen copy of the generator at the stage's start."""
     generator: torch.nn.Module
     times: torch.Tensor
     encode: callable  # list[str] -> cond
     draws: Draws
     latent_shape: tuple[int, int, int]
+    group: int = 1
+    reference: torch.nn.Module | None = None
 
     def noise(self) -> torch.Tensor:
         """Fresh starting noise at times[0], one per sample of this process's part of the batch."""
         scale = flow.start_noise_scale(float(self.times[0]))
-        noise = self.draws.randn(self.latent_shape)
+        noise = self.randn()
         return noise if scale == 1.0 else noise * scale
+
+    def randn(self) -> torch.Tensor:
+        """A standard normal latent per sample of this process's part of the batch."""
+        return self.draws.randn(self.latent_shape)
 
     def sample(self, noise: torch.Tensor, cond, upto: int | None = None) -> torch.Tensor:
         """The few-step ODE from `noise` (flow.sample_generator): the final x0, or the point at times[upto]."""
@@ -216,13 +223,18 @@ class DMDR:
         self.reused = None  # released: the last fake update's rollout, for the generator update
         # RL on the DMD turn's x0 (ReFL, hinge), or on samples the objective draws itself (rl.Sampling)
         self.own_samples = self.rl and rl.samples_itself(self.objective)
+        self.reference = (copy.deepcopy(plain(models.generator)).requires_grad_(False).eval()
+                          if getattr(self.objective, "needs_reference", False) else None)
+        if len(range(cfg.batch)[engine.mine]) % cfg.samples_per_prompt:
+            raise ValueError(f"samples_per_prompt {cfg.samples_per_prompt} does not divide this process's part of the "
+                             f"batch ({cfg.batch} over the processes): a prompt's samples would be split")
 
     # --- what the engine prepares ---------------------------------------------------------------------------------
 
     @property
     def networks(self) -> list:
         """The diffusion models, held in training precision."""
-        return [m for m in (self.generator, self.fake, self.real) if m is not None]
+        return [m for m in (self.generator, self.fake, self.real, self.reference) if m is not None]
 
     @property
     def backpropagated(self) -> list:
@@ -249,7 +261,8 @@ class DMDR:
 
     def bind(self, prepared: dict) -> None:
         self.generator = prepared["generator"]
-        self.policy = Policy(self.generator, self.times, self.models.encode, self.draws, self.latent_shape)
+        self.policy = Policy(self.generator, self.times, self.models.encode, self.draws, self.latent_shape,
+                             self.cfg.samples_per_prompt, self.reference)
         if self.shared:
             self.fake = self.real = prepared.get("fake", self.real)
         else:
@@ -324,13 +337,13 @@ class DMDR:
         real score at DynaDG's `scale`."""
         cfg, autocast, logs = self.cfg, self.engine.autocast, {}
         self.generator.train()
-        shared = self.distill or not self.own_samples  # the DMD turn's x0 is taken
+        takes_x0 = self.distill or not self.own_samples  # the DMD turn's x0 is taken
         if self.reused is not None:  # released: the last fake update's rollout (and its call with grad)
             (texts, cond, x_t, t_k, final, kept), self.reused = self.reused, None
         else:
             texts, cond = self.batch()
             with torch.no_grad(), autocast:
-                x_t, t_k, final = self.rollout(cond, cfg.rtdm.enabled) if shared else (None, None, None)
+                x_t, t_k, final = self.rollout(cond, cfg.rtdm.enabled) if takes_x0 else (None, None, None)
             kept = None
         if self.own_samples:
             with torch.no_grad(), autocast:
@@ -352,7 +365,7 @@ class DMDR:
             loss_dmd = loss_rl = torch.zeros((), device=self.engine.device)
             with autocast:
                 x0 = (kept if kept is not None else flow.generator_step(self.generator, x_t[part], t_k, cond_part)
-                      if shared else None)
+                      if takes_x0 else None)
                 if self.distill:
                     x_t_part = flow.renoise(x0.detach(), noise[part], t[part])
                     x0_real, x0_fake = self.scores(x_t_part, t[part], cond_part, guidance[part], scale)
@@ -399,7 +412,7 @@ class DMDR:
         return (x0_real - plain_real).abs().mean() / (x0_fake - plain_real).abs().mean().clamp_min(1e-12)
 
     def batch(self):
-        texts = self.draws.prompts(self.prompts)
+        texts = self.draws.prompts(self.prompts, self.cfg.samples_per_prompt)
         with torch.no_grad():
             cond = self.models.encode(texts)
         return texts, cond

@@ -13,9 +13,11 @@ class Draws:
         self.prng = np.random.default_rng(seed)
         self.batch, self.mine, self.device = batch, mine, device
 
-    def prompts(self, prompts: list[str]) -> list[str]:
-        """This process's part of a batch of prompts drawn with replacement."""
-        return [prompts[i] for i in self.prng.integers(len(prompts), size=self.batch)][self.mine]
+    def prompts(self, prompts: list[str], per_prompt: int = 1) -> list[str]:
+        """This process's part of a batch of prompts drawn with replacement, each drawn prompt `per_prompt` times in
+        a row (a group of samples of one prompt, which GRPO's advantages and DPO's pairs compare)."""
+        drawn = self.prng.integers(len(prompts), size=self.batch // per_prompt)
+        return [prompts[i] for i in drawn for _ in range(per_prompt)][self.mine]
 
     def randn(self, shape: tuple[int, ...]) -> torch.Tensor:
         """One standard normal tensor of `shape` per sample."""

@@ -194,14 +194,14 @@ class Engine:
     def _prepared(self, model, opt, schedule) -> tuple:
         """A model with its optimizer (and schedule), in one call as FSDP requires; under DeepSpeed each by its own
         Accelerator, as an engine trains one model."""
-        objects = (model, opt) + ((schedule,) if schedule else ())
-        if not self.deepspeed:
-            return (*self.acc.prepare(*objects), None)[:3]
-        by = Accelerator(cpu=not torch.cuda.is_available()) if self.engines else self.acc
-        by.gradient_accumulation_steps = self.cfg.micro_batches  # as DeepSpeed's config has them (silences a warning)
-        prepared = (*by.prepare(*objects), None)[:3]
-        self.engines.append(prepared[0])
-        return prepared
+        by = self.acc
+        if self.deepspeed:
+            by = Accelerator(cpu=not torch.cuda.is_available()) if self.engines else self.acc
+            by.gradient_accumulation_steps = self.cfg.micro_batches  # as DeepSpeed's config has them (no warning)
+        model, opt, *schedule = by.prepare(model, opt, *([schedule] if schedule else []))
+        if self.deepspeed:
+            self.engines.append(model)
+        return model, opt, schedule[0] if schedule else None
 
     def _describe(self) -> None:
         acc = self.acc
@@ -287,7 +287,7 @@ class Engine:
         if not self.deepspeed:
             held.optimizer.zero_grad(set_to_none=True)
         if held.trainee.ema is not None:
-            held.trainee.ema.step(self.unwrap(held.model).parameters())
+            held.trainee.ema.step(held.trainee.model.parameters())  # the module the prepared model wraps
         return mean
 
     # --- what the loop uses -------------------------------------------------------------------------------------

@@ -1,0 +1,88 @@
+"""The rule that sets lambda of the RL objectives the paper gives no lambda for (DPO, GRPO): each gets the lambda at
+which its RL gradient, on the stage-1 generator where stage 2 starts, has the mean norm that ReFL's has at the
+paper's lambda (0.5 in `dmdr-4`), rounded to two significant digits. Measured here, before any of their runs, on the
+world's teacher and reward: the generator's gradient norm of each loss alone (L_DMD for scale, and each RL
+objective with lambda 1) over `--batches` batches of the recipe's size, its groups of `samples_per_prompt`.
+
+    python benchmarks/rl_gradient_norms.py [--init models/distill/dmdr-stage1-4] [--batches 8] [--out FILE]
+"""
+import argparse
+import dataclasses
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from dmdr import config, distill  # noqa: E402
+from dmdr.draws import Draws  # noqa: E402
+from dmdr.embedded import WorldTeacher  # noqa: E402
+from dmdr.loop import Engine  # noqa: E402
+from dmdr.models import load_backbone  # noqa: E402
+from dmdr.prompts import load_prompts  # noqa: E402
+from dmdr.rewards import load_reward  # noqa: E402
+from dmdr.standins import World  # noqa: E402
+
+LOSSES = {"DMD": {"dmd_weight": 1.0, "rl": {"weight": 0.0}},
+          "ReFL": {"dmd_weight": 0.0, "rl": {"weight": 1.0, "loss": "refl"}},
+          "DPO": {"dmd_weight": 0.0, "rl": {"weight": 1.0, "loss": "dpo"}},
+          "GRPO": {"dmd_weight": 0.0, "rl": {"weight": 1.0, "loss": "grpo"}}}
+
+
+def gradient_norms(cfg, teacher, start, start_fake, reward, prompts, batches: int) -> list[float]:
+    """The generator's gradient norm of the loss `cfg` makes (one generator step's, no update), per batch."""
+    models = distill.init_models(teacher.model, teacher.encode, teacher.uncond, start, start_fake, cfg,
+                                 decode=teacher.decode, reward=reward, latent_shape=teacher.latent_shape)
+    engine = Engine(cfg)
+    method = distill.DMDR(cfg, models, prompts, Draws(0, cfg.batch, engine.mine, engine.device), engine)
+    engine.prepare(method)
+    params = [p for p in method.generator.parameters() if p.requires_grad]
+    norms = []
+
+    def measure(name, loss_of, step):
+        loss, _ = loss_of(slice(0, cfg.batch))
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        norms.append(float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))))
+        return loss.detach(), {}
+    engine.fit = measure
+    for step in range(batches):
+        method.generator_step(step, 0.0)
+    return norms
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--init", default="models/distill/dmdr-stage1-4")
+    ap.add_argument("--recipe", default="dmdr-4", help="the stage-2 recipe whose settings (and lambda) are ReFL's")
+    ap.add_argument("--samples-per-prompt", type=int, default=4)
+    ap.add_argument("--batches", type=int, default=8)
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    p = config.load("params.yaml")
+    base = config.recipe(p, a.recipe)
+    torch.manual_seed(p.seed)
+    world = World.load()
+    teacher = WorldTeacher(world)
+    start = teacher.wrap(load_backbone(Path(a.init), world.latent_shape))
+    start_fake = teacher.wrap(load_backbone(Path(a.init) / "fake", world.latent_shape))
+    reward = load_reward(base.rl.reward)
+    prompts = load_prompts("data/prompts/train.txt")
+    means = {}
+    for name, over in LOSSES.items():
+        cfg = config.build(config.DistillParams, config.deep_merge(
+            dataclasses.asdict(base), over | {"samples_per_prompt": a.samples_per_prompt}))
+        means[name] = statistics.mean(gradient_norms(cfg, teacher, start, start_fake, reward, prompts, a.batches))
+    refl = base.rl.weight * means["ReFL"]
+    lines = [f"generator gradient norms on {a.init}, batch {base.batch} ({a.samples_per_prompt} samples a prompt), "
+             f"mean of {a.batches} batches; ReFL at the lambda of {a.recipe} ({base.rl.weight}): {refl:.4g}"]
+    for name, norm in means.items():
+        rule = f"   lambda {float(f'{refl / norm:.2g}'):g}" if name in ("DPO", "GRPO") else ""
+        lines.append(f"{name:5s} |grad L| {norm:10.4g}{rule}")
+    print("\n".join(lines))
+    if a.out:
+        Path(a.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
