@@ -132,6 +132,8 @@ BAD = [
      "evaluate.models: names must be letters"),
     ({"presets": {"a/b": {"teacher": "t"}}}, "presets: names must be letters"),
     ({"recipes": {".hidden": {"init": "models/world/teacher"}}}, "recipes: names must be letters"),
+    ({"recipes": {"dmdr-4-lambda-0.1": {"init": "models/world/teacher"}}}, "a DVC stage's name"),
+    ({"evaluate": {"models": {"m1.0": {"checkpoint": "models/world/teacher", "steps": 4}}}}, "a DVC stage's name"),
     # new: a YAML 1.1 boolean where a word is meant
     ({"distill": {"mixed_precision": False}}, "distill.mixed_precision: expected str, got bool False (a YAML 1.1 "
                                              "reader turns no/off/yes/on into booleans: quote the word"),

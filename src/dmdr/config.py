@@ -86,12 +86,17 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
 @dataclass(frozen=True)
 class Names:
     """A mapping whose keys name directories and files (recipes, models, presets): letters, digits and ._+- only,
-    so that no name reaches outside the directory it names a part of (`../x` would)."""
+    so that no name reaches outside the directory it names a part of (`../x` would). `stages`: the names are also
+    DVC stages' (foreach keys), whose params DVC reads by dotted path, so a dot is refused too."""
+    stages: bool = False
 
     def error(self, v) -> str | None:
-        bad = [k for k in v if not isinstance(k, str) or not NAME.fullmatch(k)]
-        return (f"names must be letters, digits and . _ + - (starting with a letter or digit, at most 100), got "
-                f"{bad[0]!r}") if bad else None
+        bad = [k for k in v if not isinstance(k, str) or not NAME.fullmatch(k) or (self.stages and "." in k)]
+        if not bad:
+            return None
+        chars = "letters, digits and _ + -" + ("" if self.stages else " .")
+        why = " (a DVC stage's name: DVC reads its params by a dotted path)" if self.stages else ""
+        return f"names must be {chars} (starting with a letter or digit, at most 100){why}, got {bad[0]!r}"
 
 
 def _num(x) -> str:
@@ -124,7 +129,7 @@ class PromptsParams:
     n_train: int = knob(2000, Range(1, 1_000_000))
     test_per_tag: int = knob(24, Range(1, 100_000))
     n_test_dense: int = knob(96, Range(0, 100_000))
-    extra_files: dict = knob({}, Names())  # name: a real prompt file, each converted by the stage extra_prompts@name
+    extra_files: dict = knob({}, Names(stages=True))  # name: a real prompt file, each converted by the stage extra_prompts@name
 
     def relations(self):
         bad = [k for k, v in self.extra_files.items() if not isinstance(v, str) or not v.strip()]
@@ -347,7 +352,7 @@ class EvalModel:
 class EvaluateParams:
     images_per_prompt: int = knob(4, Range(1, 64))
     batch: int = knob(256, BATCH)
-    models: dict = knob({}, Names())  # name -> EvalModel
+    models: dict = knob({}, Names(stages=True))  # name -> EvalModel
 
 
 @dataclass
@@ -391,7 +396,7 @@ class Params:
     world: WorldParams = field(default_factory=WorldParams)
     distill: DistillParams = field(default_factory=DistillParams)
     rewards: RewardsParams = field(default_factory=RewardsParams)
-    recipes: dict = knob({}, Names())  # name -> DistillParams overrides
+    recipes: dict = knob({}, Names(stages=True))  # name -> DistillParams overrides
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     real: RealParams = field(default_factory=RealParams)
     presets: dict = knob({}, Names())  # name -> PresetParams

@@ -27,9 +27,22 @@ TABLE1_COLUMNS = ["nfe", "clip_score", "aesthetic", "pick", "hps", "gold", "gene
 # Table 2: multi-step RL, multi-step RL then distillation, joint
 TABLE2 = ["teacher", "teacher-refl", "teacher-refl-then-dmd-4", "dmdr-4"]
 TABLE2_COLUMNS = ["nfe", "hps", "dpg_overall", "gold", "geneval_overall", "sec_per_image"]
+# Table 5: stage 2 from the one stage-1 init (dmdr-stage1-4) with one setting of dmdr-4 changed; dmdr-4 itself is
+# the hps row of (a), the ReFL row of (b) and the lambda 0.5 row of (c)
+REWARD_METRICS = {"pick": "pick", "aesthetic": "aesthetic", "clip": "clip_score", "hps": "hps"}  # reward: its metric
+TABLE5 = {"a": ("reward model", "rm", ["pick", "aesthetic", "clip", "hps", "clip+hps"], "hps"),
+          "b": ("RL algorithm", "rl", ["refl", "dpo", "grpo"], "refl"),
+          "c": ("lambda", "lambda", ["0p1", "0p5", "1p0", "2p0"], "0p5")}  # 0p1: lambda 0.1 (a dot is no DVC name)
+TABLE5_COLUMNS = ["clip_score", "aesthetic", "pick", "hps", "gold", "dpg_overall"]
 ALL_COLUMNS = ["nfe", "hps", "pick", "aesthetic", "clip_score", "gold", "geneval_overall", "dpg_overall", "sec_per_image"]
 CURVE_METRICS = ["reward_train", "reward_test", "dpg_overall", "gold"]
 EARLY = (10, 50)  # the cold-start window of C3 and C4, generator steps (DynaDG and DynaRS anneal away by step 50)
+
+
+def table5_model(part: str, value: str) -> str:
+    """The model of Table 5's part (a, b or c) with that setting: dmdr-4 where it is dmdr-4's own."""
+    _, key, _, own = TABLE5[part]
+    return "dmdr-4" if value == own else f"dmdr-4-{key}-{value}"
 
 
 def summary(models: list[str], results: Path = RESULTS) -> dict:
@@ -332,7 +345,49 @@ def claims(p, summ: dict, results: Path = RESULTS) -> list[dict]:
                   for a in ablations]
         out.append(_claim("C4", f"DynaDG and DynaRS improve early training: stage 1 with both beats it without "
                           f"either, mean test reward over curve steps {EARLY[0]}-{EARLY[1]}", checks, 1))
+    return out + table5_claims(pairs)
+
+
+def table5_claims(pairs: Pairs) -> list[dict]:
+    """C6 in three parts, on Table 5's models (one training seed each): (a) each reward model lifts its own metric
+    most, above every other single reward's run; (b) every RL algorithm beats the stage-1 init on the training reward
+    (hps); (c) too high a lambda lowers dpg_overall: lambda 2.0 below the default 0.5."""
+    out, rm = [], lambda r: table5_model("a", r)
+    if pairs.have(*(rm(r) for r in REWARD_METRICS)):
+        checks = [pairs.check(f"{rm(r)} above {rm(o)} on {metric}", metric, rm(r), rm(o))
+                  for r, metric in REWARD_METRICS.items() for o in REWARD_METRICS if o != r]
+        out.append(_claim("C6a", "each reward model lifts its own metric most: stage 2 on one reward scores above "
+                          "stage 2 on each other single reward on that reward's metric", checks, 1))
+    algorithms = [table5_model("b", a) for a in TABLE5["b"][2]]
+    if pairs.have("dmdr-stage1-4", *algorithms):
+        checks = [pairs.check(f"{m} above dmdr-stage1-4 on hps", "hps", m, "dmdr-stage1-4") for m in algorithms]
+        out.append(_claim("C6b", "every RL algorithm (ReFL, DPO, GRPO) beats the stage-1 init on the training reward",
+                          checks, 1))
+    high = table5_model("c", "2p0")
+    if pairs.have("dmdr-4", high):
+        out.append(_claim("C6c", "too high a lambda lowers dpg_overall: lambda 0.5 (dmdr-4) above lambda 2.0",
+                          [pairs.check(f"dmdr-4 above {high} on dpg_overall", "dpg_overall", "dmdr-4", high)], 1))
     return out
+
+
+def plot_lambda(summ: dict, out: Path | None = None):
+    """Table 5(c) as a figure: each metric of stage 2 against its lambda, the stage-1 init as a dotted line."""
+    values = [v for v in TABLE5["c"][2] if table5_model("c", v) in summ]
+    metrics = ["hps", "gold", "geneval_overall", "dpg_overall"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 2.8))
+    for ax, k in zip(axes, metrics):
+        ax.plot([float(v.replace("p", ".")) for v in values], [summ[table5_model("c", v)].get(k, np.nan) for v in values], "o-")
+        if k in summ.get("dmdr-stage1-4", {}):
+            ax.axhline(summ["dmdr-stage1-4"][k], ls=":", c="gray", label="stage-1 init")
+        ax.set_xscale("log")
+        ax.set_xlabel("lambda")
+        ax.set_title(k)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Table 5(c) analogue: the RL weight lambda in stage 2 (ReFL on hps, from dmdr-stage1-4)")
+    fig.tight_layout()
+    if out is not None:
+        fig.savefig(out, dpi=110)
+    return fig
 
 
 def claims_markdown(items: list[dict]) -> str:
@@ -362,6 +417,12 @@ def build(p, results: Path = RESULTS) -> dict:
                           "Table 1 analogue: rewards (hps is the training reward) and held-out quality"),
               write_table({m: summ[m] for m in TABLE2 if m in summ}, TABLE2_COLUMNS, results / "tables" / "table2",
                           "Table 2 analogue: multi-step RL on the teacher (teacher-refl), then distilled, vs joint DMDR"),
+              *[write_table({("dmdr-stage1-4 (init)" if m == "dmdr-stage1-4" else m): summ[m]
+                             for m in ["dmdr-stage1-4"] + [table5_model(part, v) for v in values] if m in summ},
+                            TABLE5_COLUMNS, results / "tables" / f"table5{part}",
+                            f"Table 5({part}) analogue: the {what} of stage 2, from the one stage-1 init (dmdr-4: "
+                            f"{key} {own}; one training seed each)")
+                for part, (what, key, values, own) in TABLE5.items()],
               write_table(summ, ALL_COLUMNS, results / "tables" / "all_models", "Every evaluated model")]
     items = claims(p, summ, results)
     write_json(items, results / "claims.json")
@@ -397,6 +458,9 @@ def build(p, results: Path = RESULTS) -> dict:
         if any(n in p.recipes and stitched_curve(p, n) for names in groups.values() for n in names):
             plot_paradigms(p, groups, title, out=figs / fname, **kw)
             figures.append(figs / fname)
+    if sum(table5_model("c", v) in summ for v in TABLE5["c"][2]) > 1:
+        plt.close(plot_lambda(summ, out=figs / "table5_lambda.png"))
+        figures.append(figs / "table5_lambda.png")
     if (results / "metrics" / "rewards.json").exists():
         plot_reward_agreement(results / "metrics" / "rewards.json", out=figs / "reward_agreement.png")
         figures.append(figs / "reward_agreement.png")
@@ -431,7 +495,7 @@ def readme_results(results: Path = RESULTS) -> str:
                      f"{r['pick_agreement']:.3f}, aesthetic {r['aesthetic_agreement']:.3f} (with gold's aesthetic half: "
                      f"{r['aesthetic_agreement_with_gold_aesthetics']:.3f}); trained on {r['train_pairs']} noisy pairs in "
                      f"{r['minutes']:.1f} min.")
-    for name in ("table1", "table2", "distill", "all_models"):
+    for name in ("table1", "table2", "table5a", "table5b", "table5c", "distill", "all_models"):
         table = results / "tables" / f"{name}.md"
         if table.exists():
             parts.append(table.read_text().strip())
@@ -465,7 +529,7 @@ def readme_results(results: Path = RESULTS) -> str:
         for other in sorted(bench.parent.glob(bench.stem + "_*.txt")):
             parts.append(f"The same call's part `{other.stem.split('_')[-1]}` (`{other.as_posix()}`, "
                          f"`benchmarks/device_check.sh`):\n\n```\n{other.read_text().strip()}\n```")
-    for fig in ["figure3_paradigms.png", "figure4_rtdm.png", "cold_start.png", "reward_agreement.png",
+    for fig in ["figure3_paradigms.png", "figure4_rtdm.png", "cold_start.png", "table5_lambda.png", "reward_agreement.png",
                 "teacher_accuracy.png", "distill_curves.png"] + [f"samples_{m}.png" for m in ("teacher", "dmd2-4", "dmdr-4",
                                                                                              "dmd-then-rl-4", "dmdr-1")]:
         if (results / "figures" / fig).exists():
