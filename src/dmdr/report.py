@@ -27,6 +27,10 @@ TABLE1_COLUMNS = ["nfe", "clip_score", "aesthetic", "pick", "hps", "gold", "gene
 # Table 2: multi-step RL, multi-step RL then distillation, joint
 TABLE2 = ["teacher", "teacher-refl", "teacher-refl-then-dmd-4", "dmdr-4"]
 TABLE2_COLUMNS = ["nfe", "hps", "dpg_overall", "gold", "geneval_overall", "sec_per_image"]
+# Tables 3 and 4: the GenEval analogue per tag and the DPG analogue per category, teacher against DMD2 and DMDR;
+# Figure 7: their samples of the same prompts from the same noise
+TABLE34 = ["teacher", "dmd2-4", "dmdr-4"]
+FIGURE7 = ["teacher", "dmd2-4", "dmdr-4"]
 # Table 5: stage 2 from the one stage-1 init (dmdr-stage1-4) with one setting of dmdr-4 changed; dmdr-4 itself is
 # the hps row of (a), the ReFL row of (b) and the lambda 0.5 row of (c)
 REWARD_METRICS = {"pick": "pick", "aesthetic": "aesthetic", "clip": "clip_score", "hps": "hps"}  # reward: its metric
@@ -91,6 +95,34 @@ def sample_grid(npz: str | Path, title: str = "", out: Path | None = None):
     fig.suptitle(title)
     fig.tight_layout()
     if out:
+        fig.savefig(out, dpi=130)
+    return fig
+
+
+def side_by_side(samples: dict[str, Path], prompts: int = 8, out: Path | None = None):
+    """Figure 7: a row per model, a column per prompt: the first image of `prompts` test prompts spread evenly over
+    the test set. The evaluator samples every model's image at one position from the same noise, so a column is one
+    prompt and one starting noise."""
+    data = {m: np.load(f) for m, f in samples.items()}
+    texts = next(iter(data.values()))["texts"]
+    firsts = [i for i in range(len(texts)) if i == 0 or texts[i] != texts[i - 1]]
+    pick = firsts[:: max(1, len(firsts) // prompts)][:prompts]
+    fig, axes = plt.subplots(len(data), len(pick), figsize=(len(pick) * 1.7, len(data) * 1.8 + 0.6), squeeze=False)
+    for r, (model, d) in enumerate(data.items()):
+        if not np.array_equal(d["texts"], texts):
+            raise ValueError(f"{samples[model]}: sampled on other prompts than {next(iter(samples.values()))}")
+        for c, i in enumerate(pick):
+            ax = axes[r, c]
+            ax.imshow(d["images"][i], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(textwrap.fill(str(texts[i]), 18), fontsize=6)
+            if c == 0:
+                ax.set_ylabel(model, fontsize=8)
+    fig.suptitle("Figure 7 analogue: the same prompts from the same noise", fontsize=9)
+    fig.tight_layout()
+    if out is not None:
         fig.savefig(out, dpi=130)
     return fig
 
@@ -415,13 +447,18 @@ def build(p, results: Path = RESULTS) -> dict:
                           "Teacher (50 steps, CFG) vs DMD2 4-step and 1-step generators (embedded world, test prompts; teacher-4: the undistilled teacher in the 4-step sampler)"),
               write_table({m: summ[m] for m in TABLE1 if m in summ}, TABLE1_COLUMNS, results / "tables" / "table1",
                           "Table 1 analogue: rewards (hps is the training reward) and held-out quality"),
+              write_table({m: summ[m] for m in TABLE34 if m in summ}, ["geneval_overall"] + [f"geneval_{t}" for t in GENEVAL_TAGS],
+                          results / "tables" / "table3", "Table 3 analogue: the GenEval analogue per tag (flow teacher)"),
+              write_table({m: summ[m] for m in TABLE34 if m in summ}, ["dpg_overall"] + sorted(
+                  {k for m in TABLE34 for k in summ.get(m, {}) if k.startswith("dpg_") and k != "dpg_overall"}),
+                          results / "tables" / "table4", "Table 4 analogue: the DPG analogue per category (flow teacher)"),
               write_table({m: summ[m] for m in TABLE2 if m in summ}, TABLE2_COLUMNS, results / "tables" / "table2",
                           "Table 2 analogue: multi-step RL on the teacher (teacher-refl), then distilled, vs joint DMDR"),
               *[write_table({("dmdr-stage1-4 (init)" if m == "dmdr-stage1-4" else m): summ[m]
                              for m in ["dmdr-stage1-4"] + [table5_model(part, v) for v in values] if m in summ},
                             TABLE5_COLUMNS, results / "tables" / f"table5{part}",
                             f"Table 5({part}) analogue: the {what} of stage 2, from the one stage-1 init (dmdr-4: "
-                            f"{key} {own}; one training seed each)")
+                            f"{what} {own.replace('p', '.') if part == 'c' else own}; one training seed each)")
                 for part, (what, key, values, own) in TABLE5.items()],
               write_table(summ, ALL_COLUMNS, results / "tables" / "all_models", "Every evaluated model")]
     items = claims(p, summ, results)
@@ -458,6 +495,10 @@ def build(p, results: Path = RESULTS) -> dict:
         if any(n in p.recipes and stitched_curve(p, n) for names in groups.values() for n in names):
             plot_paradigms(p, groups, title, out=figs / fname, **kw)
             figures.append(figs / fname)
+    shown = {m: results / "samples" / f"{m}.npz" for m in FIGURE7 if (results / "samples" / f"{m}.npz").exists()}
+    if len(shown) > 1:
+        plt.close(side_by_side(shown, out=figs / "figure7_side_by_side.png"))
+        figures.append(figs / "figure7_side_by_side.png")
     if sum(table5_model("c", v) in summ for v in TABLE5["c"][2]) > 1:
         plt.close(plot_lambda(summ, out=figs / "table5_lambda.png"))
         figures.append(figs / "table5_lambda.png")
@@ -495,7 +536,7 @@ def readme_results(results: Path = RESULTS) -> str:
                      f"{r['pick_agreement']:.3f}, aesthetic {r['aesthetic_agreement']:.3f} (with gold's aesthetic half: "
                      f"{r['aesthetic_agreement_with_gold_aesthetics']:.3f}); trained on {r['train_pairs']} noisy pairs in "
                      f"{r['minutes']:.1f} min.")
-    for name in ("table1", "table2", "table5a", "table5b", "table5c", "distill", "all_models"):
+    for name in ("table1", "table2", "table3", "table4", "table5a", "table5b", "table5c", "distill", "all_models"):
         table = results / "tables" / f"{name}.md"
         if table.exists():
             parts.append(table.read_text().strip())
@@ -529,7 +570,8 @@ def readme_results(results: Path = RESULTS) -> str:
         for other in sorted(bench.parent.glob(bench.stem + "_*.txt")):
             parts.append(f"The same call's part `{other.stem.split('_')[-1]}` (`{other.as_posix()}`, "
                          f"`benchmarks/device_check.sh`):\n\n```\n{other.read_text().strip()}\n```")
-    for fig in ["figure3_paradigms.png", "figure4_rtdm.png", "cold_start.png", "table5_lambda.png", "reward_agreement.png",
+    for fig in ["figure3_paradigms.png", "figure4_rtdm.png", "figure7_side_by_side.png", "cold_start.png",
+                "table5_lambda.png", "reward_agreement.png",
                 "teacher_accuracy.png", "distill_curves.png"] + [f"samples_{m}.png" for m in ("teacher", "dmd2-4", "dmdr-4",
                                                                                              "dmd-then-rl-4", "dmdr-1")]:
         if (results / "figures" / fig).exists():
