@@ -49,3 +49,17 @@ def test_three_verdicts():
     assert verdict([[0.1, 0.2], [-0.1, 0.3]]) == "inconclusive"
     assert verdict([[0.1, 0.2], None]) == "inconclusive"
     assert verdict([]) == "inconclusive"
+
+
+def test_the_gap_closed_is_the_students_share_of_the_distance_from_base_to_teacher():
+    """A student halfway from the base to the teacher on every prompt closes 0.5 of the gap, within a tight interval
+    despite a large spread between prompts; a base at the teacher's level leaves no gap to close."""
+    from dmdr.paired import gap_closed
+    rng = np.random.default_rng(0)
+    base = rng.normal(0, 1.0, 200)
+    teacher = base + 0.4 + rng.normal(0, 0.01, 200)
+    student = base + 0.2
+    pv = lambda v: [PromptValues(v, np.zeros(len(v), int), {0: 1.0})]
+    f, (low, high) = gap_closed(pv(student), pv(base), pv(teacher))
+    assert f == pytest.approx(0.5, abs=0.01) and low < 0.5 < high and high - low < 0.05
+    assert np.isnan(gap_closed(pv(student), pv(teacher), pv(teacher))[0])

@@ -73,6 +73,31 @@ def difference(a: list[PromptValues], b: list[PromptValues], n_boot: int = 4000,
     return point, [float(low), float(high)]
 
 
+def gap_closed(student: list[PromptValues], base: list[PromptValues], teacher: list[PromptValues],
+               n_boot: int = 4000, seed: int = 0) -> tuple[float, list[float]]:
+    """(metric(student) - metric(base)) / (metric(teacher) - metric(base)): the fraction of the base's gap to the
+    teacher that the student closes (1: all of it, 0: none, below 0: the gap widened, above 1: past the teacher), and
+    its 95% percentile interval from the paired bootstrap: one draw of prompts (within their strata) for all three,
+    each side's seeds resampled with replacement. Undefined (nan) where the base is not below the teacher."""
+    strata, weights = student[0].strata, student[0].weights
+    sides = [np.stack([x.values for x in side]) for side in (student, base, teacher)]
+    if len({a.shape[1] for a in sides}) > 1:
+        raise ValueError("paired comparison of models evaluated on different prompts: evaluate them again")
+    s, b, t = (float(metric_of(a.mean(0), strata, weights)) for a in sides)
+    if not t > b:
+        return float("nan"), [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    seeded = [a[rng.integers(len(a), size=(n_boot, len(a)))].mean(1) for a in sides]  # (n_boot, prompts) each
+    drawn = np.zeros((3, n_boot))
+    for stratum, w in weights.items():
+        idx = np.flatnonzero(strata == stratum)
+        pick = idx[rng.integers(len(idx), size=(n_boot, len(idx)))]
+        drawn += [w * np.take_along_axis(v, pick, axis=1).mean(1) for v in seeded]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        low, high = np.nanpercentile((drawn[0] - drawn[1]) / (drawn[2] - drawn[1]), [2.5, 97.5])
+    return (s - b) / (t - b), [float(low), float(high)]
+
+
 def verdict(intervals: list[list[float] | None]) -> str:
     """'holds' when every check's interval lies above 0, 'does not hold' when one lies below 0, else
     'inconclusive' (an interval that covers 0, or a check that could not be measured)."""

@@ -305,6 +305,13 @@ class Pairs:
         d, ci = difference(self.values(better, metric), self.values(other, metric), seed=self.p.seed)
         return {"name": name, "metric": metric, "models": [better, other], "difference": d, "ci95": ci}
 
+    def gap_closed(self, metric: str, student: str, base: str, teacher: str) -> dict:
+        """The fraction of `base`'s gap to `teacher` on `metric` that `student` closes, with its 95% interval."""
+        from .paired import gap_closed
+        f, ci = gap_closed(self.values(student, metric), self.values(base, metric), self.values(teacher, metric),
+                           seed=self.p.seed)
+        return {"metric": metric, "models": [student, base, teacher], "fraction": f, "ci95": ci}
+
 
 def window_values(p, name: str, metric: str, results: Path = RESULTS):
     """A root recipe's per-image `metric` averaged over the curve steps of the EARLY window (from
@@ -354,6 +361,9 @@ def claims(p, summ: dict, results: Path = RESULTS) -> list[dict]:
         out.append(_claim("C1", "dmdr-4 beats the teacher and DMD (dmd2-4, and dmd2-4-long: DMD for as many steps) on "
                           "hps and on the held-out metrics gold, geneval_overall, dpg_overall", checks,
                           len(seeds_of(p, "dmdr-4"))))
+        if pairs.have("dmd2-4-long"):  # beside the verdict, not part of it
+            out[-1]["gap_closed"] = [pairs.gap_closed(k, "dmdr-4", "dmd2-4-long", "teacher")
+                                     for k in ("gold", "geneval_overall", "dpg_overall")]
 
     rl, joint = "dmd-then-rl-4", "dmd-then-joint-4"
     if pairs.have(rl, joint, "dmd2-4"):
@@ -433,6 +443,13 @@ def claims_markdown(items: list[dict]) -> str:
             ci = "-" if k["ci95"] is None else f"[{fmt(k['ci95'][0])}, {fmt(k['ci95'][1])}]"
             lines.append(f"| {k['name']} | {k['metric']} | {'-' if k['difference'] is None else fmt(k['difference'])} "
                          f"| {ci} |")
+        if c.get("gap_closed"):
+            student, base, teacher = c["gap_closed"][0]["models"]
+            lines += ["", f"Beside the verdict: the fraction of {base}'s gap to the {teacher} that {student} closes "
+                          f"(1: all of it; below 0: wider): " + "; ".join(
+                              f"{g['metric']} {fmt(g['fraction'])} [{fmt(g['ci95'][0])}, {fmt(g['ci95'][1])}]"
+                              if g["fraction"] == g["fraction"] else f"{g['metric']}: no gap"
+                              for g in c["gap_closed"]) + "."]
         parts.append("\n".join(lines))
     return "\n\n".join(parts) if parts else "_No claims checked yet: run the main command._"
 
