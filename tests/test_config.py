@@ -116,6 +116,9 @@ BAD = [
     ({"distill": {"real_cfg": 1.0, "cfg_jitter": 2.0}}, "distill.cfg_jitter, distill.real_cfg: cfg_jitter must be at "
                                                        "most real_cfg"),
     ({"distill": {"batch": 16, "micro_batches": 3}}, "distill.micro_batches, distill.batch: micro_batches must divide"),
+    ({"distill": {"rtdm": {"normalise": "prompt"}}},
+     "distill.rtdm.normalise, distill.samples_per_prompt: per-prompt RT-DM weights need several samples"),
+    ({"distill": {"rl": {"weight": 0.5, "loss": "grpo"}}}, "distill.rl.loss, distill.samples_per_prompt: grpo compares"),
     ({"world": {"teacher": {"channels": []}}}, "world.teacher.channels: must list 1 to 4 blocks"),
     ({"world": {"teacher": {"channels": [64, 64], "head_dim": 24}}},
      "world.teacher.channels, world.teacher.head_dim: every channel count must be a multiple of head_dim"),

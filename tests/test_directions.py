@@ -214,3 +214,13 @@ def test_rtdm_with_a_tilted_fake_score_moves_samples_toward_the_tilt(clip):
         return mean_sample(models, cfg)[0]
     untilted, tilted = brightness_after(False), brightness_after(True)
     assert tilted > untilted + 0.002, (untilted, tilted)
+
+
+def test_per_prompt_rtdm_sets_beta_by_its_rule_before_training(clip):
+    """rtdm.target_ess sets beta before training from the start generator's own samples, so that the first step's
+    weights keep about that fraction of each prompt's run of samples (the probe batch is not the first step's)."""
+    cfg, _, models = tiny_models(clip, "unet", {"steps": 1, "batch": 8, "samples_per_prompt": 4,
+                                                "rtdm": {"enabled": True, "normalise": "prompt", "target_ess": 0.5}},
+                                 reward=Brightness())
+    rows = train(cfg, models, PROMPTS, seed=0)
+    assert 1.2 < rows[1]["rtdm_ess"] < 3.2  # of 4

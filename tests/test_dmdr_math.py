@@ -176,3 +176,26 @@ def test_the_effective_sample_size_of_rtdm_weights_falls_as_beta_falls():
     ess = [float(effective_sample_size(rtdm_weights(r, beta))) for beta in (100.0, 0.25, 0.05, 0.001)]
     assert ess[0] == pytest.approx(16, rel=1e-3) and ess[-1] == pytest.approx(1, rel=1e-3)
     assert all(a > b for a, b in zip(ess, ess[1:]))
+
+
+def test_per_prompt_rtdm_weights_tilt_each_prompts_samples_on_their_own():
+    from dmdr.distill import effective_sample_size, rtdm_weights
+    r = torch.tensor([0.1, 0.3, 0.2, 0.9, 0.5, 0.7])
+    w = rtdm_weights(r, 0.1, group=3)
+    assert torch.allclose(w.reshape(2, 3).sum(1), torch.tensor([3.0, 3.0]))  # each prompt's run keeps its mass
+    shifted = r + torch.tensor([0.0, 0.0, 0.0, 5.0, 5.0, 5.0])  # one prompt's rewards all higher
+    assert torch.allclose(rtdm_weights(shifted, 0.1, group=3), w)  # per prompt: nothing changes
+    assert not torch.allclose(rtdm_weights(shifted, 0.1), rtdm_weights(r, 0.1))  # batch-wide: prompts re-weighted
+    assert torch.equal(rtdm_weights(r, 0.1, group=6), rtdm_weights(r, 0.1))
+    assert float(effective_sample_size(w, 3)) < 3 and float(effective_sample_size(torch.ones(6), 3)) == 3
+
+
+@pytest.mark.parametrize("group", [0, 4])
+def test_the_beta_rule_gives_the_target_effective_sample_size(group):
+    from dmdr.distill import beta_for_ess, effective_sample_size, rtdm_weights
+    r = torch.randn(16, generator=torch.Generator().manual_seed(0)) * 0.05
+    for fraction in (0.3, 0.5, 0.9):
+        beta = beta_for_ess(r, fraction, group)
+        ess = float(effective_sample_size(rtdm_weights(r, beta, group=group), group))
+        assert ess == pytest.approx(fraction * (group or 16), rel=1e-3)
+    assert beta_for_ess(r * 10, 0.5, group) == pytest.approx(10 * beta_for_ess(r, 0.5, group), rel=1e-3)

@@ -238,6 +238,11 @@ def test_the_real_runner_trains_both_stages_of_a_preset_exports_and_scores(sd3, 
     prefix = "presets.tiny-sd3.reward_models.hps.train_prompt_prefix"
     real.run(config.load(params, config.overrides([f"{prefix}=A sketch"])))
     assert weights.stat().st_mtime == before  # both stages exported with these settings: nothing retrains
+    saved = json.loads((out / "dmdr" / TRAINING_FILE).read_text())
+    del saved["settings"]["stage"]["samples_per_prompt"]  # as an export made before dmdr had the setting
+    (out / "dmdr" / TRAINING_FILE).write_text(json.dumps(saved))
+    real.run(config.load(params, config.overrides([f"{prefix}=A sketch"])))
+    assert weights.stat().st_mtime == before  # a setting added later, at its default: no change, reused
     with pytest.raises(config.ParamsError, match=r"dmdr was trained with other settings.*"
                        r"reward_models\.hps\.train_prompt_prefix: 'A sketch' then, 'A photo' now"):
         real.run(config.load(params))  # stage 2's reward differs: refused, not reused or overwritten

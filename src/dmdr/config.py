@@ -226,6 +226,8 @@ class RtdmParams:
     beta: float = knob(0.05, Range(0, 100, above=True))  # temperature of the tilt p_real(x) exp(r(x) / beta)
     form: str = knob("exp", OneOf(("exp", "reward")))  # exp: w = B softmax(r / beta) | reward: w = r / mean(r)
     tilt_fake: bool = False  # also train the fake score on exp(-r / beta)-weighted samples: the exact tilted optimum
+    normalise: str = knob("batch", OneOf(("batch", "prompt")))  # weights over the batch | each prompt's samples
+    target_ess: float = knob(0.0, UNIT)  # > 0: beta set before training so the weights keep this fraction (ESS)
 
 
 @dataclass
@@ -329,6 +331,8 @@ class DistillParams:
         yield ("micro_batches", "batch"), self.batch % self.micro_batches == 0, "micro_batches must divide batch"
         yield ("samples_per_prompt", "batch"), self.batch % self.samples_per_prompt == 0, \
             "samples_per_prompt must divide batch"
+        yield ("rtdm.normalise", "samples_per_prompt"), self.rtdm.normalise == "batch" or self.samples_per_prompt > 1, \
+            "per-prompt RT-DM weights need several samples of each prompt (samples_per_prompt > 1)"
         grouped = self.rl.weight > 0 and self.rl.loss in ("grpo", "dpo")
         yield ("rl.loss", "samples_per_prompt"), not grouped or self.samples_per_prompt >= 2, \
             f"{self.rl.loss} compares samples of one prompt: samples_per_prompt must be at least 2"

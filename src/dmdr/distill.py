@@ -51,10 +51,13 @@ def dmd_loss(x0: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor | None =
     return (per_sample if weight is None else per_sample * weight).mean()
 
 
-def rtdm_weights(reward: torch.Tensor, beta: float, form: str = "exp") -> torch.Tensor:
+def rtdm_weights(reward: torch.Tensor, beta: float, form: str = "exp", group: int = 0) -> torch.Tensor:
     """Eq. 4, RT-DM: per-sample weights of the DMD loss from the reward of each sample's full few-step output (no
     reward gradient). `exp`: w_i = B softmax(r / beta)_i, self-normalised importance weights of the tilted target
     p_beta(x) = p_real(x) exp(r(x) / beta) / Z. `reward`: w_i = r_i / mean(r), the reward itself as the weight.
+    With `group` k > 0 the batch is runs of k samples of one prompt, each run normalised on its own (B = k): the
+    tilt of each prompt's own distribution, p_real(x | c) exp(r(x, c) / beta), as the paper writes it, rather than a
+    re-weighting of prompts; 0: the whole batch at once.
 
     Derivation, and what weighting alone does: KL(p_fake || p_beta) = KL(p_fake || p_real) - E_fake[r] / beta + c,
     whose gradient needs grad r. Without it, weighting the generator's DMD gradient re-weights which samples learn
@@ -62,25 +65,40 @@ def rtdm_weights(reward: torch.Tensor, beta: float, form: str = "exp") -> torch.
     The tilted optimum itself follows when the fake score also learns the down-weighted generator distribution
     p_fake(x) exp(-r(x) / beta) (`fake_weights`): DMD then drives p_fake exp(-r / beta) to p_real, i.e. p_fake to
     p_beta. Both are tested on a one-dimensional Gaussian (tests/test_dmdr_math.py)."""
-    r = reward.detach().float()
+    r = reward.detach().float().reshape(-1, group or len(reward))
     if form == "exp":
-        return len(r) * torch.softmax(r / beta, dim=0)
+        return (r.shape[1] * torch.softmax(r / beta, dim=1)).reshape(-1)
     if form == "reward":
         r = r.clamp_min(0)
-        return r / r.mean().clamp_min(1e-8)
+        return (r / r.mean(1, keepdim=True).clamp_min(1e-8)).reshape(-1)
     raise ValueError(f"unknown RT-DM weight form {form!r}")
 
 
-def effective_sample_size(weights: torch.Tensor) -> torch.Tensor:
-    """Kish's effective sample size of importance weights, (sum w)^2 / sum w^2: the batch size when the weights are
-    equal, 1 when one sample takes all the weight. How far RT-DM's weights tilt the batch."""
-    return weights.sum() ** 2 / (weights ** 2).sum().clamp_min(1e-12)
+def effective_sample_size(weights: torch.Tensor, group: int = 0) -> torch.Tensor:
+    """Kish's effective sample size of importance weights, (sum w)^2 / sum w^2: the number of samples when the
+    weights are equal, 1 when one sample takes all the weight. How far RT-DM's weights tilt the batch; with `group`
+    k, the mean over the runs of k samples that are normalised together."""
+    w = weights.reshape(-1, group or len(weights))
+    return (w.sum(1) ** 2 / (w ** 2).sum(1).clamp_min(1e-12)).mean()
 
 
-def fake_weights(reward: torch.Tensor, beta: float) -> torch.Tensor:
+def beta_for_ess(reward: torch.Tensor, fraction: float, group: int = 0, form: str = "exp") -> float:
+    """The RT-DM temperature whose weights keep `fraction` of each normalised run's samples: the beta at which
+    effective_sample_size(rtdm_weights(reward, beta, group)) = fraction * k (bisection on log beta; the ESS rises
+    with beta, from 1 toward k). The rule that sets beta from the reward's spread, where the paper gives none."""
+    k = group or len(reward)
+    ess = lambda log_beta: float(effective_sample_size(rtdm_weights(reward, math.exp(log_beta), form, group), group))
+    low, high = math.log(1e-6), math.log(1e3)
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if ess(mid) < fraction * k else (low, mid)
+    return math.exp((low + high) / 2)
+
+
+def fake_weights(reward: torch.Tensor, beta: float, group: int = 0) -> torch.Tensor:
     """Weights of the fake score's diffusion loss that make it model p_fake(x) exp(-r(x) / beta) (see rtdm_weights):
-    w_i = B softmax(-r / beta)_i."""
-    return len(reward) * torch.softmax(-reward.detach().float() / beta, dim=0)
+    w_i = B softmax(-r / beta)_i, over runs of `group` samples of one prompt (0: the batch)."""
+    return rtdm_weights(-reward, beta, "exp", group)
 
 
 def cosine_anneal(step: int, steps: int) -> float:
@@ -221,6 +239,8 @@ class DMDR:
         self.t_max = min(cfg.t_max, models.max_t)
         self.latent_shape = models.latent_shape or latent_shape_of(models.generator)
         self.reused = None  # released: the last fake update's rollout, for the generator update
+        self.group = cfg.samples_per_prompt if cfg.rtdm.normalise == "prompt" else 0  # RT-DM's normalised runs
+        self.beta = cfg.rtdm.beta  # RT-DM's temperature; with rtdm.target_ess, set by `calibrate` before training
         # RL on the DMD turn's x0 (ReFL, hinge), or on samples the objective draws itself (rl.Sampling)
         self.own_samples = self.rl and rl.samples_itself(self.objective)
         self.reference = (copy.deepcopy(plain(models.generator)).requires_grad_(False).eval()
@@ -307,7 +327,7 @@ class DMDR:
         texts, cond = self.batch()
         with torch.no_grad(), autocast:
             x_t, t_k, final = self.rollout(cond, cfg.rtdm.tilt_fake or (cfg.rollout_reuse and cfg.rtdm.enabled))
-            w = (fake_weights(self.engine.gather(self.reward(final, texts)), cfg.rtdm.beta)[self.draws.mine]
+            w = (fake_weights(self.engine.gather(self.reward(final, texts)), self.beta, self.group)[self.draws.mine]
                  if cfg.rtdm.tilt_fake else None)
         # released: the generator update reuses the last inner step's rollout, and in one batch its call, so that
         # call is made once, with gradient and in train mode as the update would make it, and only its detached
@@ -353,9 +373,9 @@ class DMDR:
             if cfg.rtdm.enabled:
                 with torch.no_grad(), autocast:
                     r_final = self.engine.gather(self.reward(final, texts))
-                weights = rtdm_weights(r_final, cfg.rtdm.beta, cfg.rtdm.form)
+                weights = rtdm_weights(r_final, self.beta, cfg.rtdm.form, self.group)
                 weight = weights[self.draws.mine]
-                logs["reward_rollout"], logs["rtdm_ess"] = r_final.mean(), effective_sample_size(weights)
+                logs["reward_rollout"], logs["rtdm_ess"] = r_final.mean(), effective_sample_size(weights, self.group)
             t = cfg.t_min + (self.t_max - cfg.t_min) * self.levels(step, cfg.dynars.enabled)
             noise = self.draws.randn(self.latent_shape)
             guidance = cfg.real_cfg + cfg.cfg_jitter * (2 * self.draws.rand() - 1)
@@ -410,6 +430,22 @@ class DMDR:
             plain_real = flow.x0_from_velocity(
                 x_t, flow.guided_velocity(self.real, x_t, t, cond, self.models.uncond, guidance), t)
         return (x0_real - plain_real).abs().mean() / (x0_fake - plain_real).abs().mean().clamp_min(1e-12)
+
+    @torch.no_grad()
+    def calibrate(self, seed: int) -> float:
+        """rtdm.target_ess's rule: beta from the reward's spread on the start generator's own samples, one batch of
+        the training prompts (samples_per_prompt each) from draws of their own (a generator seeded apart, so the
+        run's draws are left as they are and a resumed run, calibrated before its checkpoint loads, finds the same
+        beta): the beta at which the weights keep that fraction of each normalised run."""
+        probe = Draws(seed + 7919, self.cfg.batch, slice(None), self.engine.device)
+        texts = probe.prompts(self.prompts, self.cfg.samples_per_prompt)
+        noise = probe.randn(self.latent_shape) * flow.start_noise_scale(float(self.times[0]))
+        self.generator.eval()
+        with self.engine.autocast:
+            final = flow.sample_generator(self.generator, noise, self.models.encode(texts), self.times)
+            r = self.reward(final, texts)
+        self.beta = beta_for_ess(r, self.cfg.rtdm.target_ess, self.group, self.cfg.rtdm.form)
+        return self.beta
 
     def batch(self):
         texts = self.draws.prompts(self.prompts, self.cfg.samples_per_prompt)
@@ -510,6 +546,8 @@ def train(cfg: DistillParams, models: Models, prompts: list[str], seed: int, cur
     draws = Draws(seed, cfg.batch, engine.mine, engine.device)
     method = DMDR(cfg, models, prompts, draws, engine)
     engine.prepare(method)
+    if cfg.rtdm.enabled and cfg.rtdm.target_ess:
+        print(f"RT-DM: beta {method.calibrate(seed):.4g} keeps {cfg.rtdm.target_ess:g} of each run's samples")
     ckpt = (resume.Checkpoint(checkpoint_dir, cfg.checkpoint_every,
                               resume.fingerprint(what_trains(cfg), seed, resume.texts_digest(prompts),
                                                  *((run_identity,) if run_identity else ())), draws.rng, draws.prng)

@@ -21,7 +21,7 @@ from accelerate.utils import broadcast_object_list
 
 from . import config, evaluator, flow
 from .config import parse_spec
-from .distill import distill_stage
+from .distill import distill_stage, what_trains
 from .distill import training_record as stage_record
 from .families import (DYNADG_LORA_FILE, Teacher, load_exported, load_teacher,
                        pipeline_directory, pipeline_sha256)
@@ -158,8 +158,15 @@ def check_trained_as(done: Path, record: dict) -> None:
     if saved.get("fingerprint") == record["fingerprint"]:
         return
     before, now = config.dotted(saved.get("settings", {})), config.dotted(record["settings"])
+    # a setting added to dmdr after the export, at its default (which trains as the code did before), is no change
+    later = {f"stage.{k}": v for k, v in config.dotted(json.loads(json.dumps(
+        what_trains(config.DistillParams()), default=str))).items()}
     changed = [f"{k}: {before.get(k, '(none)')!r} then, {now.get(k, '(none)')!r} now"
-               for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)]
+               for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)
+               and not (k not in before and k in later and now.get(k) == later[k])]
+    if not changed:
+        print(f"{done}: trained before dmdr had some of this run's settings, at their defaults: reused as it is")
+        return
     raise config.ParamsError(f"{done} was trained with other settings than this run's ({'; '.join(changed)}): "
                              f"remove it to train the stage again, or pass another --out")
 
