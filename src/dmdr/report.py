@@ -37,6 +37,9 @@ REWARD_METRICS = {"pick": "pick", "aesthetic": "aesthetic", "clip": "clip_score"
 TABLE5 = {"a": ("reward model", "rm", ["pick", "aesthetic", "clip", "hps", "clip+hps"], "hps"),
           "b": ("RL algorithm", "rl", ["refl", "dpo", "grpo"], "refl"),
           "c": ("lambda", "lambda", ["0p1", "0p5", "1p0", "2p0"], "0p5")}  # 0p1: lambda 0.1 (a dot is no DVC name)
+# RT-DM's gain against beta: RT-DM alone from the stage-1 init at each beta, minus DMD alone from it
+RTDM_BETAS = {"rtdm-only-4-beta-0p05": 0.05, "rtdm-only-4": 0.25, "rtdm-only-4-beta-1p0": 1.0}
+RTDM_BASE = "dmd-from-stage1-4"
 TABLE5_COLUMNS = ["clip_score", "aesthetic", "pick", "hps", "gold", "dpg_overall"]
 ALL_COLUMNS = ["nfe", "hps", "pick", "aesthetic", "clip_score", "gold", "geneval_overall", "dpg_overall", "sec_per_image"]
 CURVE_METRICS = ["reward_train", "reward_test", "dpg_overall", "gold"]
@@ -432,6 +435,36 @@ def plot_lambda(summ: dict, out: Path | None = None):
     return fig
 
 
+def plot_rtdm_beta(pairs: Pairs, results: Path = RESULTS, out: Path | None = None):
+    """RT-DM's gain against beta: for RT-DM alone from the stage-1 init at each beta, its hps and gold minus those of
+    DMD alone from the same init (paired, with the bootstrap's 95% interval), and how far its weights tilted the batch
+    (the effective sample size logged over its curve, as a fraction of the batch)."""
+    from .config import recipe
+    runs = {m: b for m, b in RTDM_BETAS.items() if pairs.have(m, RTDM_BASE)}
+    fig, axes = plt.subplots(1, 3, figsize=(10, 2.9))
+    for ax, k in zip(axes, ("hps", "gold")):
+        checks = [pairs.check("", k, m, RTDM_BASE) for m in runs]
+        d = np.array([c["difference"] for c in checks])
+        ci = np.array([c["ci95"] for c in checks]).reshape(-1, 2)
+        ax.errorbar(list(runs.values()), d, yerr=[d - ci[:, 0], ci[:, 1] - d], fmt="o-", capsize=3)
+        ax.axhline(0, ls=":", c="gray")
+        ax.set_title(f"{k}: RT-DM minus DMD")
+    for m, beta in runs.items():
+        rows = [r for r in read_csv(results / "curves" / f"{m}.csv") if r.get("rtdm_ess") not in (None, "")]
+        axes[2].plot(beta, np.mean([float(r["rtdm_ess"]) for r in rows]) / recipe(pairs.p, m).batch, "o", c="C0")
+    axes[2].set_ylim(0, 1.05)
+    axes[2].set_title("effective sample size / batch")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("beta")
+    fig.suptitle(f"RT-DM alone for 40 steps from dmdr-stage1-4, against DMD alone ({RTDM_BASE}); one seed each",
+                 fontsize=9)
+    fig.tight_layout()
+    if out is not None:
+        fig.savefig(out, dpi=110)
+    return fig
+
+
 def claims_markdown(items: list[dict]) -> str:
     """Each claim's verdict, then each check's difference (claimed-better minus other) with its 95% interval."""
     parts = []
@@ -516,6 +549,9 @@ def build(p, results: Path = RESULTS) -> dict:
     if len(shown) > 1:
         plt.close(side_by_side(shown, out=figs / "figure7_side_by_side.png"))
         figures.append(figs / "figure7_side_by_side.png")
+    if sum(Pairs(p, results).have(m, RTDM_BASE) for m in RTDM_BETAS) > 1:
+        plt.close(plot_rtdm_beta(Pairs(p, results), results, out=figs / "rtdm_beta.png"))
+        figures.append(figs / "rtdm_beta.png")
     if sum(table5_model("c", v) in summ for v in TABLE5["c"][2]) > 1:
         plt.close(plot_lambda(summ, out=figs / "table5_lambda.png"))
         figures.append(figs / "table5_lambda.png")
@@ -588,7 +624,7 @@ def readme_results(results: Path = RESULTS) -> str:
             parts.append(f"The same call's part `{other.stem.split('_')[-1]}` (`{other.as_posix()}`, "
                          f"`benchmarks/device_check.sh`):\n\n```\n{other.read_text().strip()}\n```")
     for fig in ["figure3_paradigms.png", "figure4_rtdm.png", "figure7_side_by_side.png", "cold_start.png",
-                "table5_lambda.png", "reward_agreement.png",
+                "table5_lambda.png", "rtdm_beta.png", "reward_agreement.png",
                 "teacher_accuracy.png", "distill_curves.png"] + [f"samples_{m}.png" for m in ("teacher", "dmd2-4", "dmdr-4",
                                                                                              "dmd-then-rl-4", "dmdr-1")]:
         if (results / "figures" / fig).exists():
