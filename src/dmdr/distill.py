@@ -437,12 +437,13 @@ class DMDR:
         the training prompts (samples_per_prompt each) from draws of their own (a generator seeded apart, so the
         run's draws are left as they are and a resumed run, calibrated before its checkpoint loads, finds the same
         beta): the beta at which the weights keep that fraction of each normalised run."""
-        probe = Draws(seed + 7919, self.cfg.batch, slice(None), self.engine.device)
-        texts = probe.prompts(self.prompts, self.cfg.samples_per_prompt)
-        noise = probe.randn(self.latent_shape) * flow.start_noise_scale(float(self.times[0]))
+        probe = dataclasses.replace(self.policy, draws=Draws(seed + 7919, self.cfg.batch, slice(None),
+                                                             self.engine.device))
+        texts = probe.draws.prompts(self.prompts, self.cfg.samples_per_prompt)
+        noise = probe.noise()
         self.generator.eval()
         with self.engine.autocast:
-            final = flow.sample_generator(self.generator, noise, self.models.encode(texts), self.times)
+            final = probe.sample(noise, self.models.encode(texts))
             r = self.reward(final, texts)
         self.beta = beta_for_ess(r, self.cfg.rtdm.target_ess, self.group, self.cfg.rtdm.form)
         return self.beta
@@ -456,7 +457,7 @@ class DMDR:
     def rollout(self, cond, need_final: bool):
         """The generator's rollout point from fresh noise at times[0] (`rollout`)."""
         return rollout(self.generator, self.policy.noise(), cond, self.times, self.draws.rng, self.cfg.rollout,
-                       need_final, lambda: self.draws.randn(self.latent_shape))
+                       need_final, self.policy.randn)
 
     def levels(self, step: int, dynars: bool) -> torch.Tensor:
         """Noise levels in [0, 1] for this process's part of the batch: DynaRS's annealed Beta at this step, or

@@ -50,49 +50,45 @@ def metric_of(values: np.ndarray, strata: np.ndarray, weights: dict) -> np.ndarr
     return sum(w * values[..., strata == s].mean(-1) for s, w in weights.items())
 
 
-def difference(a: list[PromptValues], b: list[PromptValues], n_boot: int = 4000, seed: int = 0
-               ) -> tuple[float, list[float]]:
-    """metric(a) - metric(b), each side the mean over its training seeds (a list: one PromptValues per seed, all
-    over the same prompts), and its 95% percentile interval from the paired bootstrap: prompts resampled within
-    their strata (the same draw for both sides), each side's seeds resampled with replacement."""
-    strata, weights = a[0].strata, a[0].weights
-    A, B = np.stack([x.values for x in a]), np.stack([x.values for x in b])
-    if A.shape[1] != B.shape[1] or any(not np.array_equal(x.strata, strata) for x in a + b):
-        raise ValueError("paired comparison of models evaluated on different prompts: evaluate both again")
-    point = float(metric_of(A.mean(0), strata, weights) - metric_of(B.mean(0), strata, weights))
+def paired_draws(sides: list[list[PromptValues]], n_boot: int = 4000, seed: int = 0
+                 ) -> tuple[list[float], np.ndarray]:
+    """Each side's metric (a side: one PromptValues per training seed, all over the same prompts; its per-prompt
+    values averaged over the seeds) and `n_boot` draws of it from the paired bootstrap, (sides, n_boot): each side's
+    seeds resampled with replacement, then one draw of prompts within their strata shared by every side."""
+    strata, weights = sides[0][0].strata, sides[0][0].weights
+    arrays = [np.stack([x.values for x in side]) for side in sides]
+    if len({a.shape[1] for a in arrays}) > 1 or any(not np.array_equal(x.strata, strata) for side in sides
+                                                    for x in side):
+        raise ValueError("paired comparison of models evaluated on different prompts: evaluate them again")
+    points = [float(metric_of(a.mean(0), strata, weights)) for a in arrays]
     rng = np.random.default_rng(seed)
-    a_seeds = rng.integers(len(A), size=(n_boot, len(A)))
-    b_seeds = rng.integers(len(B), size=(n_boot, len(B)))
-    d = A[a_seeds].mean(1) - B[b_seeds].mean(1)  # (n_boot, prompts): per-prompt differences under drawn seeds
-    drawn = np.zeros(n_boot)
+    seeded = [a[rng.integers(len(a), size=(n_boot, len(a)))].mean(1) for a in arrays]  # (n_boot, prompts) each
+    drawn = np.zeros((len(arrays), n_boot))
     for s, w in weights.items():
         idx = np.flatnonzero(strata == s)
         pick = idx[rng.integers(len(idx), size=(n_boot, len(idx)))]
-        drawn += w * np.take_along_axis(d, pick, axis=1).mean(1)
-    low, high = np.percentile(drawn, [2.5, 97.5])
-    return point, [float(low), float(high)]
+        drawn += [w * np.take_along_axis(v, pick, axis=1).mean(1) for v in seeded]
+    return points, drawn
+
+
+def difference(a: list[PromptValues], b: list[PromptValues], n_boot: int = 4000, seed: int = 0
+               ) -> tuple[float, list[float]]:
+    """metric(a) - metric(b), each side the mean over its training seeds (a list: one PromptValues per seed, all
+    over the same prompts), and its 95% percentile interval from the paired bootstrap (paired_draws)."""
+    (m_a, m_b), drawn = paired_draws([a, b], n_boot, seed)
+    low, high = np.percentile(drawn[0] - drawn[1], [2.5, 97.5])
+    return m_a - m_b, [float(low), float(high)]
 
 
 def gap_closed(student: list[PromptValues], base: list[PromptValues], teacher: list[PromptValues],
                n_boot: int = 4000, seed: int = 0) -> tuple[float, list[float]]:
     """(metric(student) - metric(base)) / (metric(teacher) - metric(base)): the fraction of the base's gap to the
     teacher that the student closes (1: all of it, 0: none, below 0: the gap widened, above 1: past the teacher), and
-    its 95% percentile interval from the paired bootstrap: one draw of prompts (within their strata) for all three,
-    each side's seeds resampled with replacement. Undefined (nan) where the base is not below the teacher."""
-    strata, weights = student[0].strata, student[0].weights
-    sides = [np.stack([x.values for x in side]) for side in (student, base, teacher)]
-    if len({a.shape[1] for a in sides}) > 1:
-        raise ValueError("paired comparison of models evaluated on different prompts: evaluate them again")
-    s, b, t = (float(metric_of(a.mean(0), strata, weights)) for a in sides)
+    its 95% percentile interval from the paired bootstrap (paired_draws, one draw of prompts for all three).
+    Undefined (nan) where the base is not below the teacher."""
+    (s, b, t), drawn = paired_draws([student, base, teacher], n_boot, seed)
     if not t > b:
         return float("nan"), [float("nan"), float("nan")]
-    rng = np.random.default_rng(seed)
-    seeded = [a[rng.integers(len(a), size=(n_boot, len(a)))].mean(1) for a in sides]  # (n_boot, prompts) each
-    drawn = np.zeros((3, n_boot))
-    for stratum, w in weights.items():
-        idx = np.flatnonzero(strata == stratum)
-        pick = idx[rng.integers(len(idx), size=(n_boot, len(idx)))]
-        drawn += [w * np.take_along_axis(v, pick, axis=1).mean(1) for v in seeded]
     with np.errstate(divide="ignore", invalid="ignore"):
         low, high = np.nanpercentile((drawn[0] - drawn[1]) / (drawn[2] - drawn[1]), [2.5, 97.5])
     return (s - b) / (t - b), [float(low), float(high)]

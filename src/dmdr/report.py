@@ -80,12 +80,18 @@ def write_table(rows: dict, columns: list[str], path: Path, title: str) -> Path:
     return path.with_suffix(".md")
 
 
+def first_images(texts, n: int) -> list[int]:
+    """The positions of the first image of `n` test prompts spread evenly over the test set (a prompt's images are
+    consecutive)."""
+    firsts = [i for i in range(len(texts)) if i == 0 or texts[i] != texts[i - 1]]
+    return firsts[:: max(1, len(firsts) // n)][:n]
+
+
 def sample_grid(npz: str | Path, title: str = "", out: Path | None = None):
     """The first image of 48 test prompts spread evenly over the test set, with their prompts as titles."""
     data = np.load(npz)
     images, texts = data["images"], data["texts"]
-    firsts = [i for i in range(len(texts)) if i == 0 or texts[i] != texts[i - 1]]
-    pick = firsts[:: max(1, len(firsts) // 48)][:48]
+    pick = first_images(texts, 48)
     cols = 8
     rows = (len(pick) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 2.0), squeeze=False)
@@ -108,8 +114,7 @@ def side_by_side(samples: dict[str, Path], prompts: int = 8, out: Path | None = 
     prompt and one starting noise."""
     data = {m: np.load(f) for m, f in samples.items()}
     texts = next(iter(data.values()))["texts"]
-    firsts = [i for i in range(len(texts)) if i == 0 or texts[i] != texts[i - 1]]
-    pick = firsts[:: max(1, len(firsts) // prompts)][:prompts]
+    pick = first_images(texts, prompts)
     fig, axes = plt.subplots(len(data), len(pick), figsize=(len(pick) * 1.7, len(data) * 1.8 + 0.6), squeeze=False)
     for r, (model, d) in enumerate(data.items()):
         if not np.array_equal(d["texts"], texts):
@@ -549,8 +554,9 @@ def build(p, results: Path = RESULTS) -> dict:
     if len(shown) > 1:
         plt.close(side_by_side(shown, out=figs / "figure7_side_by_side.png"))
         figures.append(figs / "figure7_side_by_side.png")
-    if sum(Pairs(p, results).have(m, RTDM_BASE) for m in RTDM_BETAS) > 1:
-        plt.close(plot_rtdm_beta(Pairs(p, results), results, out=figs / "rtdm_beta.png"))
+    pairs = Pairs(p, results)
+    if sum(pairs.have(m, RTDM_BASE) for m in RTDM_BETAS) > 1:
+        plt.close(plot_rtdm_beta(pairs, results, out=figs / "rtdm_beta.png"))
         figures.append(figs / "rtdm_beta.png")
     if sum(table5_model("c", v) in summ for v in TABLE5["c"][2]) > 1:
         plt.close(plot_lambda(summ, out=figs / "table5_lambda.png"))

@@ -86,8 +86,8 @@ class GRPO:
 
     def loss_on(self, policy, samples, terms):
         cond, states, advantage = policy.encode(samples["texts"]), samples["states"], samples["advantage"]
-        loss = 0
-        for k, t, t_next in self.steps(policy):
+        steps, loss = self.steps(policy), 0
+        for k, t, t_next in steps:
             mean, std = noisy_step(states[:, k], flow.generator_step(policy.generator, states[:, k], t, cond), t,
                                    t_next, self.eta)
             ratio = torch.exp(log_density(states[:, k + 1], mean, std) - samples["log_prob"][:, k])
@@ -97,7 +97,7 @@ class GRPO:
                     ref_mean, _ = noisy_step(states[:, k], flow.generator_step(policy.reference, states[:, k], t, cond),
                                              t, t_next, self.eta)
                 loss = loss + self.kl * ((mean.float() - ref_mean.float()) ** 2).mean() / (2 * std ** 2)
-        return loss / len(self.steps(policy)), samples["reward"].mean()
+        return loss / len(steps), samples["reward"].mean()
 
 
 OBJECTIVE = GRPO
