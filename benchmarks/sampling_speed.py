@@ -12,18 +12,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from dmdr.config import EvalModel  # noqa: E402
-from dmdr.evaluation import load_model, nfe, sample_latents  # noqa: E402
+from dmdr.evaluation import load_model, nfe, sample_latents, sampler_times  # noqa: E402
 from dmdr.standins import World  # noqa: E402
 from dmdr.models import decode_latents  # noqa: E402
 from dmdr.prompts import load_prompts  # noqa: E402
 
 
-def timed(world, model, m, texts, noise, shift, repeats):
+def timed(world, model, m, texts, noise, times, repeats):
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
         with torch.no_grad():
-            decode_latents(world.vae, sample_latents(world, model, m, texts, noise, shift))
+            decode_latents(world.vae, sample_latents(world, model, m, texts, noise, times))
         best = min(best, time.perf_counter() - t)
     return best
 
@@ -43,10 +43,10 @@ def main():
     noise = torch.randn(a.batch, *world.latent_shape)
     teacher_m = EvalModel(checkpoint="models/world/teacher", kind="teacher", steps=50, cfg=3.0)
     gen_m = EvalModel(checkpoint=a.generator, steps=a.steps)
-    teacher, _ = load_model(world, teacher_m)
-    generator, shift = load_model(world, gen_m)
-    t_teacher = timed(world, teacher, teacher_m, texts, noise, 1.0, a.repeats)
-    t_gen = timed(world, generator, gen_m, texts, noise, shift, a.repeats)
+    teacher, family, _ = load_model(world, teacher_m)
+    generator, gen_family, shift = load_model(world, gen_m)
+    t_teacher = timed(world, teacher, teacher_m, texts, noise, sampler_times(family, teacher_m), a.repeats)
+    t_gen = timed(world, generator, gen_m, texts, noise, sampler_times(gen_family, gen_m, shift), a.repeats)
     lines = [f"batch {a.batch}, best of {a.repeats}, {torch.get_num_threads()} threads, device cpu",
              f"teacher 50 steps CFG (NFE {nfe(teacher_m)}): {t_teacher:.3f} s  ({t_teacher / a.batch * 1e3:.2f} ms/image)",
              f"generator {a.steps} steps (NFE {nfe(gen_m)}):     {t_gen:.3f} s  ({t_gen / a.batch * 1e3:.2f} ms/image)",

@@ -68,13 +68,13 @@ def smoke(tmp_path_factory):
 
 def test_smoke_repro_produces_every_result(smoke):
     summary = json.loads((smoke / "results" / "summary.json").read_text())
-    assert set(summary) == {"teacher", "dmd2-4", "dmdr-4", "teacher-refl-then-dmd-4"}
+    assert set(summary) == {"teacher", "dmd2-4", "dmdr-4", "teacher-refl-then-dmd-4", "teacher-eps", "dmd2-eps-4"}
     for model, m in summary.items():
         for key in ("geneval_overall", "dpg_overall", "clip_score", "aesthetic", "pick", "hps", "gold", "nfe",
                     "sec_per_image"):
             assert key in m, (model, key)
         assert 0 <= m["geneval_overall"] <= 1 and 0 <= m["gold"] <= 1
-    assert summary["teacher"]["nfe"] == 8 and summary["dmd2-4"]["nfe"] == 4
+    assert summary["teacher"]["nfe"] == 8 and summary["dmd2-4"]["nfe"] == 4 and summary["teacher-eps"]["nfe"] == 8
     assert (smoke / "results" / "tables" / "distill.md").read_text().count("| dmd2-") == 1
     for f in ["samples_teacher.png", "samples_dmd2-4.png", "teacher_accuracy.png", "distill_curves.png"]:
         assert (smoke / "results" / "figures" / f).stat().st_size > 1000, f
@@ -95,6 +95,10 @@ def test_smoke_repro_produces_every_result(smoke):
     assert "Table 1 analogue" in (smoke / "runs" / "report.ipynb").read_text()
     sampler = json.loads((smoke / "models" / "distill" / "dmd2-4" / "sampler.json").read_text())
     assert sampler["steps"] == 4
+    eps = json.loads((smoke / "models" / "distill" / "dmd2-eps-4" / "sampler.json").read_text())
+    assert eps["prediction"] == "epsilon" and 0.93 < eps["times"][0] < 0.94  # DMD2's 999 on SD's schedule
+    assert (smoke / "models" / "distill" / "dmd2-eps-4" / "scheduler" / "scheduler_config.json").exists()
+    assert (smoke / "results" / "figures" / "teacher_eps_accuracy.png").exists()
 
 
 def test_smoke_repro_is_up_to_date_after_a_run(smoke):

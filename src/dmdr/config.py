@@ -181,7 +181,8 @@ class TeacherParams:
     batch: int = knob(64, BATCH)
     lr: float = knob(1e-3, LR)
     warmup: int = knob(200, EVERY)
-    timesteps: str = knob("logit_normal", OneOf(("logit_normal", "uniform")))
+    timesteps: str = knob("logit_normal", OneOf(("logit_normal", "uniform")))  # epsilon: uniform over the 1000
+    prediction: str = knob("velocity", OneOf(("velocity", "epsilon")))  # flow matching | DDPM's epsilon (SD's schedule)
     cfg_dropout: float = knob(0.1, UNIT)
     ema_decay: float = knob(0.999, Range(0, 1))
     pool_size: int = knob(60000, Range(1, 10_000_000))
@@ -196,6 +197,10 @@ class TeacherParams:
         if self.backbone == "unet":
             yield ("channels", "head_dim"), all(c % self.head_dim == 0 for c in self.channels), \
                 "every channel count must be a multiple of head_dim"
+        yield ("prediction", "timesteps"), self.prediction == "velocity" or self.timesteps == "uniform", \
+            "an epsilon teacher trains on DDPM's discrete timesteps, drawn uniformly: timesteps must be uniform"
+        yield ("prediction", "backbone"), self.prediction == "velocity" or self.backbone == "unet", \
+            "an epsilon teacher is a UNet (as SDXL's)"
 
 
 @dataclass
@@ -288,8 +293,8 @@ class GeneratorLoraParams:
 @dataclass
 class DistillParams:
     """One training run; recipes override these."""
-    init: str = "models/world/teacher"  # where the generator (and fake score) start: the teacher or models/distill/<recipe>
-    real: str = knob("teacher", OneOf(("teacher", "init")))  # the real score: the world's teacher | the init checkpoint
+    init: str = "models/world/teacher"  # where the generator (and fake score) start: a teacher or models/distill/<recipe>
+    real: str = knob("teacher", OneOf(("teacher", "init")))  # the real score: the lineage's teacher | the init checkpoint
     seed: int = knob(0, SEED)  # added to the global seed (repeat a recipe over seeds)
     dmd_weight: float = knob(1.0, Range(0, 100))  # 0: RL alone (no fake score, no distillation loss)
     generator_cfg: float = knob(1.0, CFG)  # > 1: the generator itself samples with CFG (multi-step RL on the teacher)
@@ -398,6 +403,7 @@ class Params:
     seed: int = knob(0, SEED)
     prompts: PromptsParams = field(default_factory=PromptsParams)
     world: WorldParams = field(default_factory=WorldParams)
+    teacher_eps: TeacherParams = field(default_factory=lambda: TeacherParams(prediction="epsilon", timesteps="uniform"))
     distill: DistillParams = field(default_factory=DistillParams)
     rewards: RewardsParams = field(default_factory=RewardsParams)
     recipes: dict = knob({}, Names(stages=True))  # name -> DistillParams overrides
@@ -488,6 +494,8 @@ def dotted(nested: dict, prefix: str = "") -> dict:
 
 
 TEACHER = "models/world/teacher"
+TEACHER_EPS = "models/teacher_eps"  # the epsilon teacher (stage teacher_eps)
+TEACHERS = (TEACHER, TEACHER_EPS)
 DISTILL_DIR = "models/distill/"
 REWARD_NAMES = ("clip", "hps", "pick", "aesthetic")
 # keys of `distill` that `python -m dmdr.real` does not read in a preset's stages: refused there, not ignored
@@ -517,22 +525,29 @@ def check_reward_spec(spec: str, key: str) -> None:
 
 
 def parent(p: Params, name: str) -> str | None:
-    """The recipe whose checkpoint recipe `name` starts from (None: the world's teacher)."""
+    """The recipe whose checkpoint recipe `name` starts from (None: a teacher)."""
     init = (p.recipes[name] or {}).get("init", TEACHER)
-    if init == TEACHER:
+    if init in TEACHERS:
         return None
     if not isinstance(init, str) or not init.startswith(DISTILL_DIR) or init[len(DISTILL_DIR):] not in p.recipes:
-        fail(f"recipes.{name}.init", f"{init!r} is neither {TEACHER} nor {DISTILL_DIR}<recipe> of a recipe in "
-                                     f"params.yaml")
+        fail(f"recipes.{name}.init", f"{init!r} is neither a teacher ({', '.join(TEACHERS)}) nor "
+                                     f"{DISTILL_DIR}<recipe> of a recipe in params.yaml")
     return init[len(DISTILL_DIR):]
+
+
+def teacher_of(p: Params, name: str) -> str:
+    """The teacher a recipe's lineage distils (TEACHER or TEACHER_EPS): its first recipe's init."""
+    while (up := parent(p, name)) is not None:
+        name = up
+    return (p.recipes[name] or {}).get("init", TEACHER)
 
 
 def recipe(p: Params, name: str) -> DistillParams:
     if name not in p.recipes:
         fail(f"recipes.{name}", f"no such recipe (known: {', '.join(sorted(p.recipes))})")
     if not isinstance(p.recipes[name], dict) or "init" not in p.recipes[name]:
-        fail(f"recipes.{name}.init", f"required (the checkpoint it starts from: {TEACHER} or {DISTILL_DIR}<recipe>; "
-                                     f"dvc.yaml makes it a dependency)")
+        fail(f"recipes.{name}.init", f"required (the checkpoint it starts from: a teacher, {' or '.join(TEACHERS)}, or "
+                                     f"{DISTILL_DIR}<recipe>; dvc.yaml makes it a dependency)")
     seen = [name]
     while (up := parent(p, seen[-1])) is not None:
         if up in seen:

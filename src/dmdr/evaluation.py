@@ -17,7 +17,9 @@ import torch
 from . import evaluator, flow, sampler
 from .config import EvalModel, Params, eval_model
 from .files import write_json
-from .models import VelocityModel, decode_latents, load_backbone, require_dir
+from .config import TEACHER, TEACHER_EPS
+from .embedded import WorldFamily, WorldTeacher
+from .models import decode_latents, load_backbone, require_dir
 from .prompts import load_records
 from .rewards import load_reward
 from .standins import World
@@ -29,13 +31,23 @@ def nfe(m: EvalModel) -> int:
     return m.steps * (2 if m.kind == "teacher" and m.cfg > 1 else 1)
 
 
+def sampler_times(family: WorldFamily, m: EvalModel, shift: float = 1.0):
+    """The flow levels model entry `m` samples at: the multi-step teacher sampler's (None: the flow scheduler's
+    own), or the few-step generator's, then 0."""
+    return family.sampler_sigmas(m.steps) if m.kind == "teacher" else family.generator_times(m.steps, shift)
+
+
 @torch.no_grad()
 def sample_latents(world: World, model: torch.nn.Module, m: EvalModel, texts: list[str], noise: torch.Tensor,
-                   shift: float = 1.0) -> torch.Tensor:
+                   times=None) -> torch.Tensor:
+    """Latents of `texts` from standard normal `noise`, scaled to the first of the levels `times` (sampler_times;
+    below 1 on a VP schedule): the multi-step teacher sampler, or the few-step ODE."""
     cond = world.encode(texts)
+    if times is not None:
+        noise = noise * flow.start_noise_scale(float(times[0]))
     if m.kind == "teacher":
-        return flow.sample_teacher(model, noise, cond, world.encode([""]), m.steps, m.cfg)
-    return flow.sample_generator(model, noise, cond, flow.generator_times(m.steps, shift))
+        return flow.sample_teacher(model, noise, cond, world.encode([""]), m.steps, m.cfg, sigmas=times)
+    return flow.sample_generator(model, noise, cond, times)
 
 
 def noise_of(world: World, n: int, seed: int) -> torch.Tensor:
@@ -44,20 +56,20 @@ def noise_of(world: World, n: int, seed: int) -> torch.Tensor:
     return torch.randn((n, *world.latent_shape), generator=torch.Generator().manual_seed(seed))
 
 
-def world_sampler(world: World, model, m: EvalModel, texts: list[str], seed: int, shift: float = 1.0):
-    """`sample(positions) -> images` in [-1, 1] for dmdr.evaluator."""
+def world_sampler(world: World, model, m: EvalModel, texts: list[str], seed: int, times=None):
+    """`sample(positions) -> images` in [-1, 1] for dmdr.evaluator, at the levels `times` (sampler_times)."""
     noise = noise_of(world, len(texts), seed)
 
     def sample(positions: list[int]) -> torch.Tensor:
         idx = slice(positions[0], positions[-1] + 1)  # contiguous, as the evaluator's shares are
-        return decode_latents(world.vae, sample_latents(world, model, m, texts[idx], noise[idx], shift))
+        return decode_latents(world.vae, sample_latents(world, model, m, texts[idx], noise[idx], times))
     return sample
 
 
 def generate(world: World, model, m: EvalModel, texts: list[str], seed: int, batch: int,
-             shift: float = 1.0) -> tuple[np.ndarray, float]:
+             times=None) -> tuple[np.ndarray, float]:
     """Images for `texts` (uint8) and seconds per image (dmdr.evaluator.generate)."""
-    return evaluator.generate(world_sampler(world, model, m, texts, seed, shift), list(range(len(texts))), batch)
+    return evaluator.generate(world_sampler(world, model, m, texts, seed, times), list(range(len(texts))), batch)
 
 
 def geneval_verdicts(records: list[dict], detections: list, per_prompt: int) -> list[tuple[str, bool]]:
@@ -105,12 +117,16 @@ def world_scorers(world: World) -> dict:
     return {"clip_score": world.clip_eval.score} | {k: load_reward(k) for k in ("aesthetic", "pick", "hps")}
 
 
-def load_model(world: World, m: EvalModel):
-    """The network a model entry names: the teacher, or a distilled generator's checkpoint."""
-    if Path(m.checkpoint) == Path("models/world/teacher"):
-        return world.teacher, 1.0
-    path = require_dir(Path(m.checkpoint), "generator")
-    return VelocityModel(load_backbone(path, world.latent_shape)).eval(), sampler.read(path).get("shift", 1.0)
+def load_model(world: World, m: EvalModel) -> tuple[torch.nn.Module, WorldFamily, float]:
+    """The network a model entry names (a teacher, or a distilled generator's checkpoint) as a velocity model, its
+    family and its generator's shift."""
+    path = Path(m.checkpoint)
+    if path in (Path(TEACHER), Path(TEACHER_EPS)):
+        teacher = WorldTeacher.load(world, path)
+        return teacher.model, teacher, 1.0
+    path = require_dir(path, "generator")
+    family = WorldFamily.of(path)
+    return family.wrap(load_backbone(path, world.latent_shape)).eval(), family, sampler.read(path).get("shift", 1.0)
 
 
 def evaluate(p: Params, name: str, prompt_dir: Path = Path("data/prompts"), world: World | None = None,
@@ -121,13 +137,14 @@ def evaluate(p: Params, name: str, prompt_dir: Path = Path("data/prompts"), worl
     the DPG prompts' images), from which report pairs models prompt by prompt."""
     m = eval_model(p, name)
     world = world or World.load()
-    model, shift = load_model(world, m)
+    model, family, shift = load_model(world, m)
+    times = sampler_times(family, m, shift)
     gen_records = load_records(prompt_dir / "test_geneval.jsonl")
     dpg_records = load_records(prompt_dir / "test_dpg.csv")
     k = p.evaluate.images_per_prompt
     texts = [r["prompt"] for r in gen_records + dpg_records for _ in range(k)]
     torch.manual_seed(p.seed)
-    scores, images, sec = evaluator.sample_and_score(world_sampler(world, model, m, texts, p.seed, shift), texts,
+    scores, images, sec = evaluator.sample_and_score(world_sampler(world, model, m, texts, p.seed, times), texts,
                                                      world_scorers(world), p.evaluate.batch)
     n_gen = len(gen_records) * k
     detections = [parse(im) for im in images]  # parsed once for every scorer
@@ -145,16 +162,17 @@ def evaluate(p: Params, name: str, prompt_dir: Path = Path("data/prompts"), worl
     return metrics
 
 
-def curve_metrics(world: World, generator, steps: int, shift: float, specs: list, seed: int,
-                  dense_specs: list = (), reward=None, train_prompts: list[str] = ()) -> tuple[dict, dict]:
-    """Numbers for training curves, one image per prompt: on a fixed subset of the test prompts GenEval-analogue
+def curve_metrics(world: World, generator, times: torch.Tensor, specs: list, seed: int, dense_specs: list = (),
+                  reward=None, train_prompts: list[str] = ()) -> tuple[dict, dict]:
+    """Numbers for training curves, one image per prompt of the generator at its flow levels `times`: on a fixed
+    subset of the test prompts GenEval-analogue
     overall, gold, DPG-analogue overall and the training reward (reward_test); the reward on fixed train prompts
     (reward_train). Returns the row and each number's per-image values (geneval over `specs`' images, dpg over
     `dense_specs`', reward_train over the train prompts', the others over all test images), which pair two curves
     prompt by prompt."""
-    m = EvalModel(checkpoint="", steps=steps)
+    m = EvalModel(checkpoint="", steps=len(times) - 1)
     texts = [grammar.text(s) for s in specs] + [grammar.text(s) for s in dense_specs]
-    images, _ = generate(world, generator, m, texts, seed, 256, shift)
+    images, _ = generate(world, generator, m, texts, seed, 256, times)
     detections = [parse(im) for im in images]  # parsed once for every scorer
     verdicts = [(s.tag, geneval_correct(d, *grammar.geneval_clauses(s), s.tag)) for s, d in zip(specs, detections)]
     per_image = {"geneval_overall": np.array([float(c) for _, c in verdicts]),
@@ -169,7 +187,7 @@ def curve_metrics(world: World, generator, steps: int, shift: float, specs: list
         per_image["reward_test"] = evaluator.score({"r": reward}, images, texts)["r"]
         row["reward_test"] = float(per_image["reward_test"].mean())
         if train_prompts:
-            train_images, _ = generate(world, generator, m, list(train_prompts), seed + 1, 256, shift)
+            train_images, _ = generate(world, generator, m, list(train_prompts), seed + 1, 256, times)
             per_image["reward_train"] = evaluator.score({"r": reward}, train_images, list(train_prompts))["r"]
             row["reward_train"] = float(per_image["reward_train"].mean())
     return row, per_image

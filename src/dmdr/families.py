@@ -25,53 +25,10 @@ from tqdm.auto import tqdm
 from . import flow, sampler
 from .lora import backbone_of, plain
 from .files import sha256
-from .models import LatentDecoder, VelocityModel, atomic_dir, computed_in, returned_as, shard_units
+from .models import EpsilonAsFlow, LatentDecoder, VelocityModel, atomic_dir
 from .sampler import SAMPLER_FILE
 
 FAMILIES = {"StableDiffusion3Pipeline": "sd3", "StableDiffusionXLPipeline": "sdxl"}
-
-
-class EpsilonAsFlow(torch.nn.Module):
-    """An epsilon-prediction UNet on a VP schedule (SDXL) as a velocity model v(x_t, t, states, pooled) of the flow
-    x_t = (1 - t) x0 + t eps: with k = t / (1 - t) (the Euler/Karras sigma, sqrt((1 - abar) / abar)),
-    a = 1 / sqrt(1 + k^2) and s = k a, the VP point is a x0 + s eps = (a + s) x_t, the UNet is called at the
-    (fractional) timestep of k on its schedule, as EulerDiscreteScheduler does, and v = eps - x0 with
-    x0 = (x_vp - s eps) / a. The micro-conditioning is fixed: `time_ids` of the training resolution."""
-
-    def __init__(self, backbone, alphas_cumprod: torch.Tensor, time_ids: torch.Tensor):
-        super().__init__()
-        self.backbone = backbone
-        self.register_buffer("log_sigmas", (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).log().float(),
-                             persistent=False)
-        self.register_buffer("time_ids", time_ids.float(), persistent=False)
-
-    _no_split_modules = property(lambda self: shard_units(self.backbone))
-
-    @property
-    def max_t(self) -> float:
-        """The noisiest flow time on the schedule (SDXL: 0.936)."""
-        k = float(self.log_sigmas[-1].exp())
-        return k / (1 + k)
-
-    def timestep(self, k: torch.Tensor) -> torch.Tensor:
-        """The fractional timestep of sigma k: log-sigma interpolation (EulerDiscreteScheduler._sigma_to_t)."""
-        log_k = k.clamp_min(1e-10).log()
-        low = (log_k[None] >= self.log_sigmas[:, None]).sum(0).sub(1).clamp(0, len(self.log_sigmas) - 2)
-        lo, hi = self.log_sigmas[low], self.log_sigmas[low + 1]
-        w = ((lo - log_k) / (lo - hi)).clamp(0, 1)
-        return (1 - w) * low + w * (low + 1)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        t = (t.expand(x.shape[0]) if t.dim() == 0 else t).float()
-        k = t / (1 - t)
-        a = (1 + k * k).rsqrt().view(-1, 1, 1, 1)
-        s = k.view(-1, 1, 1, 1) * a
-        x_vp = x * (a + s)
-        b = self.backbone
-        eps = b(computed_in(b, x_vp), self.timestep(k), encoder_hidden_states=computed_in(b, states),
-                added_cond_kwargs={"text_embeds": computed_in(b, pooled),
-                                   "time_ids": self.time_ids.expand(x.shape[0], -1)}).sample
-        return returned_as(eps - (x_vp - s * eps) / a, x)
 
 
 @dataclass
@@ -244,7 +201,7 @@ def scheduler_for(teacher: Teacher, shift: float, steps: int):
     puts its `steps` timesteps where the generator was trained (one step: 399; N: 999 down by 1000 // N), and
     VP noise at the start, as the generator's. SD3: FlowMatchEulerDiscreteScheduler with the generator's shift."""
     if teacher.family == "sdxl":
-        offset = 399 if steps == 1 else 999 - (steps - 1) * (1000 // steps)
+        offset = flow.vp_generator_timesteps(steps)[-1]
         return EulerDiscreteScheduler.from_config(teacher.pipeline.scheduler.config, timestep_spacing="leading",
                                                   steps_offset=offset, final_sigmas_type="zero")
     return FlowMatchEulerDiscreteScheduler.from_config(teacher.pipeline.scheduler.config, shift=shift,

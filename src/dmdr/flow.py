@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
 Cond = tuple[torch.Tensor, torch.Tensor]
 
@@ -47,6 +47,14 @@ def flow_matching_loss(model, x0: torch.Tensor, cond: Cond, t: torch.Tensor, noi
     return (((v.float() - (noise - x0).float()) ** 2).flatten(1).mean(1) * weight).mean()
 
 
+def epsilon_loss(model, x0: torch.Tensor, cond: Cond, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The diffusion loss of an epsilon model (DDPM's || eps_hat - eps ||^2) through its velocity view: from
+    x_t = (1 - t) x0 + t eps and v = eps - x0, eps_hat = x_t + (1 - t) v."""
+    x_t = renoise(x0, noise, t)
+    eps = x_t + (1 - t.view(-1, *[1] * (x0.dim() - 1))) * model(x_t, t, *cond)
+    return torch.nn.functional.mse_loss(eps.float(), noise.float())
+
+
 def expand(cond: Cond, n: int) -> Cond:
     return tuple(c.expand(n, *c.shape[1:]) if c.shape[0] == 1 else c for c in cond)
 
@@ -76,10 +84,15 @@ class Guided(torch.nn.Module):
 
 @torch.no_grad()
 def sample_teacher(model, noise: torch.Tensor, cond: Cond, uncond: Cond, steps: int = 50, cfg: float = 3.0,
-                   shift: float = 1.0) -> torch.Tensor:
-    """Multi-step Euler sampling with diffusers' FlowMatchEulerDiscreteScheduler; cfg <= 1 means no guidance."""
+                   shift: float = 1.0, sigmas: list[float] | None = None) -> torch.Tensor:
+    """Multi-step Euler sampling with diffusers' FlowMatchEulerDiscreteScheduler; cfg <= 1 means no guidance.
+    `sigmas`: the flow times of the steps (a VP teacher's own, `vp_sampler_times`), else the scheduler's `steps`
+    levels from 1. `noise` is the starting point at the first level (`start_noise_scale`)."""
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
-    sched.set_timesteps(steps, device=noise.device)
+    if sigmas is None:
+        sched.set_timesteps(steps, device=noise.device)
+    else:
+        sched.set_timesteps(sigmas=sigmas, device=noise.device)
     x = noise
     for ts in sched.timesteps:
         t = (ts / 1000).to(x.dtype).expand(x.shape[0])
@@ -98,6 +111,29 @@ def start_noise_scale(t0: float) -> float:
     end, or SDXL's one-step timestep 399) the pipeline starts from VP noise, which is eps sqrt(t^2 + (1 - t)^2) as a
     flow point."""
     return 1.0 if t0 == 1.0 else math.sqrt(t0 ** 2 + (1 - t0) ** 2)
+
+
+def vp_flow_times(alphas_cumprod: torch.Tensor, timesteps) -> torch.Tensor:
+    """The flow times of a VP schedule's (integer) timesteps: t = k / (1 + k) with k = sqrt((1 - abar) / abar), the
+    point a x0 + s eps being the flow point (1 - t) x0 + t eps scaled by a + s (models.EpsilonAsFlow)."""
+    abar = alphas_cumprod.double()[torch.as_tensor(timesteps, dtype=torch.long)]
+    k = ((1 - abar) / abar).sqrt()
+    return (k / (1 + k)).float()
+
+
+def vp_sampler_times(schedule, steps: int) -> list[float]:
+    """The flow times of a VP teacher's own `steps`-step Euler sampler (diffusers' EulerDiscreteScheduler on its
+    schedule's config), from the noisiest."""
+    sched = EulerDiscreteScheduler.from_config(schedule.config)
+    sched.set_timesteps(steps)
+    k = sched.sigmas[:-1].double()
+    return (k / (1 + k)).tolist()
+
+
+def vp_generator_timesteps(steps: int) -> list[int]:
+    """DMD2's few-step timesteps on a 1000-step VP schedule (its SDXL models): 399 for one step, else 999 down by
+    1000 // N (four steps: 999, 749, 499, 249)."""
+    return [399] if steps == 1 else [999 - i * (1000 // steps) for i in range(steps)]
 
 
 def generator_step(model, x_t: torch.Tensor, t: float, cond: Cond) -> torch.Tensor:

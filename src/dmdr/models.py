@@ -1,5 +1,6 @@
 """Model builders and adapters: the VAE (diffusers AutoencoderKL) and flow backbones
-(diffusers UNet2DConditionModel or SD3Transformer2DModel) seen through one interface, `VelocityModel`.
+(diffusers UNet2DConditionModel or SD3Transformer2DModel) seen through one interface, `VelocityModel`; an
+epsilon-prediction UNet (SDXL's, the world's epsilon teacher) seen through the same one, `EpsilonAsFlow`.
 
 Everything is saved as safetensors plus a JSON config, written to a temporary directory and renamed into place, so
 a crash never leaves half a checkpoint; loading never unpickles.
@@ -216,3 +217,50 @@ class VelocityModel(nn.Module):
             return returned_as(b(x_in, t * 1000, encoder_hidden_states=states, class_labels=pooled).sample, x)
         return returned_as(b(hidden_states=x_in, timestep=t * 1000, encoder_hidden_states=states,
                              pooled_projections=pooled).sample, x)
+
+
+class EpsilonAsFlow(nn.Module):
+    """An epsilon-prediction UNet on a VP schedule (SDXL's, the world's epsilon teacher) as a velocity model
+    v(x_t, t, states, pooled) of the flow x_t = (1 - t) x0 + t eps: with k = t / (1 - t) (the Euler/Karras sigma,
+    sqrt((1 - abar) / abar)), a = 1 / sqrt(1 + k^2) and s = k a, the VP point is a x0 + s eps = (a + s) x_t, the
+    UNet is called at the (fractional) timestep of k on its schedule, as EulerDiscreteScheduler does, and
+    v = eps - x0 with x0 = (x_vp - s eps) / a. SDXL's micro-conditioning is fixed: `time_ids` of the training
+    resolution; without them the UNet is the world's (pooled text as its class embedding, as in VelocityModel)."""
+
+    def __init__(self, backbone, alphas_cumprod: torch.Tensor, time_ids: torch.Tensor | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.register_buffer("log_sigmas", (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).log().float(),
+                             persistent=False)
+        self.register_buffer("time_ids", None if time_ids is None else time_ids.float(), persistent=False)
+
+    _no_split_modules = property(lambda self: shard_units(self.backbone))
+
+    @property
+    def max_t(self) -> float:
+        """The noisiest flow time on the schedule (SD's and SDXL's betas: 0.936)."""
+        k = float(self.log_sigmas[-1].exp())
+        return k / (1 + k)
+
+    def timestep(self, k: torch.Tensor) -> torch.Tensor:
+        """The fractional timestep of sigma k: log-sigma interpolation (EulerDiscreteScheduler._sigma_to_t)."""
+        log_k = k.clamp_min(1e-10).log()
+        low = (log_k[None] >= self.log_sigmas[:, None]).sum(0).sub(1).clamp(0, len(self.log_sigmas) - 2)
+        lo, hi = self.log_sigmas[low], self.log_sigmas[low + 1]
+        w = ((lo - log_k) / (lo - hi)).clamp(0, 1)
+        return (1 - w) * low + w * (low + 1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        t = (t.expand(x.shape[0]) if t.dim() == 0 else t).float()
+        k = t / (1 - t)
+        a = (1 + k * k).rsqrt().view(-1, 1, 1, 1)
+        s = k.view(-1, 1, 1, 1) * a
+        x_vp = x * (a + s)
+        b = self.backbone
+        if self.time_ids is None:
+            cond = {"class_labels": computed_in(b, pooled)}
+        else:
+            cond = {"added_cond_kwargs": {"text_embeds": computed_in(b, pooled),
+                                          "time_ids": self.time_ids.expand(x.shape[0], -1)}}
+        eps = b(computed_in(b, x_vp), self.timestep(k), encoder_hidden_states=computed_in(b, states), **cond).sample
+        return returned_as(eps - (x_vp - s * eps) / a, x)

@@ -27,10 +27,15 @@ TABLE1_COLUMNS = ["nfe", "clip_score", "aesthetic", "pick", "hps", "gold", "gene
 # Table 2: multi-step RL, multi-step RL then distillation, joint
 TABLE2 = ["teacher", "teacher-refl", "teacher-refl-then-dmd-4", "dmdr-4"]
 TABLE2_COLUMNS = ["nfe", "hps", "dpg_overall", "gold", "geneval_overall", "sec_per_image"]
-# Tables 3 and 4: the GenEval analogue per tag and the DPG analogue per category, teacher against DMD2 and DMDR;
-# Figure 7: their samples of the same prompts from the same noise
-TABLE34 = ["teacher", "dmd2-4", "dmdr-4"]
-FIGURE7 = ["teacher", "dmd2-4", "dmdr-4"]
+# Tables 3 and 4: the GenEval analogue per tag and the DPG analogue per category, teacher against DMD2 and DMDR, for
+# the flow and the epsilon teacher; Figure 7: their samples of the same prompts from the same noise
+TABLE34 = ["teacher", "dmd2-4", "dmdr-4", "teacher-eps", "dmd2-eps-4", "dmdr-eps-4"]
+FIGURE7 = TABLE34
+# C5: each teacher's 4-step DMDR student at least matches it, non-inferiority with a margin fixed before the epsilon
+# runs: the student keeps at least 1 - C5_MARGIN of its teacher's score (student - teacher > -C5_MARGIN x teacher)
+C5_PAIRS = [("dmdr-4", "teacher"), ("dmdr-eps-4", "teacher-eps")]
+C5_METRICS = ["geneval_overall", "dpg_overall"]
+C5_MARGIN = 0.1
 # Table 5: stage 2 from the one stage-1 init (dmdr-stage1-4) with one setting of dmdr-4 changed; dmdr-4 itself is
 # the hps row of (a), the ReFL row of (b) and the lambda 0.5 row of (c)
 REWARD_METRICS = {"pick": "pick", "aesthetic": "aesthetic", "clip": "clip_score", "hps": "hps"}  # reward: its metric
@@ -135,7 +140,7 @@ def side_by_side(samples: dict[str, Path], prompts: int = 8, out: Path | None = 
     return fig
 
 
-def plot_teacher_curve(csv_path: str | Path, out: Path | None = None):
+def plot_teacher_curve(csv_path: str | Path, out: Path | None = None, title: str = "flow teacher"):
     """The teacher's GenEval-analogue accuracy (25-step CFG samples of held-out prompts) against training time."""
     rows = read_csv(csv_path)
     fig, ax = plt.subplots(figsize=(5, 3.4))
@@ -148,7 +153,7 @@ def plot_teacher_curve(csv_path: str | Path, out: Path | None = None):
     ax.set_ylabel("GenEval-analogue accuracy")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=6, ncol=2)
-    ax.set_title("flow teacher during training")
+    ax.set_title(f"{title} during training")
     fig.tight_layout()
     if out:
         fig.savefig(out, dpi=130)
@@ -313,6 +318,12 @@ class Pairs:
         d, ci = difference(self.values(better, metric), self.values(other, metric), seed=self.p.seed)
         return {"name": name, "metric": metric, "models": [better, other], "difference": d, "ci95": ci}
 
+    def noninferior(self, metric: str, student: str, teacher: str, margin: float) -> dict:
+        """`student` minus `teacher` on `metric` with its 95% interval, to lie above -`margin` (a non-inferiority
+        check: `_claim` judges the interval shifted by the margin)."""
+        check = self.check(f"{student} minus {teacher} above -{fmt(margin)}", metric, student, teacher)
+        return check | {"margin": margin}
+
     def gap_closed(self, metric: str, student: str, base: str, teacher: str) -> dict:
         """The fraction of `base`'s gap to `teacher` on `metric` that `student` closes, with its 95% interval."""
         from .paired import gap_closed
@@ -351,9 +362,10 @@ def _window_check(p, name: str, metric: str, better: str, other: str, results: P
 
 
 def _claim(cid: str, text: str, checks: list[dict], n_seeds: int) -> dict:
+    """A claim's verdict from its checks' intervals, each shifted by its non-inferiority margin where it has one."""
     from .paired import verdict
-    return {"id": cid, "claim": text, "verdict": verdict([c["ci95"] for c in checks]), "n_seeds": n_seeds,
-            "checks": checks}
+    shifted = [None if c["ci95"] is None else [x + c.get("margin", 0.0) for x in c["ci95"]] for c in checks]
+    return {"id": cid, "claim": text, "verdict": verdict(shifted), "n_seeds": n_seeds, "checks": checks}
 
 
 def claims(p, summ: dict, results: Path = RESULTS) -> list[dict]:
@@ -395,6 +407,14 @@ def claims(p, summ: dict, results: Path = RESULTS) -> list[dict]:
                   for a in ablations]
         out.append(_claim("C4", f"DynaDG and DynaRS improve early training: stage 1 with both beats it without "
                           f"either, mean test reward over curve steps {EARLY[0]}-{EARLY[1]}", checks, 1))
+
+    if pairs.have(*(m for pair in C5_PAIRS for m in pair)):
+        checks = [pairs.noninferior(k, student, teacher, C5_MARGIN * summ[teacher][k])
+                  for student, teacher in C5_PAIRS for k in C5_METRICS]
+        out.append(_claim("C5", f"the 4-step DMDR students at least match their teachers, flow and epsilon, on "
+                          f"{' and '.join(C5_METRICS)}: each keeps at least {1 - C5_MARGIN:.0%} of its teacher's "
+                          f"score (a non-inferiority margin of {C5_MARGIN:.0%} of the teacher's score)", checks,
+                          min(len(seeds_of(p, s)) for s, _ in C5_PAIRS)))
     return out + table5_claims(pairs)
 
 
@@ -503,10 +523,10 @@ def build(p, results: Path = RESULTS) -> dict:
               write_table({m: summ[m] for m in TABLE1 if m in summ}, TABLE1_COLUMNS, results / "tables" / "table1",
                           "Table 1 analogue: rewards (hps is the training reward) and held-out quality"),
               write_table({m: summ[m] for m in TABLE34 if m in summ}, ["geneval_overall"] + [f"geneval_{t}" for t in GENEVAL_TAGS],
-                          results / "tables" / "table3", "Table 3 analogue: the GenEval analogue per tag (flow teacher)"),
+                          results / "tables" / "table3", "Table 3 analogue: the GenEval analogue per tag (flow and epsilon teachers)"),
               write_table({m: summ[m] for m in TABLE34 if m in summ}, ["dpg_overall"] + sorted(
                   {k for m in TABLE34 for k in summ.get(m, {}) if k.startswith("dpg_") and k != "dpg_overall"}),
-                          results / "tables" / "table4", "Table 4 analogue: the DPG analogue per category (flow teacher)"),
+                          results / "tables" / "table4", "Table 4 analogue: the DPG analogue per category (flow and epsilon teachers)"),
               write_table({m: summ[m] for m in TABLE2 if m in summ}, TABLE2_COLUMNS, results / "tables" / "table2",
                           "Table 2 analogue: multi-step RL on the teacher (teacher-refl), then distilled, vs joint DMDR"),
               *[write_table({("dmdr-stage1-4 (init)" if m == "dmdr-stage1-4" else m): summ[m]
@@ -526,10 +546,12 @@ def build(p, results: Path = RESULTS) -> dict:
         if (results / "samples" / f"{m}.npz").exists():
             plt.close(sample_grid(results / "samples" / f"{m}.npz", m, out=figs / f"samples_{m}.png"))
             figures.append(figs / f"samples_{m}.png")
-    if (results / "curves" / "teacher.csv").exists():
-        plot_teacher_curve(results / "curves" / "teacher.csv", out=figs / "teacher_accuracy.png")
-        figures.append(figs / "teacher_accuracy.png")
-    recipes = sorted(f.stem for f in (results / "curves").glob("*.csv") if f.stem != "teacher")
+    for curve, fname, title in (("teacher", "teacher_accuracy.png", "flow teacher"),
+                                ("teacher-eps", "teacher_eps_accuracy.png", "epsilon teacher")):
+        if (results / "curves" / f"{curve}.csv").exists():
+            plt.close(plot_teacher_curve(results / "curves" / f"{curve}.csv", out=figs / fname, title=title))
+            figures.append(figs / fname)
+    recipes = sorted(f.stem for f in (results / "curves").glob("*.csv") if f.stem not in ("teacher", "teacher-eps"))
     roots = [r for r in recipes if r in p.recipes and len(lineage(p, r)) == 1 and r.startswith("dmd2")]
     if roots:
         plot_curves({r: results / "curves" / f"{r}.csv" for r in roots}, out=figs / "distill_curves.png")
@@ -581,6 +603,14 @@ def readme_results(results: Path = RESULTS) -> str:
             f"{w['vae_reconstruction_parse_exact']:.3f}; teacher {w['teacher_class']} "
             f"({w['teacher_params_millions']:.2f} M parameters). Training time on this 2-core machine: CLIPs "
             f"{w['clip_minutes']:.1f} min, VAE {w['vae_minutes']:.1f} min, teacher {w['teacher_minutes']:.1f} min.")
+    eps = results / "metrics" / "teacher_eps.json"
+    if eps.exists():
+        e = json.loads(eps.read_text())
+        parts.append(f"Epsilon teacher (`results/metrics/teacher_eps.json`, stage teacher_eps): {e['teacher_class']} "
+                     f"({e['teacher_params_millions']:.2f} M parameters) on a VP schedule ending at flow time "
+                     f"{e['max_t']:.3f}; GenEval analogue {e['teacher_geneval_overall_during_training']:.3f} at the "
+                     f"end of training (25 steps, CFG 3, as the flow teacher's curve); trained in "
+                     f"{e['teacher_minutes']:.1f} min, a stand-in like the world's (committed with it).")
     parser = results / "metrics" / "parser.json"
     if parser.exists():
         q = json.loads(parser.read_text())
@@ -601,9 +631,10 @@ def readme_results(results: Path = RESULTS) -> str:
             parts.append(table.read_text().strip())
     timings = stage_timings()
     if timings:
-        after_world = sum(v for k, v in timings.items() if k not in ("prompts", "world"))
+        after_world = sum(v for k, v in timings.items() if k not in ("prompts", "world", "teacher_eps"))
         parts.append("Stage wall times on this machine (minutes, from the executed notebooks in `runs/`): " + ", ".join(
-            f"{k} {v:.1f}" for k, v in timings.items()) + f"; everything after the world: {after_world:.1f}.")
+            f"{k} {v:.1f}" for k, v in timings.items()) + f"; everything after the world and the epsilon teacher "
+            f"(stand-ins, committed): {after_world:.1f}.")
     for name, what, command in (
             ("sampling_speed", "Sampling benchmark", "benchmarks/sampling_speed.py"),
             ("step_cost", "Training-step benchmark", "benchmarks/step_cost.py"),

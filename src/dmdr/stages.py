@@ -37,6 +37,16 @@ def world(p, prompt_dir: Path = PROMPTS) -> dict:
                        Path("results/curves/teacher.csv"))
 
 
+def teacher_eps(p, prompt_dir: Path = PROMPTS) -> dict:
+    """The epsilon teacher on the world's latents (dmdr.standins.build_teacher_eps)."""
+    from .config import TEACHER_EPS
+    from .prompts import test_specs
+    from .standins import build_teacher_eps
+    eval_specs = test_specs(prompt_dir, p.teacher_eps.eval_prompts_per_tag)
+    return build_teacher_eps(p, eval_specs, Path("models/world"), Path(TEACHER_EPS),
+                             Path("results/metrics/teacher_eps.json"), Path("results/curves/teacher-eps.csv"))
+
+
 def rewards(p, prompt_dir: Path = PROMPTS, out: Path = Path("models/rewards"),
             metrics_path: Path = Path("results/metrics/rewards.json")) -> dict:
     """The world's second half: the hps, pick and aesthetic analogues trained on gold-labelled pairs of the
@@ -51,12 +61,13 @@ def rewards(p, prompt_dir: Path = PROMPTS, out: Path = Path("models/rewards"),
 
 def distill(p, name: str, prompt_dir: Path = PROMPTS, out: Path = Path("models/distill"),
             curves: Path = Path("results/curves"), checkpoints: Path = Path("checkpoints")) -> list[dict]:
-    """One recipe on the world's teacher (dmdr.distill.distill_stage): trained from its init checkpoint on the train
+    """One recipe on its lineage's teacher, the flow or the epsilon one (dmdr.distill.distill_stage): trained from
+    its init checkpoint on the train
     prompts, with curves on held-out and train prompts; the generator (and fake score) saved as diffusers model
     directories with the sampler settings (sampler.json) and training record. The curve's per-image values go to
     results/curves/<recipe>.npz (evaluation.write_curve_scores). Returns the curve's rows."""
     from . import resume
-    from .config import TEACHER, recipe
+    from .config import TEACHER, TEACHERS, recipe, teacher_of
     from .distill import distill_stage, training_record
     from .embedded import WorldTeacher
     from .evaluation import curve_metrics, write_curve_scores
@@ -68,9 +79,10 @@ def distill(p, name: str, prompt_dir: Path = PROMPTS, out: Path = Path("models/d
 
     cfg = recipe(p, name)
     world = World.load()
-    teacher = WorldTeacher(world)
+    root = teacher_of(p, name)  # the lineage's teacher: the flow teacher or the epsilon teacher
+    teacher = WorldTeacher.load(world, Path(root))
     start = start_fake = None
-    if cfg.init != TEACHER:
+    if cfg.init not in TEACHERS:
         init = require_dir(Path(cfg.init), f"recipe {name}'s init")
         start = teacher.wrap(load_backbone(init, world.latent_shape))
         if (init / "fake").is_dir():
@@ -84,13 +96,18 @@ def distill(p, name: str, prompt_dir: Path = PROMPTS, out: Path = Path("models/d
 
     per_step = {}  # step -> per-image values, written beside the curve (a resumed run has only its own steps)
 
+    times = teacher.generator_times(cfg.generator_steps, cfg.shift)
+
     def curve_fn(generator, step):
-        row, per_step[step] = curve_metrics(world, generator, cfg.generator_steps, cfg.shift, specs, seed, dense,
-                                            reward, train_prompts[: len(specs)])
+        row, per_step[step] = curve_metrics(world, generator, times, specs, seed, dense, reward,
+                                            train_prompts[: len(specs)])
         write_curve_scores(per_step, curves / f"{name}.npz")
         return row
 
-    read = [Path("models/world"), Path("models/rewards")] + ([Path(cfg.init)] if cfg.init != TEACHER else [])
+    # the epsilon teacher is read beside its lineage's init (a dependency of the lineage's first recipe, whose
+    # output each later recipe depends on)
+    inits = [Path(x) for x in dict.fromkeys((root, cfg.init)) if x != TEACHER]
+    read = [Path("models/world"), Path("models/rewards")] + inits
     record = training_record(cfg, seed, train_prompts, recipe=name, world=resume.files_fingerprint(*read[:2]),
                              init=cfg.init if cfg.init == TEACHER else resume.files_fingerprint(*read[2:]))
     *_, rows = distill_stage(cfg, teacher, train_prompts, seed, out / name, checkpoints / name, reward, start,

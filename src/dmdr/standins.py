@@ -1,5 +1,6 @@
 """The learned stand-ins of the embedded world, trained by the `world` stage: the tiny CLIP (text encoder of the
-teachers, CLIP reward), an independently seeded CLIP for the clip_score metric, the VAE, and the flow teacher."""
+teachers, CLIP reward), an independently seeded CLIP for the clip_score metric, the VAE, and the flow teacher; and by
+the `teacher_eps` stage, on the same latents, the epsilon teacher (SDXL's kind)."""
 from __future__ import annotations
 
 import copy
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, DDPMScheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -21,8 +22,8 @@ from .config import ClipConfig, TeacherParams
 from .evaluator import to_tensor, to_uint8
 from .files import write_csv, write_json
 from .loop import Engine, Settings, Trainee, run
-from .models import (VelocityModel, build_backbone, build_vae, decode_latents, encode_latents,
-                     load_backbone, require_dir, save_diffusers)
+from .models import (EpsilonAsFlow, VelocityModel, atomic_dir, build_backbone, build_vae, decode_latents,
+                     encode_latents, load_backbone, require_dir, save_diffusers)
 from .tiny_clip import TinyClip
 from .world import grammar, parse, render
 from .world.score import geneval_correct, geneval_summary
@@ -226,10 +227,26 @@ def latent_pool(vae, seed: int, n: int, chunk: int = 500) -> tuple[torch.Tensor,
     return torch.cat(latents), captions
 
 
+def epsilon_schedule() -> DDPMScheduler:
+    """The epsilon teacher's VP schedule: SD's and SDXL's (scaled-linear betas from 0.00085 to 0.012 over 1000
+    timesteps), its sampler starting at the noisiest timestep ("trailing" spacing)."""
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                         prediction_type="epsilon", timestep_spacing="trailing")
+
+
+def load_epsilon_teacher(root: Path) -> tuple[EpsilonAsFlow, DDPMScheduler]:
+    """The epsilon teacher saved by the teacher_eps stage (a UNet, its schedule in `scheduler/`), as a velocity
+    model, and its schedule."""
+    root = require_dir(root, "epsilon teacher")
+    schedule = DDPMScheduler.from_pretrained(require_dir(root / "scheduler", "epsilon teacher's scheduler"))
+    return EpsilonAsFlow(load_backbone(root), schedule.alphas_cumprod).eval(), schedule
+
+
 @torch.no_grad()
 def geneval_accuracy(model, clip: TinyClip, vae, specs: list, seed: int, steps: int, cfg: float,
-                     batch: int = 128) -> dict:
-    """GenEval-analogue accuracy per tag of one image per spec, sampled with `steps` Euler steps and CFG `cfg`."""
+                     batch: int = 128, sigmas: list[float] | None = None) -> dict:
+    """GenEval-analogue accuracy per tag of one image per spec, sampled with `steps` Euler steps and CFG `cfg` (at
+    the flow times `sigmas`, a VP teacher's, from noise scaled to the first: flow.sample_teacher)."""
     g = torch.Generator().manual_seed(seed)
     uncond = clip.encode([""])
     verdicts = []
@@ -237,22 +254,32 @@ def geneval_accuracy(model, clip: TinyClip, vae, specs: list, seed: int, steps: 
         chunk = specs[s:s + batch]
         cond = clip.encode([grammar.text(x) for x in chunk])
         noise = torch.randn(len(chunk), vae.config.latent_channels, 8, 8, generator=g).to(device_of(vae))
-        images = to_uint8(decode_latents(vae, flow.sample_teacher(model, noise, cond, uncond, steps, cfg)))
+        if sigmas is not None:
+            noise = noise * flow.start_noise_scale(sigmas[0])
+        latents = flow.sample_teacher(model, noise, cond, uncond, steps, cfg, sigmas=sigmas)
+        images = to_uint8(decode_latents(vae, latents))
         verdicts += [(spec.tag, geneval_correct(parse(im), *grammar.geneval_clauses(spec), spec.tag))
                      for spec, im in zip(chunk, images)]
     return geneval_summary(verdicts)
 
 
 def train_teacher(cfg: TeacherParams, clip: TinyClip, vae, seed: int, eval_specs: list, desc: str = "flow teacher",
-                  checkpoint_dir: Path | None = None, checkpoint_every: int = 500) -> tuple[VelocityModel, dict]:
-    """Flow matching on VAE latents, conditioned on the frozen CLIP's text tower, with CFG dropout and EMA.
-    Returns the EMA model and the training history (with GenEval-analogue accuracy against time)."""
+                  checkpoint_dir: Path | None = None, checkpoint_every: int = 500) -> tuple[torch.nn.Module, dict]:
+    """Flow matching on VAE latents (or, with `cfg.prediction` epsilon, DDPM's epsilon loss on `epsilon_schedule`'s
+    timesteps, drawn uniformly), conditioned on the frozen CLIP's text tower, with CFG dropout and EMA.
+    Returns the EMA model, as a velocity model, and the training history (with GenEval-analogue accuracy against
+    time)."""
     torch.manual_seed(seed)
     latents, captions = latent_pool(vae, seed, cfg.pool_size)
     clip.requires_grad_(False)
     backbone = build_backbone(cfg.backbone, clip.cfg.width, clip.cfg.embed_dim, vae.config.latent_channels,
                               channels=cfg.channels, layers=cfg.layers, heads=cfg.heads, head_dim=cfg.head_dim)
-    model = VelocityModel(backbone).to(device_of(vae))
+    schedule = epsilon_schedule() if cfg.prediction == "epsilon" else None
+    if schedule is None:
+        model = VelocityModel(backbone).to(device_of(vae))
+    else:
+        model = EpsilonAsFlow(backbone, schedule.alphas_cumprod).to(device_of(vae))
+        sigmas = flow.vp_sampler_times(schedule, cfg.eval_steps)
     ema = EMAModel(model.parameters(), decay=cfg.ema_decay)
     g = torch.Generator().manual_seed(seed)
     ckpt = checkpointing(checkpoint_dir, checkpoint_every, "teacher", dataclasses.asdict(cfg), seed,
@@ -268,6 +295,11 @@ def train_teacher(cfg: TeacherParams, clip: TinyClip, vae, seed: int, eval_specs
         drop = (torch.rand(cfg.batch, generator=g) < cfg.cfg_dropout).to(x0.device)
         states = torch.where(drop[:, None, None], uncond[0], states)
         pooled = torch.where(drop[:, None], uncond[1], pooled)
+        if schedule is not None:
+            timesteps = torch.randint(schedule.config.num_train_timesteps, (cfg.batch,), generator=g)
+            t = flow.vp_flow_times(schedule.alphas_cumprod, timesteps).to(x0.device)
+            noise = torch.randn(x0.shape, generator=g).to(x0.device)
+            return flow.epsilon_loss(model, x0, (states, pooled), t, noise)
         t = flow.sample_train_times(cfg.batch, cfg.timesteps, g).to(x0.device)
         noise = torch.randn(x0.shape, generator=g).to(x0.device)
         return flow.flow_matching_loss(model, x0, (states, pooled), t, noise)
@@ -277,13 +309,14 @@ def train_teacher(cfg: TeacherParams, clip: TinyClip, vae, seed: int, eval_specs
             return {}
         shadow = copy.deepcopy(model).eval()
         ema.copy_to(shadow.parameters())
-        return geneval_accuracy(shadow, clip, vae, eval_specs, seed, cfg.eval_steps, cfg.cfg)
+        return geneval_accuracy(shadow, clip, vae, eval_specs, seed, cfg.eval_steps, cfg.cfg,
+                                sigmas=None if schedule is None else sigmas)
 
     history = train_loop(model, loss_fn, cfg.steps, cfg.lr, desc=desc, warmup=cfg.warmup,
                          on_log=on_log, log_every=max(1, cfg.eval_every // 10), mixed_precision=cfg.mixed_precision,
                          ema=ema, checkpoint=ckpt)
     ema.copy_to(model.parameters())
-    return model.eval(), {"history": history}
+    return model.eval(), {"history": history} | ({} if schedule is None else {"schedule": schedule})
 
 
 # --- the world stage ------------------------------------------------------------------------------------------
@@ -338,3 +371,28 @@ def build_world(p, eval_specs: list, out: Path, metrics_path: Path, curve_path: 
     shutil.rmtree(checkpoints, ignore_errors=True)  # the world is complete: nothing left to resume
     return metrics
 
+
+
+def build_teacher_eps(p, eval_specs: list, world_dir: Path, out: Path, metrics_path: Path, curve_path: Path,
+                      checkpoints: Path = Path("checkpoints/teacher_eps")) -> dict:
+    """The `teacher_eps` stage: the epsilon teacher (`p.teacher_eps`) on the world's latents and text encoder, from
+    the flow teacher's seed (the same initial weights and data order: only the prediction and schedule differ),
+    saved under `out` with its schedule in `scheduler/`. Resumable as the world's stand-ins are."""
+    world = World.load(world_dir)
+    t = time.time()
+    model, info = train_teacher(p.teacher_eps, world.clip, world.vae, p.seed, eval_specs, desc="epsilon teacher",
+                                checkpoint_dir=checkpoints, checkpoint_every=p.world.checkpoint_every)
+
+    def write(d: Path):
+        model.backbone.save_pretrained(d, safe_serialization=True)
+        info["schedule"].save_pretrained(d / "scheduler")
+    atomic_dir(out, write)
+    rows = [r for r in info["history"] if "geneval_overall" in r]
+    write_csv(rows, curve_path)
+    metrics = {"teacher_geneval_overall_during_training": rows[-1]["geneval_overall"] if rows else None,
+               "teacher_params_millions": sum(x.numel() for x in model.parameters()) / 1e6,
+               "teacher_class": type(model.backbone).__name__, "prediction": "epsilon", "max_t": model.max_t,
+               "teacher_minutes": round((time.time() - t) / 60, 2)}
+    write_json(metrics, metrics_path)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return metrics
