@@ -99,6 +99,8 @@ def test_smoke_repro_produces_every_result(smoke):
     assert eps["prediction"] == "epsilon" and 0.93 < eps["times"][0] < 0.94  # DMD2's 999 on SD's schedule
     assert (smoke / "models" / "distill" / "dmd2-eps-4" / "scheduler" / "scheduler_config.json").exists()
     assert (smoke / "results" / "figures" / "teacher_eps_accuracy.png").exists()
+    assert json.loads((smoke / "results" / "metrics" / "classifier.json").read_text())["classes"] == 18
+    assert (smoke / "models" / "classifier" / "head.safetensors").exists()
 
 
 def test_smoke_repro_is_up_to_date_after_a_run(smoke):

@@ -225,6 +225,14 @@ class RewardsParams:
 
 
 @dataclass
+class ClassifierParams:
+    """The world classifier of Table 6 (the `classifier` stage): a linear probe on the independent CLIP."""
+    steps: int = knob(300, STEPS)
+    batch: int = knob(128, BATCH)
+    lr: float = knob(0.01, LR)
+
+
+@dataclass
 class RtdmParams:
     """RT-DM (Eq. 4): per-sample DMD weights from the reward of the sample's full few-step output."""
     enabled: bool = False
@@ -406,6 +414,7 @@ class Params:
     teacher_eps: TeacherParams = field(default_factory=lambda: TeacherParams(prediction="epsilon", timesteps="uniform"))
     distill: DistillParams = field(default_factory=DistillParams)
     rewards: RewardsParams = field(default_factory=RewardsParams)
+    classifier: ClassifierParams = field(default_factory=ClassifierParams)
     recipes: dict = knob({}, Names(stages=True))  # name -> DistillParams overrides
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     real: RealParams = field(default_factory=RealParams)

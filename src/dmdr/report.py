@@ -617,6 +617,12 @@ def readme_results(results: Path = RESULTS) -> str:
                      f"{e['max_t']:.3f}; GenEval analogue {e['teacher_geneval_overall_during_training']:.3f} at the "
                      f"end of training (25 steps, CFG 3, as the flow teacher's curve); trained in "
                      f"{e['teacher_minutes']:.1f} min, a stand-in like the world's (committed with it).")
+    classifier = results / "metrics" / "classifier.json"
+    if classifier.exists():
+        c = json.loads(classifier.read_text())
+        parts.append(f"World classifier (`results/metrics/classifier.json`, stage classifier, for Table 6): top-1 "
+                     f"accuracy {c['accuracy']:.3f} over its {c['classes']} classes on fresh renders; trained in "
+                     f"{c['minutes']:.1f} min.")
     parser = results / "metrics" / "parser.json"
     if parser.exists():
         q = json.loads(parser.read_text())
@@ -637,10 +643,10 @@ def readme_results(results: Path = RESULTS) -> str:
             parts.append(table.read_text().strip())
     timings = stage_timings()
     if timings:
-        after_world = sum(v for k, v in timings.items() if k not in ("prompts", "world", "teacher_eps"))
+        after_world = sum(v for k, v in timings.items() if k not in ("prompts", "world", "teacher_eps", "classifier"))
         parts.append("Stage wall times on this machine (minutes, from the executed notebooks in `runs/`): " + ", ".join(
             f"{k} {v:.1f}" for k, v in timings.items()) + f"; everything after the world and the epsilon teacher "
-            f"(stand-ins, committed): {after_world:.1f}.")
+            f"and classifier (stand-ins, committed): {after_world:.1f}.")
     for name, what, command in (
             ("sampling_speed", "Sampling benchmark", "benchmarks/sampling_speed.py"),
             ("step_cost", "Training-step benchmark", "benchmarks/step_cost.py"),

@@ -47,6 +47,24 @@ def teacher_eps(p, prompt_dir: Path = PROMPTS) -> dict:
                              Path("results/metrics/teacher_eps.json"), Path("results/curves/teacher-eps.csv"))
 
 
+def classifier(p, out: Path = Path("models/classifier"),
+               metrics_path: Path = Path("results/metrics/classifier.json")) -> dict:
+    """The world classifier of Table 6 (dmdr.classifier): a linear probe on the independent CLIP, trained on renders
+    of the class-conditional world."""
+    import time
+    from .classifier import train_classifier
+    from .files import write_json
+    from .tiny_clip import TinyClip
+    from .class_world import CLASSES
+    start = time.time()
+    c = p.classifier
+    model, info = train_classifier(TinyClip.load(Path("models/world/clip_eval")), p.seed, c.steps, c.batch, c.lr)
+    model.save(out)
+    metrics = {"accuracy": info["accuracy"], "classes": len(CLASSES), "minutes": round((time.time() - start) / 60, 2)}
+    write_json(metrics, metrics_path)
+    return metrics
+
+
 def rewards(p, prompt_dir: Path = PROMPTS, out: Path = Path("models/rewards"),
             metrics_path: Path = Path("results/metrics/rewards.json")) -> dict:
     """The world's second half: the hps, pick and aesthetic analogues trained on gold-labelled pairs of the
