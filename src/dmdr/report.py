@@ -596,19 +596,9 @@ def build(p, results: Path = RESULTS) -> dict:
     return {"tables": [str(t) for t in tables], "figures": [str(f) for f in figures]}
 
 
-def readme_results(results: Path = RESULTS) -> str:
-    """The README's results section, generated from results/."""
+def standin_lines(results: Path = RESULTS) -> list[str]:
+    """The README's lines on the stand-ins trained beside the world: the epsilon teacher and the world classifier."""
     parts = []
-    world = results / "metrics" / "world.json"
-    if world.exists():
-        w = json.loads(world.read_text())
-        parts.append(
-            "World stage (`results/metrics/world.json`): CLIP retrieval top-1 image->text "
-            f"{w['clip_image_to_text_top1']:.3f} among {w['retrieval_candidates']} dense captions (independent CLIP "
-            f"{w['clip_eval_image_to_text_top1']:.3f}); VAE reconstructions parsed scene-exact "
-            f"{w['vae_reconstruction_parse_exact']:.3f}; teacher {w['teacher_class']} "
-            f"({w['teacher_params_millions']:.2f} M parameters). Training time on this 2-core machine: CLIPs "
-            f"{w['clip_minutes']:.1f} min, VAE {w['vae_minutes']:.1f} min, teacher {w['teacher_minutes']:.1f} min.")
     eps = results / "metrics" / "teacher_eps.json"
     if eps.exists():
         e = json.loads(eps.read_text())
@@ -623,6 +613,23 @@ def readme_results(results: Path = RESULTS) -> str:
         parts.append(f"World classifier (`results/metrics/classifier.json`, stage classifier, for Table 6): top-1 "
                      f"accuracy {c['accuracy']:.3f} over its {c['classes']} classes on fresh renders; trained in "
                      f"{c['minutes']:.1f} min.")
+    return parts
+
+
+def readme_results(results: Path = RESULTS) -> str:
+    """The README's results section, generated from results/."""
+    parts = []
+    world = results / "metrics" / "world.json"
+    if world.exists():
+        w = json.loads(world.read_text())
+        parts.append(
+            "World stage (`results/metrics/world.json`): CLIP retrieval top-1 image->text "
+            f"{w['clip_image_to_text_top1']:.3f} among {w['retrieval_candidates']} dense captions (independent CLIP "
+            f"{w['clip_eval_image_to_text_top1']:.3f}); VAE reconstructions parsed scene-exact "
+            f"{w['vae_reconstruction_parse_exact']:.3f}; teacher {w['teacher_class']} "
+            f"({w['teacher_params_millions']:.2f} M parameters). Training time on this 2-core machine: CLIPs "
+            f"{w['clip_minutes']:.1f} min, VAE {w['vae_minutes']:.1f} min, teacher {w['teacher_minutes']:.1f} min.")
+    parts += standin_lines(results)
     parser = results / "metrics" / "parser.json"
     if parser.exists():
         q = json.loads(parser.read_text())
