@@ -14,10 +14,8 @@ from diffusers import DDPMScheduler
 from . import flow, sampler
 from .config import TEACHER, TEACHER_EPS
 from .lora import backbone_of, plain
-from .models import EpsilonAsFlow, LatentDecoder, VelocityModel, atomic_dir, require_dir
-from .standins import World, load_epsilon_teacher
-
-SCHEDULER_DIR = "scheduler"  # an epsilon model's VP schedule, beside its weights
+from .models import EpsilonAsFlow, LatentDecoder, VelocityModel, atomic_dir
+from .standins import SCHEDULER_DIR, World, load_epsilon_teacher, load_schedule
 
 
 class WorldFamily:
@@ -28,11 +26,8 @@ class WorldFamily:
 
     @classmethod
     def of(cls, directory: Path) -> "WorldFamily":
-        """The family of a saved model: epsilon where its sampler says so (its schedule beside it), else flow."""
-        directory = Path(directory)
-        if sampler.read(directory).get("prediction") == "epsilon" or directory == Path(TEACHER_EPS):
-            return cls(DDPMScheduler.from_pretrained(require_dir(directory / SCHEDULER_DIR, f"{directory}'s schedule")))
-        return cls()
+        """The family of a saved generator: epsilon where its sampler says so (its schedule beside it), else flow."""
+        return cls(load_schedule(directory)) if sampler.read(directory).get("prediction") == "epsilon" else cls()
 
     @property
     def prediction(self) -> str:

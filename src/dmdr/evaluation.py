@@ -15,9 +15,8 @@ import numpy as np
 import torch
 
 from . import evaluator, flow, sampler
-from .config import EvalModel, Params, eval_model
+from .config import TEACHER, TEACHER_EPS, EvalModel, Params, eval_model
 from .files import write_json
-from .config import TEACHER, TEACHER_EPS
 from .embedded import WorldFamily, WorldTeacher
 from .models import decode_latents, load_backbone, require_dir
 from .prompts import load_records
@@ -165,9 +164,8 @@ def evaluate(p: Params, name: str, prompt_dir: Path = Path("data/prompts"), worl
 def curve_metrics(world: World, generator, times: torch.Tensor, specs: list, seed: int, dense_specs: list = (),
                   reward=None, train_prompts: list[str] = ()) -> tuple[dict, dict]:
     """Numbers for training curves, one image per prompt of the generator at its flow levels `times`: on a fixed
-    subset of the test prompts GenEval-analogue
-    overall, gold, DPG-analogue overall and the training reward (reward_test); the reward on fixed train prompts
-    (reward_train). Returns the row and each number's per-image values (geneval over `specs`' images, dpg over
+    subset of the test prompts GenEval-analogue overall, gold, DPG-analogue overall and the training reward
+    (reward_test); the reward on fixed train prompts (reward_train). Returns the row and each number's per-image values (geneval over `specs`' images, dpg over
     `dense_specs`', reward_train over the train prompts', the others over all test images), which pair two curves
     prompt by prompt."""
     m = EvalModel(checkpoint="", steps=len(times) - 1)

@@ -234,11 +234,18 @@ def epsilon_schedule() -> DDPMScheduler:
                          prediction_type="epsilon", timestep_spacing="trailing")
 
 
+SCHEDULER_DIR = "scheduler"  # an epsilon model's VP schedule, beside its weights
+
+
+def load_schedule(directory: Path) -> DDPMScheduler:
+    """The VP schedule saved beside an epsilon model's weights (SCHEDULER_DIR)."""
+    return DDPMScheduler.from_pretrained(require_dir(Path(directory) / SCHEDULER_DIR, f"{directory}'s schedule"))
+
+
 def load_epsilon_teacher(root: Path) -> tuple[EpsilonAsFlow, DDPMScheduler]:
-    """The epsilon teacher saved by the teacher_eps stage (a UNet, its schedule in `scheduler/`), as a velocity
-    model, and its schedule."""
-    root = require_dir(root, "epsilon teacher")
-    schedule = DDPMScheduler.from_pretrained(require_dir(root / "scheduler", "epsilon teacher's scheduler"))
+    """The epsilon teacher saved by the teacher_eps stage (a UNet, its schedule beside it), as a velocity model, and
+    its schedule."""
+    schedule = load_schedule(require_dir(root, "epsilon teacher"))
     return EpsilonAsFlow(load_backbone(root), schedule.alphas_cumprod).eval(), schedule
 
 
@@ -276,7 +283,7 @@ def train_teacher(cfg: TeacherParams, clip: TinyClip, vae, seed: int, eval_specs
                               channels=cfg.channels, layers=cfg.layers, heads=cfg.heads, head_dim=cfg.head_dim)
     schedule = epsilon_schedule() if cfg.prediction == "epsilon" else None
     if schedule is None:
-        model = VelocityModel(backbone).to(device_of(vae))
+        model, sigmas = VelocityModel(backbone).to(device_of(vae)), None
     else:
         model = EpsilonAsFlow(backbone, schedule.alphas_cumprod).to(device_of(vae))
         sigmas = flow.vp_sampler_times(schedule, cfg.eval_steps)
@@ -295,22 +302,20 @@ def train_teacher(cfg: TeacherParams, clip: TinyClip, vae, seed: int, eval_specs
         drop = (torch.rand(cfg.batch, generator=g) < cfg.cfg_dropout).to(x0.device)
         states = torch.where(drop[:, None, None], uncond[0], states)
         pooled = torch.where(drop[:, None], uncond[1], pooled)
-        if schedule is not None:
+        if schedule is None:
+            t, loss = flow.sample_train_times(cfg.batch, cfg.timesteps, g), flow.flow_matching_loss
+        else:
             timesteps = torch.randint(schedule.config.num_train_timesteps, (cfg.batch,), generator=g)
-            t = flow.vp_flow_times(schedule.alphas_cumprod, timesteps).to(x0.device)
-            noise = torch.randn(x0.shape, generator=g).to(x0.device)
-            return flow.epsilon_loss(model, x0, (states, pooled), t, noise)
-        t = flow.sample_train_times(cfg.batch, cfg.timesteps, g).to(x0.device)
+            t, loss = flow.vp_flow_times(schedule.alphas_cumprod, timesteps), flow.epsilon_loss
         noise = torch.randn(x0.shape, generator=g).to(x0.device)
-        return flow.flow_matching_loss(model, x0, (states, pooled), t, noise)
+        return loss(model, x0, (states, pooled), t.to(x0.device), noise)
 
     def on_log(model, step):
         if step == 0 or step % cfg.eval_every and step != cfg.steps:
             return {}
         shadow = copy.deepcopy(model).eval()
         ema.copy_to(shadow.parameters())
-        return geneval_accuracy(shadow, clip, vae, eval_specs, seed, cfg.eval_steps, cfg.cfg,
-                                sigmas=None if schedule is None else sigmas)
+        return geneval_accuracy(shadow, clip, vae, eval_specs, seed, cfg.eval_steps, cfg.cfg, sigmas=sigmas)
 
     history = train_loop(model, loss_fn, cfg.steps, cfg.lr, desc=desc, warmup=cfg.warmup,
                          on_log=on_log, log_every=max(1, cfg.eval_every // 10), mixed_precision=cfg.mixed_precision,
@@ -372,12 +377,11 @@ def build_world(p, eval_specs: list, out: Path, metrics_path: Path, curve_path: 
     return metrics
 
 
-
 def build_teacher_eps(p, eval_specs: list, world_dir: Path, out: Path, metrics_path: Path, curve_path: Path,
                       checkpoints: Path = Path("checkpoints/teacher_eps")) -> dict:
     """The `teacher_eps` stage: the epsilon teacher (`p.teacher_eps`) on the world's latents and text encoder, from
     the flow teacher's seed (the same initial weights and data order: only the prediction and schedule differ),
-    saved under `out` with its schedule in `scheduler/`. Resumable as the world's stand-ins are."""
+    saved under `out` with its schedule beside it (SCHEDULER_DIR). Resumable as the world's stand-ins are."""
     world = World.load(world_dir)
     t = time.time()
     model, info = train_teacher(p.teacher_eps, world.clip, world.vae, p.seed, eval_specs, desc="epsilon teacher",
@@ -385,7 +389,7 @@ def build_teacher_eps(p, eval_specs: list, world_dir: Path, out: Path, metrics_p
 
     def write(d: Path):
         model.backbone.save_pretrained(d, safe_serialization=True)
-        info["schedule"].save_pretrained(d / "scheduler")
+        info["schedule"].save_pretrained(d / SCHEDULER_DIR)
     atomic_dir(out, write)
     rows = [r for r in info["history"] if "geneval_overall" in r]
     write_csv(rows, curve_path)
