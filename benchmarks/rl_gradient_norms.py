@@ -5,6 +5,13 @@ world's teacher and reward: the generator's gradient norm of each loss alone (L_
 objective with lambda 1) over `--batches` batches of the recipe's size, its groups of `samples_per_prompt`.
 
     python benchmarks/rl_gradient_norms.py [--init models/distill/dmdr-stage1-4] [--batches 8] [--out FILE]
+
+The class world's rule (Table 6), where stage 2 starts from the teacher: ReFL on the classifier gets the lambda at
+which its gradient's norm is RATIO times DMD's on the recipe's start, RATIO being what lambda 0.5 gives ReFL on hps
+at the stage-1 init (0.5 x 0.7614 / 0.5164 = 0.74, results/benchmarks/rl_gradient_norms.txt):
+
+    python benchmarks/rl_gradient_norms.py --recipe cls-1-cfg1p5-rl --init models/world/teacher \
+        --samples-per-prompt 1 --ratio 0.74
 """
 import argparse
 import dataclasses
@@ -16,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from dmdr import config, distill  # noqa: E402
+from dmdr.class_world import CAPTIONS  # noqa: E402
 from dmdr.draws import Draws  # noqa: E402
 from dmdr.embedded import WorldTeacher  # noqa: E402
 from dmdr.loop import Engine  # noqa: E402
@@ -57,6 +65,8 @@ def main():
     ap.add_argument("--recipe", default="dmdr-4", help="the stage-2 recipe whose settings (and lambda) are ReFL's")
     ap.add_argument("--samples-per-prompt", type=int, default=4)
     ap.add_argument("--batches", type=int, default=8)
+    ap.add_argument("--ratio", type=float, help="instead: ReFL's lambda at which its gradient's norm is RATIO times "
+                                                "DMD's (the class world's rule)")
     ap.add_argument("--out")
     a = ap.parse_args()
     p = config.load("params.yaml")
@@ -64,10 +74,14 @@ def main():
     torch.manual_seed(p.seed)
     world = World.load()
     teacher = WorldTeacher(world)
-    start = teacher.wrap(load_backbone(Path(a.init), world.latent_shape))
-    start_fake = teacher.wrap(load_backbone(Path(a.init) / "fake", world.latent_shape))
+    start = start_fake = None  # from a teacher: generator and fake score are copies of it
+    if a.init not in config.TEACHERS:
+        start = teacher.wrap(load_backbone(Path(a.init), world.latent_shape))
+        start_fake = teacher.wrap(load_backbone(Path(a.init) / "fake", world.latent_shape))
     reward = load_reward(base.rl.reward)
-    prompts = load_prompts("data/prompts/train.txt")
+    prompts = list(CAPTIONS) if base.prompts == "classes" else load_prompts("data/prompts/train.txt")
+    if a.ratio is not None:
+        return class_rule(a, base, teacher, start, start_fake, reward, prompts)
     means = {}
     for name, over in LOSSES.items():
         cfg = config.build(config.DistillParams, config.deep_merge(
@@ -79,6 +93,22 @@ def main():
     for name, norm in means.items():
         rule = f"   lambda {float(f'{refl / norm:.2g}'):g}" if name in ("DPO", "GRPO") else ""
         lines.append(f"{name:5s} |grad L| {norm:10.4g}{rule}")
+    print("\n".join(lines))
+    if a.out:
+        Path(a.out).write_text("\n".join(lines) + "\n")
+
+
+def class_rule(a, base, teacher, start, start_fake, reward, prompts):
+    means = {}
+    for name in ("DMD", "ReFL"):
+        cfg = config.build(config.DistillParams, config.deep_merge(
+            dataclasses.asdict(base), LOSSES[name] | {"samples_per_prompt": a.samples_per_prompt}))
+        means[name] = statistics.mean(gradient_norms(cfg, teacher, start, start_fake, reward, prompts, a.batches))
+    lam = float(f"{a.ratio * means['DMD'] / means['ReFL']:.2g}")
+    lines = [f"generator gradient norms of {a.recipe}'s settings on {a.init}, reward {base.rl.reward}, batch "
+             f"{base.batch}, mean of {a.batches} batches",
+             f"DMD   |grad L| {means['DMD']:10.4g}", f"ReFL  |grad L| {means['ReFL']:10.4g}",
+             f"lambda at which |lambda grad ReFL| = {a.ratio:g} |grad DMD|: {lam:g}"]
     print("\n".join(lines))
     if a.out:
         Path(a.out).write_text("\n".join(lines) + "\n")

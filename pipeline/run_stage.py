@@ -2,7 +2,7 @@
 
     python pipeline/run_stage.py STAGE [NAME]
 
-STAGE is a notebook under notebooks/ (prompts, world, distill, evaluate, report); NAME picks the recipe or model of
+STAGE is a notebook under notebooks/ (prompts, world, distill, evaluate, quality, report); NAME picks the recipe or model of
 a foreach stage. The executed notebook, with its outputs and plots, is written to runs/STAGE[-NAME].ipynb.
 
 Nothing computed is lost to a bad parameter or a failed run (dmdr.stage_outputs): every knob is checked before
@@ -32,8 +32,8 @@ def main(argv: list[str]) -> int:
         p = config.load(ROOT / "params.yaml")
         if stage == "distill":
             config.recipe(p, name)
-        elif stage == "evaluate":
-            config.eval_model(p, name)
+        elif stage in ("evaluate", "quality"):
+            config.eval_model(p, name, stage)
         elif stage == "extra_prompts":
             config.extra_prompt_file(p, name)
     except config.ParamsError as e:

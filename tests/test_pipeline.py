@@ -33,7 +33,8 @@ def smoke_repo(tmp: Path) -> Path:
     smoke = read_yaml((ROOT / "tests" / "smoke_params.yaml").read_text())
     params = deep_merge(read_yaml((ROOT / "params.yaml").read_text()), smoke)
     params["recipes"] = {k: params["recipes"][k] for k in smoke["recipes"]}
-    params["evaluate"]["models"] = {k: params["evaluate"]["models"][k] for k in smoke["evaluate"]["models"]}
+    for section in ("evaluate", "quality"):
+        params[section]["models"] = {k: params[section]["models"][k] for k in smoke[section]["models"]}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     (repo / ".dvc" / ".gitignore").write_text("/tmp\n/cache\n")
@@ -68,7 +69,13 @@ def smoke(tmp_path_factory):
 
 def test_smoke_repro_produces_every_result(smoke):
     summary = json.loads((smoke / "results" / "summary.json").read_text())
-    assert set(summary) == {"teacher", "dmd2-4", "dmdr-4", "teacher-refl-then-dmd-4", "teacher-eps", "dmd2-eps-4"}
+    classes = {"cls-teacher", "cls-1-cfg1-rl"}
+    assert set(summary) == {"teacher", "dmd2-4", "dmdr-4", "teacher-refl-then-dmd-4", "teacher-eps", "dmd2-eps-4"} | classes
+    for model in classes:  # Table 6's columns
+        assert {"fid", "precision", "recall", "inception_score", "classifier_accuracy"} <= set(summary.pop(model))
+    assert "| cls-1-cfg1-rl |" in (smoke / "results" / "tables" / "table6.md").read_text()
+    cls_curve = (smoke / "results" / "curves" / "cls-1-cfg1-rl.csv").read_text().splitlines()
+    assert "reward_test" in cls_curve[0] and "dpg_overall" not in cls_curve[0]  # the classes' curve: no dense prompts
     for model, m in summary.items():
         for key in ("geneval_overall", "dpg_overall", "clip_score", "aesthetic", "pick", "hps", "gold", "nfe",
                     "sec_per_image"):

@@ -86,3 +86,68 @@ def test_the_world_classifier_learns_the_classes_and_its_confidence_is_a_reward(
     model.save(tmp_path / "classifier")
     again = WorldClassifier.load(clip, tmp_path / "classifier")
     assert torch.equal(again(x.detach()), model(x.detach()))
+
+
+def test_the_class_reward_is_the_confidence_in_the_class_its_prompt_asks_for():
+    import numpy as np
+    from dmdr.class_world import CAPTIONS, class_batch
+    from dmdr.classifier import ClassReward, WorldClassifier
+    from dmdr.evaluator import to_tensor
+    from tiny import tiny_clip
+    classifier = WorldClassifier(tiny_clip()).eval()
+    images, labels = class_batch(np.random.default_rng(0), 6)
+    x = to_tensor(images)
+    asked = [CAPTIONS[(int(c) + 1) % 18] for c in labels]  # another class than drawn: the prompt decides
+    expected = classifier.confidence(x, torch.tensor([(int(c) + 1) % 18 for c in labels]))
+    assert torch.equal(ClassReward(classifier)(x, asked), expected)
+    with pytest.raises(ValueError, match="a photo of two cats"):
+        ClassReward(classifier)(x[:1], ["a photo of two cats"])
+
+
+def test_every_part_holds_as_many_samples_of_each_class():
+    import numpy as np
+    from dmdr.quality_eval import class_positions, split_of
+    labels, split = np.array(class_positions(12)), split_of(12, 4)
+    for j in range(4):
+        assert np.bincount(labels[split == j], minlength=18).tolist() == [3] * 18
+
+
+def write_quality(path, feats, real, logits, parts=4):
+    import numpy as np
+    from dmdr.quality_eval import class_positions, split_of
+    path.parent.mkdir(parents=True, exist_ok=True)
+    per_class = len(feats) // 18
+    np.savez(path, features=feats.numpy(), real_features=real.numpy(), logits=logits.numpy(),
+             labels=np.array(class_positions(per_class)), split=split_of(per_class, parts))
+
+
+@pytest.mark.parametrize("sharpen", [True, False])
+def test_c7_reads_a_sharper_density_as_cfg_and_rl_doing_what_the_paper_says(tmp_path, sharpen):
+    """Six students whose densities shrink toward the data's centre with CFG and with RL, and whose class predictions
+    grow more confident: C7 holds; the same students in reverse order: it does not hold. The checks pair the parts."""
+    from dmdr.class_world import CLASSES
+    from dmdr.report import CFGS, table6_claims
+    n = 18 * 64
+    real = torch.randn(n, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(n) % len(CLASSES)
+    order = [f"cls-1-cfg{g}-{rl}" for rl in ("norl", "rl") for g in CFGS]
+    sharpness = {m: (i % 3) + 2 * (i // 3) for i, m in enumerate(order)}  # CFG 1 < 1.5 < 4; RL sharper still
+    for m, s in sharpness.items():
+        s = s if sharpen else 5 - s
+        feats = 1.4 * (0.85 ** s) * torch.randn(n, 8, generator=torch.Generator().manual_seed(1))
+        logits = (1.0 + s) * torch.nn.functional.one_hot(labels, len(CLASSES)).float()
+        write_quality(tmp_path / "quality" / f"{m}.npz", feats, real, logits)
+    (c7,) = table6_claims(tmp_path)
+    assert c7["id"] == "C7" and len(c7["checks"]) == 21
+    assert c7["verdict"] == ("holds" if sharpen else "does not hold"), [(k["name"], k["ci95"]) for k in c7["checks"]]
+    assert all(k["ci95"][0] <= k["difference"] <= k["ci95"][1] for k in c7["checks"])
+
+
+def test_the_classifier_reward_needs_class_prompts_and_the_embedded_world():
+    from dmdr import config
+    with pytest.raises(config.ParamsError, match="prompts: classes"):
+        config.build(config.DistillParams, {"rl": {"weight": 0.1, "reward": "classifier"}})
+    cfg = config.build(config.DistillParams, {"prompts": "classes", "rl": {"weight": 0.1, "reward": "classifier"}})
+    from dmdr.distill import what_trains
+    assert what_trains(cfg)["prompts"] == "classes"
+    assert "prompts" not in what_trains(config.DistillParams())  # the records of models trained before it stay theirs

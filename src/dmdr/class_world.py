@@ -18,6 +18,19 @@ def caption(c: int) -> str:
     return text(Spec((Group(shape, color=color),)))
 
 
+CAPTIONS = tuple(caption(c) for c in range(len(CLASSES)))
+
+
+def class_of(prompts: list[str]) -> list[int]:
+    """The class each prompt asks for (its caption's index), or a ValueError naming a prompt that is no class's."""
+    index = {t: c for c, t in enumerate(CAPTIONS)}
+    unknown = [t for t in prompts if t not in index]
+    if unknown:
+        raise ValueError(f"{unknown[0]!r} is no class's caption (the class-conditional world's prompts are "
+                         f"{CAPTIONS[0]!r} ... {CAPTIONS[-1]!r}; a class reward needs prompts: classes)")
+    return [index[t] for t in prompts]
+
+
 def render_class(rng: np.random.Generator, c: int) -> np.ndarray:
     """One image of class `c`: its object at a random size and position (uint8, H x W x 3)."""
     shape, color = CLASSES[c]

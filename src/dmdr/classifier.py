@@ -14,7 +14,7 @@ from torch import nn
 from .evaluator import to_tensor
 from .models import atomic_dir, require_dir
 from .tiny_clip import TinyClip
-from .class_world import CLASSES, class_batch
+from .class_world import CLASSES, class_batch, class_of
 
 HEAD_FILE = "head.safetensors"
 
@@ -39,8 +39,11 @@ class WorldClassifier(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.clip.encode_image(images)
 
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head((features - self.mean) / self.std)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head((self.features(images) - self.mean) / self.std)
+        return self.logits(self.features(images))
 
     def confidence(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """p(asked class | image), differentiable in the images: the reward."""
@@ -58,6 +61,20 @@ class WorldClassifier(nn.Module):
         model.mean.copy_(state["mean"])
         model.std.copy_(state["std"])
         return model.eval()
+
+
+class ClassReward(nn.Module):
+    """r(x, c) = p_classifier(c | x), the class c read from the prompt (its caption): the reward of Table 6's RL, as
+    the paper's DINOv2 classifier's probability of the asked ImageNet class. A reward's protocol: (images in
+    [-1, 1], prompts) -> one score per image."""
+
+    def __init__(self, classifier: WorldClassifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        labels = torch.tensor(class_of(list(texts)), device=images.device)
+        return self.classifier.confidence(images, labels)
 
 
 @torch.no_grad()

@@ -302,6 +302,7 @@ class GeneratorLoraParams:
 class DistillParams:
     """One training run; recipes override these."""
     init: str = "models/world/teacher"  # where the generator (and fake score) start: a teacher or models/distill/<recipe>
+    prompts: str = knob("world", OneOf(("world", "classes")))  # train and curve prompts: the world's | the 18 classes'
     real: str = knob("teacher", OneOf(("teacher", "init")))  # the real score: the lineage's teacher | the init checkpoint
     seed: int = knob(0, SEED)  # added to the global seed (repeat a recipe over seeds)
     dmd_weight: float = knob(1.0, Range(0, 100))  # 0: RL alone (no fake score, no distillation loss)
@@ -355,6 +356,9 @@ class DistillParams:
             "grpo's densities are those of the steps between the generator's levels: generator_steps must be at least 2"
         problem = reward_spec_error(self.rl.reward)
         yield ("rl.reward",), problem is None, problem
+        asks_class = problem is None and "classifier" in parse_spec(self.rl.reward)
+        yield ("rl.reward", "prompts"), not asks_class or self.prompts == "classes", \
+            "the classifier reward reads the asked class from the prompt: it needs prompts: classes"
 
 
 @dataclass
@@ -370,6 +374,20 @@ class EvaluateParams:
     images_per_prompt: int = knob(4, Range(1, 64))
     batch: int = knob(256, BATCH)
     models: dict = knob({}, Names(stages=True))  # name -> EvalModel
+
+
+@dataclass
+class QualityParams:
+    """Table 6 (the `quality@<model>` stages): each model's samples of every class against renders, in the world
+    classifier's features."""
+    samples_per_class: int = knob(128, Range(8, 100_000))
+    splits: int = knob(8, Range(2, 1000))  # C7's intervals: the metrics of this many disjoint parts, paired
+    batch: int = knob(256, BATCH)
+    models: dict = knob({}, Names(stages=True))  # name -> EvalModel
+
+    def relations(self):
+        yield ("samples_per_class", "splits"), self.samples_per_class % self.splits == 0, \
+            "splits must divide samples_per_class (each part holds as many samples of every class)"
 
 
 @dataclass
@@ -417,6 +435,7 @@ class Params:
     classifier: ClassifierParams = field(default_factory=ClassifierParams)
     recipes: dict = knob({}, Names(stages=True))  # name -> DistillParams overrides
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    quality: QualityParams = field(default_factory=QualityParams)
     real: RealParams = field(default_factory=RealParams)
     presets: dict = knob({}, Names())  # name -> PresetParams
 
@@ -506,7 +525,7 @@ TEACHER = "models/world/teacher"
 TEACHER_EPS = "models/teacher_eps"  # the epsilon teacher (stage teacher_eps)
 TEACHERS = (TEACHER, TEACHER_EPS)
 DISTILL_DIR = "models/distill/"
-REWARD_NAMES = ("clip", "hps", "pick", "aesthetic")
+REWARD_NAMES = ("clip", "hps", "pick", "aesthetic", "classifier")  # classifier: the embedded world's (Table 6)
 # keys of `distill` that `python -m dmdr.real` does not read in a preset's stages: refused there, not ignored
 UNREAD_BY_REAL = {"init": "stage 2 starts from stage 1, stage 1 from the teacher",
                   "real": "the real score is the preset's teacher", "seed": "the run's seed is the top-level seed",
@@ -575,6 +594,9 @@ def preset(p: Params, name: str) -> tuple[PresetParams, DistillParams, DistillPa
         fail(f"{key}.teacher", "required (a diffusers pipeline directory or hub id)")
     for reward, where in pre.reward_models.items():
         check_reward_spec(reward, f"{key}.reward_models")
+        if reward == "classifier":
+            fail(f"{key}.reward_models.classifier", "the classifier reward is the embedded world's (Table 6); a real "
+                                                     "preset's rewards are clip, hps, pick and aesthetic")
         build(RewardModelParams, where, f"{key}.reward_models.{reward}")
     stages = []
     for stage in ("stage1", "stage2"):
@@ -606,12 +628,14 @@ def extra_prompt_file(p: Params, name: str) -> str:
     return p.prompts.extra_files[name]
 
 
-def eval_model(p: Params, name: str) -> EvalModel:
-    if name not in p.evaluate.models:
-        fail(f"evaluate.models.{name}", f"no such model (known: {', '.join(sorted(p.evaluate.models))})")
-    m = build(EvalModel, p.evaluate.models[name], f"evaluate.models.{name}")
+def eval_model(p: Params, name: str, section: str = "evaluate") -> EvalModel:
+    """Model entry `name` of `section`.models (evaluate or quality), checked."""
+    models = getattr(p, section).models
+    if name not in models:
+        fail(f"{section}.models.{name}", f"no such model (known: {', '.join(sorted(models))})")
+    m = build(EvalModel, models[name], f"{section}.models.{name}")
     if m.checkpoint.startswith(DISTILL_DIR) and m.checkpoint[len(DISTILL_DIR):] not in p.recipes:
-        fail(f"evaluate.models.{name}.checkpoint", f"{m.checkpoint!r} names no recipe of params.yaml")
+        fail(f"{section}.models.{name}.checkpoint", f"{m.checkpoint!r} names no recipe of params.yaml")
     return m
 
 
@@ -691,8 +715,9 @@ def load(path: str | Path = "params.yaml", changes: dict | None = None) -> Param
         p = build(Params, deep_merge(raw, changes or {}) if isinstance(raw, dict) else raw)
         for name in p.recipes:  # validate every recipe and model entry up front
             recipe(p, name)
-        for name in p.evaluate.models:
-            eval_model(p, name)
+        for section in ("evaluate", "quality"):
+            for name in getattr(p, section).models:
+                eval_model(p, name, section)
         for name in p.presets:
             preset(p, name)
     except ParamsError as e:

@@ -498,10 +498,16 @@ class DMDR:
         return [(w, r(valid(images), texts)) for w, r in weighted_terms(self.models.reward)]
 
 
+# settings added after models were trained with their default: recorded only when set otherwise, so that the records
+# (and resumable checkpoints) of those models stay theirs
+ADDED_LATER = {"prompts": "world"}
+
+
 def what_trains(cfg: DistillParams) -> dict:
     """The settings that define what a run trains: all of `cfg` but how the batch is passed (micro_batches), which,
-    as the number of processes, changes the result only by float rounding."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "micro_batches"}
+    as the number of processes, changes the result only by float rounding (and ADDED_LATER's at their default)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k != "micro_batches" and ADDED_LATER.get(k, object()) != v}
 
 
 def training_record(cfg: DistillParams, seed: int, prompts: list[str], **identity) -> dict:

@@ -53,6 +53,12 @@ EARLY = (10, 50)  # the cold-start window of C4, generator steps (DynaDG and Dyn
 # within its first 10 steps, so the window is the rise itself
 RISE = (2, 20)
 C3_PAIR = ("rtdm-alone-4", "dmd-alone-4")
+# Table 6, the class-conditional world: 1-step students at real CFG g, without and with RL, and the teacher at CFG 1
+CFGS = {"1": 1.0, "1p5": 1.5, "4": 4.0}
+TABLE6 = ["cls-teacher"] + [f"cls-1-cfg{g}-{rl}" for rl in ("norl", "rl") for g in CFGS]
+TABLE6_COLUMNS = ["nfe", "fid", "recall", "inception_score", "precision", "classifier_accuracy"]
+# C7: CFG and RL sharpen the density: the side each metric moves to (precision and IS up, recall down)
+C7_SIDES = {"precision": 1, "inception_score": 1, "recall": -1}
 
 
 def table5_model(part: str, value: str) -> str:
@@ -117,7 +123,8 @@ def sample_grid(npz: str | Path, title: str = "", out: Path | None = None):
     return fig
 
 
-def side_by_side(samples: dict[str, Path], prompts: int = 8, out: Path | None = None):
+def side_by_side(samples: dict[str, Path], prompts: int = 8, out: Path | None = None,
+                 title: str = "Figure 7 analogue: the same prompts from the same noise"):
     """Figure 7: a row per model, a column per prompt: the first image of `prompts` test prompts spread evenly over
     the test set. The evaluator samples every model's image at one position from the same noise, so a column is one
     prompt and one starting noise."""
@@ -137,7 +144,7 @@ def side_by_side(samples: dict[str, Path], prompts: int = 8, out: Path | None = 
                 ax.set_title(textwrap.fill(str(texts[i]), 18), fontsize=6)
             if c == 0:
                 ax.set_ylabel(model, fontsize=8)
-    fig.suptitle("Figure 7 analogue: the same prompts from the same noise", fontsize=9)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     if out is not None:
         fig.savefig(out, dpi=130)
@@ -421,7 +428,29 @@ def claims(p, summ: dict, results: Path = RESULTS) -> list[dict]:
                           f"{' and '.join(C5_METRICS)}: each keeps at least {1 - C5_MARGIN:.0%} of its teacher's "
                           f"score (a non-inferiority margin of {C5_MARGIN:.0%} of the teacher's score)", checks,
                           min(len(seeds_of(p, s)) for s, _ in C5_PAIRS)))
-    return out + table5_claims(pairs)
+    return out + table5_claims(pairs) + table6_claims(results)
+
+
+def table6_claims(results: Path = RESULTS) -> list[dict]:
+    """C7 on Table 6's students (one training seed each): CFG above 1 against CFG 1 at each RL setting, and RL
+    against none at each CFG, raises precision and the Inception Score and lowers recall. Each check's interval is
+    over the quality stage's class-balanced parts, paired (dmdr.quality.paired_parts)."""
+    from .quality import paired_parts, part_metrics
+    have = [m for m in TABLE6[1:] if (results / "quality" / f"{m}.npz").exists()]
+    if len(have) < len(TABLE6) - 1:
+        return []
+    parts = {m: part_metrics(results / "quality" / f"{m}.npz") for m in have}
+    pairs = [(f"cls-1-cfg{g}-{rl}", f"cls-1-cfg1-{rl}", f"CFG {CFGS[g]:g}") for rl in ("norl", "rl") for g in ("1p5", "4")]
+    pairs += [(f"cls-1-cfg{g}-rl", f"cls-1-cfg{g}-norl", "RL") for g in CFGS]
+    checks = []
+    for strong, weak, what in pairs:
+        for metric, side in C7_SIDES.items():
+            d, ci = paired_parts(side * parts[strong][metric], side * parts[weak][metric])
+            checks.append({"name": f"{what}: {strong} {'above' if side > 0 else 'below'} {weak} on {metric}",
+                           "metric": metric, "models": [strong, weak], "difference": d, "ci95": ci})
+    return [_claim("C7", "CFG and RL lower recall and raise precision and the Inception Score: each CFG above 1 against "
+                   "CFG 1 (with and without RL), and RL against none at each CFG, in the world classifier's features",
+                   checks, 1)]
 
 
 def table5_claims(pairs: Pairs) -> list[dict]:
@@ -496,6 +525,30 @@ def plot_rtdm_beta(pairs: Pairs, results: Path = RESULTS, out: Path | None = Non
     return fig
 
 
+def plot_table6(summ: dict, out: Path | None = None):
+    """Table 6 as a figure: precision against recall, and the Inception Score against FID, one point per model,
+    CFG 1 -> 1.5 -> 4 joined for each RL setting."""
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    for ax, (x, y) in zip(axes, (("recall", "precision"), ("fid", "inception_score"))):
+        for rl, marker in (("norl", "o-"), ("rl", "s--")):
+            names = [f"cls-1-cfg{g}-{rl}" for g in CFGS if f"cls-1-cfg{g}-{rl}" in summ]
+            ax.plot([summ[m][x] for m in names], [summ[m][y] for m in names], marker,
+                    label="RL" if rl == "rl" else "no RL")
+            for m in names:
+                ax.annotate(f"CFG {CFGS[m.split('-')[2][3:]]:g}", (summ[m][x], summ[m][y]), fontsize=6)
+        if "cls-teacher" in summ:
+            ax.plot(summ["cls-teacher"][x], summ["cls-teacher"][y], "k*", label="teacher (50 steps, CFG 1)")
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Table 6 analogue: quality against diversity (1-step students; world classifier's features)",
+                 fontsize=9)
+    fig.tight_layout()
+    if out is not None:
+        fig.savefig(out, dpi=110)
+    return fig
+
+
 def claims_markdown(items: list[dict]) -> str:
     """Each claim's verdict, then each check's difference (claimed-better minus other) with its 95% interval."""
     parts = []
@@ -518,13 +571,9 @@ def claims_markdown(items: list[dict]) -> str:
     return "\n\n".join(parts) if parts else "_No claims checked yet: run the main command._"
 
 
-def build(p, results: Path = RESULTS) -> dict:
-    """summary.json, tables, figures and claims from whatever has been evaluated."""
-    models = list(p.evaluate.models)
-    summ = summary(models, results)
-    write_json(summ, results / "summary.json")
-
-    tables = [write_table({m: summ[m] for m in TABLE_DISTILL if m in summ}, COLUMNS, results / "tables" / "distill",
+def write_tables(summ: dict, models: list[str], results: Path = RESULTS) -> list[Path]:
+    """The paper's tables (Markdown and CSV under results/tables) from the summary of the evaluated models."""
+    return [write_table({m: summ[m] for m in TABLE_DISTILL if m in summ}, COLUMNS, results / "tables" / "distill",
                           "Teacher (50 steps, CFG) vs DMD2 4-step and 1-step generators (embedded world, test prompts; teacher-4: the undistilled teacher in the 4-step sampler)"),
               write_table({m: summ[m] for m in TABLE1 if m in summ}, TABLE1_COLUMNS, results / "tables" / "table1",
                           "Table 1 analogue: rewards (hps is the training reward) and held-out quality"),
@@ -541,7 +590,20 @@ def build(p, results: Path = RESULTS) -> dict:
                             f"Table 5({part}) analogue: the {what} of stage 2, from the one stage-1 init (dmdr-4: "
                             f"{what} {own.replace('p', '.') if part == 'c' else own}; one training seed each)")
                 for part, (what, key, values, own) in TABLE5.items()],
-              write_table(summ, ALL_COLUMNS, results / "tables" / "all_models", "Every evaluated model")]
+              write_table({m: summ[m] for m in TABLE6 if m in summ}, TABLE6_COLUMNS, results / "tables" / "table6",
+                          "Table 6 analogue: quality against diversity in the class-conditional world (1 step; FID, "
+                          "precision, recall and IS in the world classifier's features; cls-teacher: 50 steps, CFG 1)"),
+              write_table({m: summ[m] for m in models if m in summ}, ALL_COLUMNS, results / "tables" / "all_models",
+                          "Every evaluated model")]
+
+
+def build(p, results: Path = RESULTS) -> dict:
+    """summary.json, tables, figures and claims from whatever has been evaluated."""
+    models = list(p.evaluate.models)
+    summ = summary(models + list(p.quality.models), results)
+    write_json(summ, results / "summary.json")
+
+    tables = write_tables(summ, models, results)
     items = claims(p, summ, results)
     write_json(items, results / "claims.json")
     (results / "claims.md").write_text(claims_markdown(items) + "\n")
@@ -582,6 +644,12 @@ def build(p, results: Path = RESULTS) -> dict:
     if len(shown) > 1:
         plt.close(side_by_side(shown, out=figs / "figure7_side_by_side.png"))
         figures.append(figs / "figure7_side_by_side.png")
+    shown = {m: results / "quality" / f"{m}.npz" for m in TABLE6 if (results / "quality" / f"{m}.npz").exists()}
+    if len(shown) > 1:
+        plt.close(side_by_side(shown, prompts=9, out=figs / "table6_samples.png",
+                               title="Table 6 analogue: each class from the same noise"))
+        plt.close(plot_table6(summ, out=figs / "table6_tradeoff.png"))
+        figures += [figs / "table6_samples.png", figs / "table6_tradeoff.png"]
     pairs = Pairs(p, results)
     if sum(pairs.have(m, RTDM_BASE) for m in RTDM_BETAS) > 1:
         plt.close(plot_rtdm_beta(pairs, results, out=figs / "rtdm_beta.png"))
@@ -644,7 +712,8 @@ def readme_results(results: Path = RESULTS) -> str:
                      f"{r['pick_agreement']:.3f}, aesthetic {r['aesthetic_agreement']:.3f} (with gold's aesthetic half: "
                      f"{r['aesthetic_agreement_with_gold_aesthetics']:.3f}); trained on {r['train_pairs']} noisy pairs in "
                      f"{r['minutes']:.1f} min.")
-    for name in ("table1", "table2", "table3", "table4", "table5a", "table5b", "table5c", "distill", "all_models"):
+    for name in ("table1", "table2", "table3", "table4", "table5a", "table5b", "table5c", "table6", "distill",
+                 "all_models"):
         table = results / "tables" / f"{name}.md"
         if table.exists():
             parts.append(table.read_text().strip())
@@ -679,7 +748,8 @@ def readme_results(results: Path = RESULTS) -> str:
         for other in sorted(bench.parent.glob(bench.stem + "_*.txt")):
             parts.append(f"The same call's part `{other.stem.split('_')[-1]}` (`{other.as_posix()}`, "
                          f"`benchmarks/device_check.sh`):\n\n```\n{other.read_text().strip()}\n```")
-    for fig in ["figure3_paradigms.png", "figure4_rtdm.png", "figure7_side_by_side.png", "cold_start.png",
+    for fig in ["figure3_paradigms.png", "figure4_rtdm.png", "figure7_side_by_side.png", "table6_tradeoff.png",
+                "table6_samples.png", "cold_start.png",
                 "table5_lambda.png", "rtdm_beta.png", "reward_agreement.png",
                 "teacher_accuracy.png", "distill_curves.png"] + [f"samples_{m}.png" for m in ("teacher", "dmd2-4", "dmdr-4",
                                                                                              "dmd-then-rl-4", "dmdr-1")]:

@@ -56,13 +56,18 @@ class AestheticModel(nn.Module):
         return self.head(self.clip.encode_image(images)).squeeze(-1)
 
 
-def load_reward(spec: str, world: Path = Path("models/world"), root: Path = Path("models/rewards")) -> nn.Module:
-    """The reward a spec names, frozen, from the world's CLIP (clip) and the rewards stage's checkpoints (the rest)."""
+def load_reward(spec: str, world: Path = Path("models/world"), root: Path = Path("models/rewards"),
+                classifier: Path = Path("models/classifier")) -> nn.Module:
+    """The reward a spec names, frozen, from the world's CLIP (clip), the world classifier on the independent CLIP
+    (classifier: Table 6's) and the rewards stage's checkpoints (the rest)."""
     weights = parse_spec(spec)
     models = {}
     for name in weights:
         if name == "clip":
             models[name] = CosineReward(TinyClip.load(world / "clip"))
+        elif name == "classifier":
+            from .classifier import ClassReward, WorldClassifier
+            models[name] = ClassReward(WorldClassifier.load(TinyClip.load(world / "clip_eval"), classifier))
         elif name == "aesthetic":
             models[name] = load_aesthetic(root / name)
         else:

@@ -80,7 +80,7 @@ def rewards(p, prompt_dir: Path = PROMPTS, out: Path = Path("models/rewards"),
 def distill(p, name: str, prompt_dir: Path = PROMPTS, out: Path = Path("models/distill"),
             curves: Path = Path("results/curves"), checkpoints: Path = Path("checkpoints")) -> list[dict]:
     """One recipe on its lineage's teacher, the flow or the epsilon one (dmdr.distill.distill_stage): trained from
-    its init checkpoint on the train prompts, with curves on held-out and train prompts; the generator (and fake
+    its init checkpoint on the train prompts (or, with prompts: classes, the 18 class captions), with curves on held-out and train prompts; the generator (and fake
     score) saved as diffusers model directories with the sampler settings (sampler.json) and training record. The curve's per-image values go to
     results/curves/<recipe>.npz (evaluation.write_curve_scores). Returns the curve's rows."""
     from . import resume
@@ -105,10 +105,14 @@ def distill(p, name: str, prompt_dir: Path = PROMPTS, out: Path = Path("models/d
         if (init / "fake").is_dir():
             start_fake = teacher.wrap(load_backbone(init / "fake", world.latent_shape))
     reward = load_reward(cfg.rl.reward)
-    specs = test_specs(prompt_dir, cfg.curve_prompts_per_tag)
-    dense = [grammar.read(r["prompt"])
-             for r in load_records(prompt_dir / "test_dpg.csv")][: 6 * cfg.curve_prompts_per_tag]
-    train_prompts = load_prompts(prompt_dir / "train.txt")
+    if cfg.prompts == "classes":  # Table 6: the 18 class captions are what it trains on and what its curve samples
+        from .class_world import CAPTIONS
+        train_prompts, specs, dense = list(CAPTIONS), [grammar.read(t) for t in CAPTIONS], []
+    else:
+        specs = test_specs(prompt_dir, cfg.curve_prompts_per_tag)
+        dense = [grammar.read(r["prompt"])
+                 for r in load_records(prompt_dir / "test_dpg.csv")][: 6 * cfg.curve_prompts_per_tag]
+        train_prompts = load_prompts(prompt_dir / "train.txt")
     seed = p.seed + cfg.seed
 
     per_step = {}  # step -> per-image values, written beside the curve (a resumed run has only its own steps)
@@ -137,6 +141,13 @@ def evaluate(p, name: str) -> dict:
     """One model's samples of every test prompt, scored (dmdr.evaluation.evaluate)."""
     from .evaluation import evaluate as scored
     return scored(p, name)
+
+
+def quality(p, name: str) -> dict:
+    """One model's Table 6 row: samples of every class against renders in the world classifier's features
+    (dmdr.quality_eval.evaluate_quality)."""
+    from .quality_eval import evaluate_quality
+    return evaluate_quality(p, name)
 
 
 def report(p) -> dict:
