@@ -552,3 +552,20 @@ def test_the_released_dynadg_lora_adapts_the_attention_projections_only(kind, ta
     suffix = lambda names: {t for t in targets | {"ff.net.0.proj", "ff.net.2"} if any(n.endswith(t) for n in names)}
     assert suffix(adapted["released"]) == targets
     assert {"ff.net.0.proj", "ff.net.2"} <= suffix(adapted["paper"])
+
+
+def test_a_shorter_run_is_the_first_steps_of_a_longer_one(clip):
+    """The learning rates are constant and DynaDG and DynaRS anneal over their own steps, so a stage-1 run of N steps
+    is, step for step, the first N of a longer run from the same seed (what C4's 50-step seed repeats of
+    dmdr-stage1-1 rely on)."""
+    states = []
+    for steps in (2, 4):
+        cfg, _, models = tiny_models(clip, "unet", {"steps": steps, "generator_steps": 1, "log_every": 1,
+                                                    "rtdm": {"enabled": True}, "dynadg": {"form": "paper", "steps": 2},
+                                                    "dynars": {"enabled": True, "steps": 2}})
+        seen = {}
+        train(cfg, models, ["a photo of a circle", "two red squares"], seed=0,
+              curve_fn=lambda g, step: seen.setdefault(step, [p.detach().clone() for p in g.parameters()]) and {})
+        states.append(seen)
+    assert all(torch.equal(a, b) for a, b in zip(states[0][2], states[1][2]))
+    assert not all(torch.equal(a, b) for a, b in zip(states[1][2], states[1][4]))  # the longer run went on

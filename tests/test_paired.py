@@ -63,3 +63,22 @@ def test_the_gap_closed_is_the_students_share_of_the_distance_from_base_to_teach
     f, (low, high) = gap_closed(pv(student), pv(base), pv(teacher))
     assert f == pytest.approx(0.5, abs=0.01) and low < 0.5 < high and high - low < 0.05
     assert np.isnan(gap_closed(pv(student), pv(teacher), pv(teacher))[0])
+
+
+def test_a_curve_window_check_pairs_every_training_seed(tmp_path):
+    """C3's and C4's checks over curve windows take each recipe's seed repeats (`-s1`, `-s2`): three seeds of a run
+    that sits 0.05 above the other in the window decide it, and a seed whose curve is missing leaves it undecided."""
+    from types import SimpleNamespace
+    from dmdr.report import _window_check
+    names = [f"{base}{s}" for base in ("stage1", "ablation") for s in ("", "-s1", "-s2")]
+    p = SimpleNamespace(recipes={n: {"init": "models/world/teacher"} for n in names}, seed=0)
+    rng = np.random.default_rng(0)
+    (tmp_path / "curves").mkdir()
+    for n in names:
+        steps = np.arange(0, 60, 10)
+        values = rng.normal(0.5, 0.1, (len(steps), 40)) + (0.05 if n.startswith("stage1") else 0.0) * (steps > 0)[:, None]
+        np.savez(tmp_path / "curves" / f"{n}.npz", steps=steps, reward_test=values)
+    check = _window_check(p, "", "reward_test", "stage1", "ablation", tmp_path, (10, 50))
+    assert check["ci95"][0] > 0 and check["difference"] == pytest.approx(0.05, abs=0.02)
+    (tmp_path / "curves" / "ablation-s2.npz").unlink()
+    assert _window_check(p, "", "reward_test", "stage1", "ablation", tmp_path, (10, 50))["ci95"] is None

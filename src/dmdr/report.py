@@ -53,6 +53,9 @@ EARLY = (10, 50)  # the cold-start window of C4, generator steps (DynaDG and Dyn
 # within its first 10 steps, so the window is the rise itself
 RISE = (2, 20)
 C3_PAIR = ("rtdm-alone-4", "dmd-alone-4")
+# C4 where a cold start exists (the teacher in one step is far from its own samples): 1-step stage 1 against it
+# without one tool, three seeds each (until 2026-12-05 the 4-step ablations, which start from the coherent teacher-4)
+C4_STAGE1, C4_ABLATIONS = "dmdr-stage1-1", ("dmdr-1-no-dynadg", "dmdr-1-no-dynars")
 # Table 6, the class-conditional world: 1-step students at real CFG g, without and with RL, and the teacher at CFG 1
 CFGS = {"1": 1.0, "1p5": 1.5, "4": 4.0}
 TABLE6 = ["cls-teacher"] + [f"cls-1-cfg{g}-{rl}" for rl in ("norl", "rl") for g in CFGS]
@@ -364,13 +367,20 @@ def _window_check(p, name: str, metric: str, better: str, other: str, results: P
     """`better` minus `other` on `metric` averaged over the `window` of their curves, with the paired bootstrap's
     interval over the curve's prompts (both curves sample the same prompts from the same noise)."""
     from .paired import difference
-    a, b = (window_values(p, m, metric, results, window) for m in (better, other))
+    a, b = ([window_values(p, s, metric, results, window) for s in seeds_of(p, m)] for m in (better, other))
     check = {"name": name, "metric": f"{metric}, mean over curve steps {window[0]}-{window[1]}",
              "models": [better, other], "difference": None, "ci95": None}
-    if a is None or b is None or a[0] != b[0]:  # not run, or resumed (its earlier steps' values are gone)
+    if any(v is None for v in a + b) or len({v[0] for v in a + b}) > 1:  # not run, or resumed (earlier steps gone)
         return check
-    d, ci = difference([a[1]], [b[1]], seed=p.seed)
+    d, ci = difference([v[1] for v in a], [v[1] for v in b], seed=p.seed)
     return check | {"difference": d, "ci95": ci}
+
+
+def cold_start(p, curves: list[list[dict]]) -> dict:
+    """How cold the start is and how far stage 1 moves in C4's window: each metric at the curve's step 0 (the
+    teacher as a 1-step generator) and at the window's end, the mean over seeds (beside C4's verdict)."""
+    at = lambda step, k: float(np.mean([r[k] for c in curves for r in c if r["step"] == step]))
+    return {k: [at(0, k), at(EARLY[1], k)] for k in ("reward_test", "gold", "geneval_overall")}
 
 
 def _claim(cid: str, text: str, checks: list[dict], n_seeds: int) -> dict:
@@ -414,12 +424,15 @@ def claims(p, summ: dict, results: Path = RESULTS) -> list[dict]:
                           f"DMD alone ({C3_PAIR[1]}), both from the teacher, in mean reward over curve steps "
                           f"{RISE[0]}-{RISE[1]}", checks, 1))
 
-    ablations = [m for m in ("dmdr-4-no-dynadg", "dmdr-4-no-dynars") if stitched_curve(p, m)]
-    if stitched_curve(p, "dmdr-stage1-4") and ablations:
-        checks = [_window_check(p, f"stage 1 above {a} on reward_test", "reward_test", "dmdr-stage1-4", a, results)
-                  for a in ablations]
-        out.append(_claim("C4", f"DynaDG and DynaRS improve early training: stage 1 with both beats it without "
-                          f"either, mean test reward over curve steps {EARLY[0]}-{EARLY[1]}", checks, 1))
+    ablations = [m for m in C4_ABLATIONS if stitched_curve(p, m)]
+    if stitched_curve(p, C4_STAGE1) and ablations:
+        checks = [_window_check(p, f"1-step stage 1 above {a} on {k}", k, C4_STAGE1, a, results)
+                  for a in ablations for k in ("reward_test", "gold")]
+        out.append(_claim("C4", f"DynaDG and DynaRS improve early training where a cold start exists: 1-step stage 1 "
+                          f"from the teacher ({C4_STAGE1}) with both beats it without either, mean test reward and "
+                          f"gold over curve steps {EARLY[0]}-{EARLY[1]}", checks,
+                          min(len(seeds_of(p, m)) for m in (C4_STAGE1, *ablations))))
+        out[-1]["cold_start"] = cold_start(p, [stitched_curve(p, s) for s in seeds_of(p, C4_STAGE1)])
 
     if pairs.have(*(m for pair in C5_PAIRS for m in pair)):
         checks = [pairs.noninferior(k, student, teacher, C5_MARGIN * summ[teacher][k])
@@ -567,6 +580,10 @@ def claims_markdown(items: list[dict]) -> str:
                               f"{g['metric']} {fmt(g['fraction'])} [{fmt(g['ci95'][0])}, {fmt(g['ci95'][1])}]"
                               if g["fraction"] == g["fraction"] else f"{g['metric']}: no gap"
                               for g in c["gap_closed"]) + "."]
+        if c.get("cold_start"):
+            lines += ["", f"Beside the verdict: the 1-step start and where stage 1 is at step {EARLY[1]} (the mean over "
+                          f"its seeds; curve prompts): " + "; ".join(
+                              f"{k} {fmt(a)} -> {fmt(b)}" for k, (a, b) in c["cold_start"].items()) + "."]
         parts.append("\n".join(lines))
     return "\n\n".join(parts) if parts else "_No claims checked yet: run the main command._"
 
@@ -630,9 +647,16 @@ def build(p, results: Path = RESULTS) -> dict:
                                   "Figure 3 analogue: RL after DMD vs joint DMD+RL (hps reward)", {}),
         "figure4_rtdm.png": ({"DMD only": ["dmd2-4-long"], "RT-DM only": ["rtdm-only-4"],
                               "RT-DM then DMD+RL (DMDR)": ["dmdr-4"]}, "Figure 4 analogue: RT-DM and joint training", {}),
+        "cold_start_1step.png": ({"DMD (neither)": ["dmd2-1"],
+                                  **{f"stage 1 without {t}": seeds_of(p, f"dmdr-1-no-{t.lower()}")
+                                     for t in ("DynaDG", "DynaRS")},
+                                  "stage 1 (RT-DM + DynaDG + DynaRS)": seeds_of(p, C4_STAGE1)},
+                                 "C4: the 1-step cold start (DynaDG and DynaRS annealed away by the dotted line)",
+                                 {"metrics": ["reward_test", "geneval_overall", "dpg_overall", "gold"],
+                                  "xlim": (0, 100), "mark": 50}),
         "cold_start.png": ({"DMD (neither)": ["dmd2-4"], "stage 1 without DynaDG": ["dmdr-4-no-dynadg"],
                             "stage 1 without DynaRS": ["dmdr-4-no-dynars"], "stage 1 (RT-DM + DynaDG + DynaRS)": ["dmdr-stage1-4"]},
-                           "Cold start: DynaDG and DynaRS (annealed away by the dotted line)",
+                           "The 4-step start, no cold start: DynaDG and DynaRS (annealed away by the dotted line)",
                            {"metrics": ["reward_test", "geneval_overall", "dpg_overall", "gold"], "xlim": (0, 100),
                             "mark": 50}),
     }
@@ -749,7 +773,7 @@ def readme_results(results: Path = RESULTS) -> str:
             parts.append(f"The same call's part `{other.stem.split('_')[-1]}` (`{other.as_posix()}`, "
                          f"`benchmarks/device_check.sh`):\n\n```\n{other.read_text().strip()}\n```")
     for fig in ["figure3_paradigms.png", "figure4_rtdm.png", "figure7_side_by_side.png", "table6_tradeoff.png",
-                "table6_samples.png", "cold_start.png",
+                "table6_samples.png", "cold_start_1step.png", "cold_start.png",
                 "table5_lambda.png", "rtdm_beta.png", "reward_agreement.png",
                 "teacher_accuracy.png", "distill_curves.png"] + [f"samples_{m}.png" for m in ("teacher", "dmd2-4", "dmdr-4",
                                                                                              "dmd-then-rl-4", "dmdr-1")]:
