@@ -151,3 +151,12 @@ def test_the_classifier_reward_needs_class_prompts_and_the_embedded_world():
     from dmdr.distill import what_trains
     assert what_trains(cfg)["prompts"] == "classes"
     assert "prompts" not in what_trains(config.DistillParams())  # the records of models trained before it stay theirs
+
+
+def test_diversity_is_the_spread_within_each_class():
+    from dmdr.quality import diversity
+    labels = torch.arange(600) % 3
+    noise = torch.randn(600, 4, generator=torch.Generator().manual_seed(0))
+    assert diversity(noise + 10 * labels[:, None], labels) == pytest.approx(diversity(noise, labels))  # not between
+    assert diversity(0.5 * noise, labels) == pytest.approx(0.5 * diversity(noise, labels))
+    assert diversity(torch.zeros(600, 4) + labels[:, None], labels) == 0

@@ -31,6 +31,18 @@ def inception_score(logits: torch.Tensor, splits: int = 10, seed: int = 0) -> fl
         "inception_score_mean"]
 
 
+def diversity(features: torch.Tensor, labels: torch.Tensor) -> float:
+    """The mean, over classes, of the mean Euclidean distance between two samples of the class (in features): how
+    much a class's samples differ from each other, which a density sharpened toward its modes loses."""
+    spreads = []
+    for c in labels.unique():
+        f = features[labels == c].double()
+        n = len(f)
+        if n > 1:
+            spreads.append(torch.cdist(f, f).sum() / (n * (n - 1)))
+    return float(torch.stack(spreads).mean())
+
+
 def quality_diversity(generated: torch.Tensor, real: torch.Tensor, generated_logits: torch.Tensor, k: int = 3,
                       splits: int = 10, seed: int = 0) -> dict:
     """Table 6's columns of generated samples' features against real ones': fid, precision, recall (k-NN manifolds,

@@ -13,7 +13,7 @@ from .config import eval_model
 from .evaluation import generate, load_model, nfe, sampler_times
 from .evaluator import to_tensor
 from .files import write_json
-from .quality import quality_diversity
+from .quality import diversity, quality_diversity
 from .standins import World
 
 
@@ -51,7 +51,8 @@ def evaluate_quality(p, name: str, world: World | None = None, classifier_dir: P
                      out: Path = Path("results")) -> dict:
     """Table 6's row of model `name` (quality.models): samples_per_class samples of each of the 18 classes (prompted
     by their captions, from the noise of each position, as every model) against as many renders, in the world
-    classifier's features: fid, precision, recall, inception_score of all samples (results/metrics/<name>.json), and
+    classifier's features: fid, precision, recall, inception_score and diversity (dmdr.quality.diversity; the renders'
+    own as diversity_renders) of all samples (results/metrics/<name>.json), and
     the features, logits, classes and parts that C7's paired intervals are computed from, with a few images
     (results/quality/<name>.npz)."""
     m = eval_model(p, name, "quality")
@@ -65,7 +66,9 @@ def evaluate_quality(p, name: str, world: World | None = None, classifier_dir: P
                            sampler_times(family, m, shift))
     feats, logits = features_and_logits(classifier, images)
     real, _ = features_and_logits(classifier, reference_renders(labels, p.seed))
+    classes = torch.tensor(labels)
     metrics = quality_diversity(feats, real, logits, seed=p.seed) | {
+        "diversity": diversity(feats, classes), "diversity_renders": diversity(real, classes),
         "classifier_accuracy": float((logits.argmax(1).numpy() == np.array(labels)).mean()),
         "nfe": nfe(m), "sec_per_image": sec}
     write_json(metrics, out / "metrics" / f"{name}.json")

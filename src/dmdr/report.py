@@ -59,7 +59,7 @@ C4_STAGE1, C4_ABLATIONS = "dmdr-stage1-1", ("dmdr-1-no-dynadg", "dmdr-1-no-dynar
 # Table 6, the class-conditional world: 1-step students at real CFG g, without and with RL, and the teacher at CFG 1
 CFGS = {"1": 1.0, "1p5": 1.5, "4": 4.0}
 TABLE6 = ["cls-teacher"] + [f"cls-1-cfg{g}-{rl}" for rl in ("norl", "rl") for g in CFGS]
-TABLE6_COLUMNS = ["nfe", "fid", "recall", "inception_score", "precision", "classifier_accuracy"]
+TABLE6_COLUMNS = ["nfe", "fid", "recall", "inception_score", "precision", "diversity", "classifier_accuracy"]
 # C7: CFG and RL sharpen the density: the side each metric moves to (precision and IS up, recall down)
 C7_SIDES = {"precision": 1, "inception_score": 1, "recall": -1}
 
@@ -609,7 +609,8 @@ def write_tables(summ: dict, models: list[str], results: Path = RESULTS) -> list
                 for part, (what, key, values, own) in TABLE5.items()],
               write_table({m: summ[m] for m in TABLE6 if m in summ}, TABLE6_COLUMNS, results / "tables" / "table6",
                           "Table 6 analogue: quality against diversity in the class-conditional world (1 step; FID, "
-                          "precision, recall and IS in the world classifier's features; cls-teacher: 50 steps, CFG 1)"),
+                          "precision, recall, IS and within-class diversity in the world classifier's features; cls-teacher: its "
+                          "Euler sampler, CFG 1, nfe its steps)"),
               write_table({m: summ[m] for m in models if m in summ}, ALL_COLUMNS, results / "tables" / "all_models",
                           "Every evaluated model")]
 
