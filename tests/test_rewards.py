@@ -71,3 +71,24 @@ def test_aesthetic_round_trip(clip, tmp_path):
     again = load_aesthetic(tmp_path / "aesthetic")
     assert torch.allclose(again(images), model(images), atol=1e-6)
     assert render([]).shape == (32, 32, 3)
+
+
+def test_near_pairs_hold_only_the_models_own_samples_of_one_prompt():
+    """Agreement near the model's samples (issue 21's gate) is read on pairs of one prompt's samples alone: no exact
+    or degraded render among them, so a reward that only tells renders from samples gets no credit there."""
+    from dmdr.world.parse import parse
+    from dmdr.world.score import gold
+    rng = np.random.default_rng(0)
+    specs = [grammar.sample_spec(rng, "two_object") for _ in range(8)]
+    own = np.stack([[render(grammar.scene_for(s, rng)), np.full((32, 32, 3), 245, np.uint8)] for s in specs])
+    near = build_pairs(specs, own, rng, renders=False)
+    assert len(near.images) == 16 and len(near.pairs) == 8
+    assert all(a // 2 == b // 2 for a, b in near.pairs)  # both images of a pair are one prompt's
+    lookup = {im.tobytes(): g for im, g in zip(near.images, near.gold)}
+
+    class Oracle(torch.nn.Module):  # gold itself, as a reward of images in [-1, 1]
+        def forward(self, images, texts):
+            uint8 = ((images + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+            return torch.tensor([lookup[im.tobytes()] for im in uint8])
+    assert agreement(Oracle(), near) == 1.0
+    assert gold(near.images[0], specs[0], parse(near.images[0])) == pytest.approx(near.gold[0])

@@ -138,16 +138,17 @@ class Pairs:
         return np.where(win_first[:, None], self.pairs, self.pairs[:, ::-1])
 
 
-def build_pairs(specs: list, samples: np.ndarray, rng: np.random.Generator, min_gap: float = 0.02) -> Pairs:
-    """Candidates per prompt: its model samples (`samples`, (n_prompts, k, H, W, 3)), an exact render and a degraded
-    render; every pair of candidates whose gold differs by more than `min_gap`."""
+def build_pairs(specs: list, samples: np.ndarray, rng: np.random.Generator, min_gap: float = 0.02,
+                renders: bool = True) -> Pairs:
+    """Candidates per prompt: its model samples (`samples`, (n_prompts, k, H, W, 3)) and, with `renders`, an exact
+    render and a degraded render; every pair of candidates whose gold differs by more than `min_gap`."""
     from .world import parse
     from .world.score import aesthetics, gold
 
     images, texts, golds, aes, pairs = [], [], [], [], []
     for spec, own in zip(specs, samples):
         objs = grammar.scene_for(spec, rng)
-        cands = list(own) + [render(objs), degrade(spec, objs, rng)]
+        cands = list(own) + ([render(objs), degrade(spec, objs, rng)] if renders else [])
         base = len(images)
         text = grammar.text(spec)
         for im in cands:
@@ -206,6 +207,37 @@ def train_reward(kind: str, clip: TinyClip, pairs: Pairs, steps: int, batch: int
 
 # --- the rewards stage ----------------------------------------------------------------------------------------
 
+NEAR_GATE = 0.70  # issue 21's gate: hps ranks pairs of one prompt's few-step samples as gold does, at least this often
+
+
+@torch.no_grad()
+def few_step_samples(world, specs: list, seed: int, steps: int = 4, per_prompt: int = 4,
+                     batch: int = 256) -> np.ndarray:
+    """`per_prompt` samples of each prompt from the teacher's weights in the `steps`-step generator sampler
+    (teacher-4: where DMD starts, and what a 4-step student's samples are near). Returns (n, k, H, W, 3) uint8."""
+    from . import flow
+    from .models import decode_latents
+    from .evaluator import to_uint8
+    g = torch.Generator().manual_seed(seed)
+    times = flow.generator_times(steps)
+    texts = [grammar.text(x) for x in specs for _ in range(per_prompt)]
+    images = []
+    for s in range(0, len(texts), batch):
+        noise = torch.randn((len(texts[s:s + batch]), *world.latent_shape), generator=g)
+        z = flow.sample_generator(world.teacher, noise, world.encode(texts[s:s + batch]), times)
+        images.append(to_uint8(decode_latents(world.vae, z)))
+    return np.concatenate(images).reshape(len(specs), per_prompt, *images[0].shape[1:])
+
+
+def near_agreement(models: dict, world, test_specs: list, seed: int, rng: np.random.Generator) -> dict:
+    """Each reward's agreement with gold near the model's own samples: on every pair of one test prompt's 4 teacher-4
+    samples whose gold differs (no render among them), where the stage's held-out pairs (renders and degraded renders
+    beside the teacher's samples) measure it far from them; and whether hps passes NEAR_GATE."""
+    near = build_pairs(test_specs, few_step_samples(world, test_specs, seed), rng, renders=False)
+    out = {f"{k}_agreement_near": agreement(m, near) for k, m in models.items()} | {"near_pairs": int(len(near.pairs))}
+    return out | {"hps_near_gate": NEAR_GATE, "hps_near_gate_passed": out["hps_agreement_near"] >= NEAR_GATE}
+
+
 
 @torch.no_grad()
 def teacher_samples(world, specs: list, seed: int, batch: int = 256) -> np.ndarray:
@@ -230,7 +262,8 @@ def teacher_samples(world, specs: list, seed: int, batch: int = 256) -> np.ndarr
 def build_rewards(p, world, train_specs: list, test_specs: list, out: Path, metrics_path: Path) -> dict:
     """Train the hps, pick and aesthetic analogues on disjoint halves of the train prompts (as HPSv2 and PickScore
     come from different collections, with different label noise) and report every reward's pairwise agreement with
-    gold on held-out pairs built from the test prompts. `world`: the world stage's stand-ins (standins.World)."""
+    gold on held-out pairs built from the test prompts, far from the model's samples (with renders) and near them
+    (near_agreement). `world`: the world stage's stand-ins (standins.World)."""
     from .files import write_json
     r, t0 = p.rewards, time.time()
     rng = np.random.default_rng(p.seed)
@@ -248,6 +281,9 @@ def build_rewards(p, world, train_specs: list, test_specs: list, out: Path, metr
         metrics[f"{kind}_agreement"] = agreement(model, held)
     metrics["clip_agreement"] = agreement(CosineReward(world.clip), held)
     metrics["aesthetic_agreement_with_gold_aesthetics"] = agreement(load_aesthetic(out / "aesthetic"), held, "aesthetic")
+    trained = {k: load_aesthetic(out / k) if k == "aesthetic" else CosineReward(TinyClip.load(out / k))
+               for k in ("hps", "pick", "aesthetic")}
+    metrics |= near_agreement(trained | {"clip": CosineReward(world.clip)}, world, test_specs, p.seed + 2, rng)
     metrics["minutes"] = round((time.time() - t0) / 60, 2)
     write_json(metrics, metrics_path)
     return metrics
