@@ -19,16 +19,16 @@ def caption(c: int) -> str:
 
 
 CAPTIONS = tuple(caption(c) for c in range(len(CLASSES)))
+_CLASS_OF_CAPTION = {t: c for c, t in enumerate(CAPTIONS)}
 
 
 def class_of(prompts: list[str]) -> list[int]:
     """The class each prompt asks for (its caption's index), or a ValueError naming a prompt that is no class's."""
-    index = {t: c for c, t in enumerate(CAPTIONS)}
-    unknown = [t for t in prompts if t not in index]
+    unknown = [t for t in prompts if t not in _CLASS_OF_CAPTION]
     if unknown:
         raise ValueError(f"{unknown[0]!r} is no class's caption (the class-conditional world's prompts are "
                          f"{CAPTIONS[0]!r} ... {CAPTIONS[-1]!r}; a class reward needs prompts: classes)")
-    return [index[t] for t in prompts]
+    return [_CLASS_OF_CAPTION[t] for t in prompts]
 
 
 def render_class(rng: np.random.Generator, c: int) -> np.ndarray:

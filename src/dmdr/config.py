@@ -302,7 +302,7 @@ class GeneratorLoraParams:
 class DistillParams:
     """One training run; recipes override these."""
     init: str = "models/world/teacher"  # where the generator (and fake score) start: a teacher or models/distill/<recipe>
-    prompts: str = knob("world", OneOf(("world", "classes")))  # train and curve prompts: the world's | the 18 classes'
+    prompts: str = knob("world", OneOf(("world", "classes")))  # train and curve prompts: the world's | 18 classes'
     real: str = knob("teacher", OneOf(("teacher", "init")))  # the real score: the lineage's teacher | the init checkpoint
     seed: int = knob(0, SEED)  # added to the global seed (repeat a recipe over seeds)
     dmd_weight: float = knob(1.0, Range(0, 100))  # 0: RL alone (no fake score, no distillation loss)

@@ -5,6 +5,7 @@ features are Inception-v3's; the embedded world's are its classifier's, whose pe
 pool features and whose logits its class logits."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -57,10 +58,9 @@ def quality_diversity(generated: torch.Tensor, real: torch.Tensor, generated_log
 PART_METRICS = ("fid", "precision", "recall", "inception_score")
 
 
-def part_metrics(path, k: int = 3) -> dict[str, "np.ndarray"]:
+def part_metrics(path, k: int = 3) -> dict[str, np.ndarray]:
     """Each of PART_METRICS on each part of a quality stage's samples (results/quality/<model>.npz), against the renders
     of the same positions (the Inception Score of a part in one split): the paired units of C7's intervals."""
-    import numpy as np
     with np.load(path) as f:
         feats, real, logits, split = (torch.from_numpy(f[x]) for x in ("features", "real_features", "logits", "split"))
     out = {m: [] for m in PART_METRICS}
@@ -72,10 +72,9 @@ def part_metrics(path, k: int = 3) -> dict[str, "np.ndarray"]:
     return {m: np.array(v) for m, v in out.items()}
 
 
-def paired_parts(a: "np.ndarray", b: "np.ndarray") -> tuple[float, list[float]]:
+def paired_parts(a: np.ndarray, b: np.ndarray) -> tuple[float, list[float]]:
     """mean_j (a_j - b_j) over the parts and its 95% Student-t interval: part j holds the same positions (classes and
     starting noise) and renders for both models, so the differences are paired."""
-    import numpy as np
     from scipy import stats
     d = np.asarray(a, float) - np.asarray(b, float)
     half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))

@@ -37,7 +37,8 @@ def reference_renders(labels: list[int], seed: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def features_and_logits(classifier: WorldClassifier, images: np.ndarray, batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+def features_and_logits(classifier: WorldClassifier, images: np.ndarray,
+                        batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """The classifier's features (its CLIP's image embedding: Inception's pool features) and logits of uint8 images."""
     feats, logits = [], []
     for s in range(0, len(images), batch):
@@ -52,9 +53,8 @@ def evaluate_quality(p, name: str, world: World | None = None, classifier_dir: P
     """Table 6's row of model `name` (quality.models): samples_per_class samples of each of the 18 classes (prompted
     by their captions, from the noise of each position, as every model) against as many renders, in the world
     classifier's features: fid, precision, recall, inception_score and diversity (dmdr.quality.diversity; the renders'
-    own as diversity_renders) of all samples (results/metrics/<name>.json), and
-    the features, logits, classes and parts that C7's paired intervals are computed from, with a few images
-    (results/quality/<name>.npz)."""
+    own as diversity_renders) of all samples (results/metrics/<name>.json), and the features, logits, classes and
+    parts that C7's paired intervals are computed from, with a few images (results/quality/<name>.npz)."""
     m = eval_model(p, name, "quality")
     world = world or World.load()
     classifier = WorldClassifier.load(world.clip_eval, classifier_dir)
@@ -69,12 +69,12 @@ def evaluate_quality(p, name: str, world: World | None = None, classifier_dir: P
     classes = torch.tensor(labels)
     metrics = quality_diversity(feats, real, logits, seed=p.seed) | {
         "diversity": diversity(feats, classes), "diversity_renders": diversity(real, classes),
-        "classifier_accuracy": float((logits.argmax(1).numpy() == np.array(labels)).mean()),
+        "classifier_accuracy": float((logits.argmax(1) == classes).double().mean()),
         "nfe": nfe(m), "sec_per_image": sec}
     write_json(metrics, out / "metrics" / f"{name}.json")
     (out / "quality").mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out / "quality" / f"{name}.npz", features=feats.numpy(), logits=logits.numpy(),
-                        real_features=real.numpy(), labels=np.array(labels),
+                        real_features=real.numpy(), labels=classes.numpy(),
                         split=split_of(q.samples_per_class, q.splits), images=images[: 4 * len(CAPTIONS)],
                         texts=np.array([CAPTIONS[c] for c in labels[: 4 * len(CAPTIONS)]]))
     return metrics

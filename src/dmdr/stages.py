@@ -80,9 +80,10 @@ def rewards(p, prompt_dir: Path = PROMPTS, out: Path = Path("models/rewards"),
 def distill(p, name: str, prompt_dir: Path = PROMPTS, out: Path = Path("models/distill"),
             curves: Path = Path("results/curves"), checkpoints: Path = Path("checkpoints")) -> list[dict]:
     """One recipe on its lineage's teacher, the flow or the epsilon one (dmdr.distill.distill_stage): trained from
-    its init checkpoint on the train prompts (or, with prompts: classes, the 18 class captions), with curves on held-out and train prompts; the generator (and fake
-    score) saved as diffusers model directories with the sampler settings (sampler.json) and training record. The curve's per-image values go to
-    results/curves/<recipe>.npz (evaluation.write_curve_scores). Returns the curve's rows."""
+    its init checkpoint on the train prompts (or, with prompts: classes, the 18 class captions), with curves on
+    held-out and train prompts; the generator (and fake score) saved as diffusers model directories with the sampler
+    settings (sampler.json) and training record. The curve's per-image values go to results/curves/<recipe>.npz
+    (evaluation.write_curve_scores). Returns the curve's rows."""
     from . import resume
     from .config import TEACHER, TEACHERS, recipe, teacher_of
     from .distill import distill_stage, training_record
