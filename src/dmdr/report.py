@@ -762,7 +762,9 @@ def readme_results(results: Path = RESULTS) -> str:
             ("launch_count", "Launches per real-scale step, counted on CPU", "benchmarks/launch_count.py"),
             ("launch_count_bf16_weights", "The same in mixed_precision bf16-weights",
              "benchmarks/launch_count.py --precision bf16-weights"),
-            ("flop_count", "FLOPs per real-scale step, counted on CPU", "benchmarks/flop_count.py")):
+            ("flop_count", "FLOPs per real-scale step, counted on CPU", "benchmarks/flop_count.py"),
+            ("dynadg_pull", "DynaDG's pull by learning rate", "benchmarks/dynadg_pull.py"),
+            ("near_rewards", "The hps analogue near the model's own samples", "benchmarks/near_rewards.py")):
         bench = results / "benchmarks" / f"{name}.txt"
         if bench.exists():
             parts.append(f"{what} (`{command}`, last run):\n\n```\n" + bench.read_text().strip() + "\n```")
