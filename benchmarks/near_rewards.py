@@ -51,13 +51,12 @@ def samples(world, specs: list, sampler: str, steps: int, cfg: float, seed: int,
 
 
 @torch.no_grad()
-def agreement_by_kind(model, near, faith: np.ndarray) -> dict:
-    """Agreement with gold on all near pairs, on those whose faithfulness differs, and on the aesthetic-only rest."""
+def agreement_by_kind(model, near, differs: np.ndarray) -> dict:
+    """Agreement with gold on all near pairs, on those whose faithfulness `differs`, and on the aesthetic-only rest."""
     scores = torch.cat([model(to_tensor(near.images[s:s + 512]), near.texts[s:s + 512])
                         for s in range(0, len(near.texts), 512)]).numpy()
     a, b = near.pairs.T
     ok = (scores[a] > scores[b]) == (near.gold[a] > near.gold[b])
-    differs = faith[a] != faith[b]
     return {"all": ok.mean(), "faithfulness differs": ok[differs].mean(), "aesthetics only": ok[~differs].mean()}
 
 
@@ -75,15 +74,15 @@ def main():
     tests = test_specs(Path("data/prompts"))
     near = build_pairs(tests, few_step_samples(world, tests, p.seed + 2), np.random.default_rng(p.seed), renders=False)
     faith = np.array([faithfulness(grammar.read(t), parse(im)) for t, im in zip(near.texts, near.images)])
-    rows = {"clip (untrained)": agreement_by_kind(CosineReward(world.clip), near, faith),
-            f"hps of the rewards stage ({r.steps} steps)": agreement_by_kind(load_reward("hps"), near, faith)}
+    differs = faith[near.pairs[:, 0]] != faith[near.pairs[:, 1]]
+    rows = {"clip (untrained)": agreement_by_kind(CosineReward(world.clip), near, differs),
+            f"hps of the rewards stage ({r.steps} steps)": agreement_by_kind(load_reward("hps"), near, differs)}
     own = [samples(world, train[: a.prompts], *s, p.seed + 100 + i) for i, s in enumerate(SAMPLERS)]
     pairs = build_pairs(train[: a.prompts], np.stack(own, 1), np.random.default_rng(p.seed))
     model = train_reward("hps", world.clip, pairs, a.steps, r.batch, r.lr, r.hps_label_noise, p.seed + 10)
-    rows[f"hps on near data ({len(pairs.pairs)} pairs, {a.steps} steps)"] = agreement_by_kind(model, near, faith)
-    differs = int(sum(faith[i] != faith[j] for i, j in near.pairs))
+    rows[f"hps on near data ({len(pairs.pairs)} pairs, {a.steps} steps)"] = agreement_by_kind(model, near, differs)
     lines = [f"hps analogue's agreement with gold near the model's own samples ({len(near.pairs)} pairs of one test "
-             f"prompt's teacher-4 samples: {differs} differ in faithfulness, {len(near.pairs) - differs} only in "
+             f"prompt's teacher-4 samples: {differs.sum()} differ in faithfulness, {(~differs).sum()} only in "
              f"aesthetics); gate: all >= {NEAR_GATE}",
              f"{'reward':58s} {'all':>6s} {'faithfulness differs':>21s} {'aesthetics only':>16s}"]
     lines += [f"{k:58s} {v['all']:6.3f} {v['faithfulness differs']:21.3f} {v['aesthetics only']:16.3f}"
