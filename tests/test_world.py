@@ -19,6 +19,21 @@ def test_parser_on_noisy_renders():
     assert rate >= 0.9, rate
 
 
+@pytest.mark.parametrize("shape", ["circle", "square", "triangle"])
+def test_the_parsers_lattice_coverage_is_the_renderers_coverage_bit_for_bit(shape):
+    from dmdr.world.scene import coverage, lattice_coverage, subpixel_grid
+    rng = np.random.default_rng(0)
+    x0, y0, w, h = 3, 5, 19, 17  # a window like parse's, candidates around and across its edges
+    side = rng.integers(4, 18, 64).astype(np.float64)
+    cx, cy = x0 + rng.integers(-4, 2 * w + 8, 64) / 2, y0 + rng.integers(-4, 2 * h + 8, 64) / 2
+    fast = lattice_coverage(shape, side, cx, cy, x0, y0, w, h)
+    exact = np.stack([coverage(shape, s, x, y, *subpixel_grid(x0, y0, w, h)) for s, x, y in zip(side, cx, cy)])
+    assert fast.dtype == exact.dtype and np.array_equal(fast, exact)
+    assert 0 < fast.mean() < 1
+    with pytest.raises(ValueError, match="multiples of 1/8 px"):
+        lattice_coverage(shape, side, cx + 0.01, cy, x0, y0, w, h)
+
+
 def test_parse_reports_boxes_and_confidence():
     img = render([Obj("square", "blue", 10, 10.0, 12.0)])
     (d,) = parse(img)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .scene import BACKGROUND, COLORS, IMAGE_SIZE, SHAPES, coverage, size_name, subpixel_grid
+from .scene import BACKGROUND, COLORS, IMAGE_SIZE, SHAPES, lattice_coverage, size_name
 
 _BG = np.asarray(BACKGROUND, np.float64)
 _PALETTE = np.asarray(list(COLORS.values()), np.float64)  # (C, 3)
@@ -54,23 +54,30 @@ def unmix(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return best, np.take_along_axis(a, best[..., None], -1)[..., 0]
 
 
+def soft_iou(t: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Soft IoU sum(min(t, alpha)) / sum(max(t, alpha)) of each candidate coverage t (N, H, W) with `alpha` (H, W)."""
+    flat = (len(t), -1)
+    return np.minimum(t, alpha).reshape(flat).sum(1) / np.maximum(np.maximum(t, alpha).reshape(flat).sum(1), 1e-9)
+
+
 def fit_shape(alpha: np.ndarray, x0: int, y0: int) -> tuple[str, float, float, float, float]:
-    """Best (shape, side, cx, cy, soft IoU) for a window of observed coverage whose top-left pixel is (x0, y0)."""
+    """Best (shape, side, cx, cy, soft IoU) for a window of observed coverage whose top-left pixel is (x0, y0): every
+    shape over a small grid of whole-pixel sides and half-pixel centres; the first of equal fits wins."""
     h, w = alpha.shape
     ys_, xs_ = np.nonzero(alpha >= 0.5)
     cx0, cy0 = x0 + (xs_.min() + xs_.max() + 1) / 2, y0 + (ys_.min() + ys_.max() + 1) / 2
     side0 = max(xs_.max() - xs_.min(), ys_.max() - ys_.min()) + 1
-    xs, ys = subpixel_grid(x0, y0, w, h)
     best = ("circle", float(side0), cx0, cy0, -1.0)
     for shape in SHAPES:
-        for side in (side0 - 1, side0, side0 + 1, side0 + 2):
-            # a triangle's thresholded mask loses its thin apex rows: its box centre sits lower than the mask's
-            for dy in (-0.5, 0.0, 0.5) if shape != "triangle" else (-1.5, -1.0, -0.5, 0.0):
-                for dx in (-0.5, 0.0, 0.5):
-                    t = coverage(shape, side, cx0 + dx, cy0 + dy, xs, ys)
-                    iou = np.minimum(t, alpha).sum() / max(np.maximum(t, alpha).sum(), 1e-9)
-                    if iou > best[4]:
-                        best = (shape, float(side), cx0 + dx, cy0 + dy, float(iou))
+        # a triangle's thresholded mask loses its thin apex rows: its box centre sits lower than the mask's
+        dys = (-0.5, 0.0, 0.5) if shape != "triangle" else (-1.5, -1.0, -0.5, 0.0)
+        grid = [(side, dy, dx) for side in (side0 - 1, side0, side0 + 1, side0 + 2) for dy in dys
+                for dx in (-0.5, 0.0, 0.5)]
+        side, dy, dx = (np.asarray(v, np.float64) for v in zip(*grid))
+        iou = soft_iou(lattice_coverage(shape, side, cx0 + dx, cy0 + dy, x0, y0, w, h), alpha)
+        k = int(np.argmax(iou))
+        if iou[k] > best[4]:
+            best = (shape, float(grid[k][0]), cx0 + grid[k][2], cy0 + grid[k][1], float(iou[k]))
     return best
 
 

@@ -68,6 +68,41 @@ def coverage(shape: str, side: float, cx: float, cy: float, xs: np.ndarray, ys: 
     return inside.mean(axis=(-1, -2))
 
 
+def lattice_coverage(shape: str, side: np.ndarray, cx: np.ndarray, cy: np.ndarray, x0: int, y0: int, w: int,
+                     h: int) -> np.ndarray:
+    """coverage() of N candidate shapes (arrays (N,)) over the pixel window [x0, x0+w) x [y0, y0+h), equal to
+    coverage()'s bit for bit: (N, h, w). Centres and half sides must lie on multiples of 1/(2S) px (S = SUPERSAMPLE),
+    as parse's candidates do (whole-pixel sides, half-pixel centres).
+
+    In units of 1/(2S) px every sub-pixel sample sits at an odd integer and every centre and half side at an integer,
+    so each of coverage()'s tests is exact integer arithmetic, and each row of samples inside a shape is one run
+    |X - CX| <= r: a pixel's count is the overlap of its S samples with the run."""
+    u = 2 * SUPERSAMPLE
+    scaled = [np.asarray(v, np.float64) * u for v in (cx, cy, side / 2)]
+    if any((v != np.rint(v)).any() for v in scaled):
+        raise ValueError(f"lattice_coverage needs centres and half sides on multiples of 1/{u} px; coverage() takes "
+                         f"any")
+    cx_, cy_, half = (v.astype(np.int64)[:, None] for v in scaled)
+    dy = u * y0 + 1 + 2 * np.arange(h * SUPERSAMPLE) - cy_  # (N, h*S): each sample row's offset from the centre
+    if shape == "circle":  # floor(sqrt(n)) is exact in float64 for these small integers
+        left = half * half - dy * dy
+        r = np.where(left >= 0, np.floor(np.sqrt(np.maximum(left, 0))).astype(np.int64), -1)
+    elif shape == "square":
+        r = np.where(np.abs(dy) <= half, half, -1)
+    elif shape == "triangle":  # apex up: the half width is depth / 2 at depth dy + half below the apex
+        depth = dy + half
+        r = np.where((depth >= 0) & (dy <= half), depth // 2, -1)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    # sample column j sits at X = u * x0 + 1 + 2j: the run is columns lo..hi (empty when r is -1)
+    offset = cx_ - u * x0 - 1
+    lo, hi = -((r - offset) // 2), (offset + r) // 2
+    first = SUPERSAMPLE * np.arange(w)  # each pixel's first sample column
+    count = np.minimum(hi[..., None], first + SUPERSAMPLE - 1) - np.maximum(lo[..., None], first) + 1
+    count = np.clip(count, 0, SUPERSAMPLE).reshape(len(cx_), h, SUPERSAMPLE, w).sum(2)
+    return count / SUPERSAMPLE ** 2
+
+
 def subpixel_grid(x0: int, y0: int, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
     """Sub-pixel sample coordinates of the pixel window [x0, x0+w) x [y0, y0+h), shape (h, w, S, S)."""
     offs = (np.arange(SUPERSAMPLE) + 0.5) / SUPERSAMPLE
