@@ -11,9 +11,10 @@ venv: .venv/.installed
 	.venv/bin/pip install -q -e '.[test]'
 	touch $@
 
-# the main job: regenerate every stage whose inputs changed, then the README's generated results section
+# the main job: regenerate every stage whose inputs changed (as `dvc repro` would, stages side by side where the
+# graph and the cores allow: pipeline/repro.py), then the README's generated results section
 repro: venv
-	. .venv/bin/activate && dvc repro
+	. .venv/bin/activate && python pipeline/repro.py
 	$(PY) -m dmdr.report readme
 
 test: venv

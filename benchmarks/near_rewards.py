@@ -23,12 +23,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from dmdr import config, flow  # noqa: E402
-from dmdr.evaluator import to_tensor, to_uint8  # noqa: E402
-from dmdr.models import decode_latents  # noqa: E402
+from dmdr import config  # noqa: E402
+from dmdr.evaluator import to_tensor  # noqa: E402
 from dmdr.prompts import load_prompts, test_specs  # noqa: E402
 from dmdr.rewards import (NEAR_GATE, CosineReward, build_pairs, few_step_samples, load_reward,  # noqa: E402
-                          train_reward)
+                          sample_images, train_reward)
 from dmdr.standins import World  # noqa: E402
 from dmdr.world import grammar, parse  # noqa: E402
 from dmdr.world.score import faithfulness  # noqa: E402
@@ -37,17 +36,10 @@ SAMPLERS = (("generator", 4, 1.0), ("generator", 4, 1.0), ("teacher", 4, 2.0), (
             ("teacher", 12, 4.5), ("teacher", 3, 1.0))
 
 
-@torch.no_grad()
 def samples(world, specs: list, sampler: str, steps: int, cfg: float, seed: int, batch: int = 256) -> np.ndarray:
     """One image per prompt from the teacher's weights in the generator's `steps`-step sampler or its own with CFG."""
-    g, texts, out = torch.Generator().manual_seed(seed), [grammar.text(x) for x in specs], []
-    for s in range(0, len(texts), batch):
-        noise = torch.randn((len(texts[s:s + batch]), *world.latent_shape), generator=g)
-        c = world.encode(texts[s:s + batch])
-        z = (flow.sample_generator(world.teacher, noise, c, flow.generator_times(steps)) if sampler == "generator"
-             else flow.sample_teacher(world.teacher, noise, c, world.encode([""]), steps, cfg))
-        out.append(to_uint8(decode_latents(world.vae, z)))
-    return np.concatenate(out)
+    return sample_images(world, [grammar.text(x) for x in specs], torch.Generator().manual_seed(seed), sampler, steps,
+                         cfg, batch)
 
 
 @torch.no_grad()

@@ -8,7 +8,12 @@ a foreach stage. The executed notebook, with its outputs and plots, is written t
 Nothing computed is lost to a bad parameter or a failed run (dmdr.stage_outputs): every knob is checked before
 anything is touched; the stage's outputs (declared `persist: true` in dvc.yaml, so DVC leaves them in place) are
 set aside, and put back unless the run succeeds, also after a kill, at the next start; one run of a stage at a time.
+
+Every stage but the committed stand-ins computes with `cpu_threads` (params.yaml) torch threads: floating-point
+order, and so every number, depends on the thread count, which must not depend on the machine or on how many stages
+run at once (pipeline/repro.py). The stand-ins keep torch's default (all cores), with which they were trained.
 """
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +22,8 @@ import papermill
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 from dmdr import config, stage_outputs  # noqa: E402
+
+ALL_CORES = {"world", "teacher_eps", "classifier"}  # the stand-ins: trained with torch's default threads
 
 
 def main(argv: list[str]) -> int:
@@ -39,6 +46,8 @@ def main(argv: list[str]) -> int:
     except config.ParamsError as e:
         print(f"params error: {e}", file=sys.stderr)
         return 2
+    if stage not in ALL_CORES:  # the kernel's torch reads these at its start
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(p.cpu_threads)
     label = f"{stage}@{name}" if name else stage
     out = ROOT / "runs" / (f"{stage}-{name}.ipynb" if name else f"{stage}.ipynb")
     try:

@@ -1,5 +1,6 @@
-"""End to end: `dvc repro` of the smoke profile in a temporary copy of the repository; a second copy is killed in the
-middle of training, resumed, and must end where the first ended."""
+"""End to end: the smoke profile in a temporary copy of the repository, run as `make repro` runs it
+(pipeline/repro.py: two stages at once); a second copy runs under a plain `dvc repro`, is killed in the middle of
+training, resumed, and must end where the first ended."""
 import json
 import os
 import shutil
@@ -62,7 +63,8 @@ def without_timing(metrics: dict) -> dict:
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     repo = smoke_repo(tmp_path_factory.mktemp("smoke"))
-    r = dvc(repo, "repro")
+    r = subprocess.run([sys.executable, "pipeline/repro.py", "--jobs", "2"], cwd=repo, env=dvc_env(repo),
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     return repo
 
@@ -136,8 +138,9 @@ def killed_smoke(smoke, tmp_path_factory):
 
 
 def test_a_killed_run_resumes_and_two_fresh_runs_give_identical_results(smoke, killed_smoke):
-    """Resume after SIGKILL and determinism at once: the killed-and-resumed fresh run ends with the uninterrupted
-    run's metrics and the same trained generators (bit for bit: same DVC hashes)."""
+    """Resume after SIGKILL and determinism at once: the killed-and-resumed fresh run (a plain `dvc repro`, one stage
+    at a time) ends with the uninterrupted run's metrics (`make repro`'s runner, two stages at once) and the same
+    trained generators (bit for bit: same DVC hashes)."""
     killed, step = killed_smoke
     assert f"resumed from checkpoints/dmd2-4 at step {step}" in (killed / "runs" / "distill-dmd2-4.ipynb").read_text()
     assert not (killed / "checkpoints" / "dmd2-4").exists()  # a finished run removes its checkpoint

@@ -427,6 +427,7 @@ class RealParams:
 @dataclass
 class Params:
     seed: int = knob(0, SEED)
+    cpu_threads: int = knob(1, Range(1, 1024))  # torch's CPU threads in every stage after the stand-ins (run_stage.py)
     prompts: PromptsParams = field(default_factory=PromptsParams)
     world: WorldParams = field(default_factory=WorldParams)
     teacher_eps: TeacherParams = field(default_factory=lambda: TeacherParams(prediction="epsilon", timesteps="uniform"))

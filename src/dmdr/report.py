@@ -6,6 +6,8 @@ import json
 import re
 import sys
 import textwrap
+from datetime import datetime
+from itertools import accumulate
 from pathlib import Path
 
 import matplotlib
@@ -750,12 +752,8 @@ def readme_results(results: Path = RESULTS) -> str:
         table = results / "tables" / f"{name}.md"
         if table.exists():
             parts.append(table.read_text().strip())
-    timings = stage_timings()
-    if timings:
-        after_world = sum(v for k, v in timings.items() if k not in ("prompts", "world", "teacher_eps", "classifier"))
-        parts.append("Stage wall times on this machine (minutes, from the executed notebooks in `runs/`): " + ", ".join(
-            f"{k} {v:.1f}" for k, v in timings.items()) + f"; everything after the world and the epsilon teacher "
-            f"and classifier (stand-ins, committed): {after_world:.1f}.")
+    if timings := stage_times():
+        parts.append(timings)
     for name, what, command in (
             ("sampling_speed", "Sampling benchmark", "benchmarks/sampling_speed.py"),
             ("step_cost", "Training-step benchmark", "benchmarks/step_cost.py"),
@@ -836,6 +834,36 @@ def gpu_throughput(gpu: str, flops: str) -> str:
     return (f"Throughput of the bare passes on this device ({tflop:.1f} TFLOP a step, counted on CPU: "
             "`results/benchmarks/flop_count.txt`): " + "; ".join(
                 f"{tflop / sec:.0f} TFLOP/s" + (f" in {how}" if how else "") for sec, how in timed) + ".")
+
+
+def stage_times(runs: Path = Path("runs")) -> str:
+    """Each executed stage's wall minutes, their sum after the stand-ins, and the span of those stages' run."""
+    timings = stage_timings(runs)
+    if not timings:
+        return ""
+    after_world = sum(v for k, v in timings.items() if k not in BEFORE)
+    span, at_once = stage_span(runs)
+    return ("Stage wall times on this machine (minutes, from the executed notebooks in `runs/`): " + ", ".join(
+        f"{k} {v:.1f}" for k, v in timings.items()) + f"; everything after the world and the epsilon teacher and "
+        f"classifier (stand-ins, committed): {after_world:.1f} in all, {span:.1f} from the first start to the last "
+        f"end, up to {at_once} at once (`make repro`: pipeline/repro.py).")
+
+
+BEFORE = ("prompts", "world", "teacher_eps", "classifier")  # the stages before and of the committed stand-ins
+
+
+def stage_span(runs: Path = Path("runs"), skip: tuple = BEFORE) -> tuple[float, int]:
+    """Wall minutes from the first start to the last end of the executed stage notebooks but `skip`, and the most of
+    them that ran at once, from papermill's metadata (meaningful where they come from one run)."""
+    events = []
+    for nb in runs.glob("*.ipynb"):
+        meta = json.loads(nb.read_text()).get("metadata", {}).get("papermill", {})
+        if nb.stem not in skip and meta.get("start_time") and meta.get("end_time"):
+            events += [(datetime.fromisoformat(meta["start_time"]), 1), (datetime.fromisoformat(meta["end_time"]), -1)]
+    if not events:
+        return 0.0, 0
+    events.sort(key=lambda e: (e[0], e[1]))  # an end before a start at the same instant
+    return (events[-1][0] - events[0][0]).total_seconds() / 60, max(accumulate(d for _, d in events))
 
 
 def stage_timings(runs: Path = Path("runs")) -> dict[str, float]:

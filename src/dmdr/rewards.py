@@ -211,22 +211,31 @@ NEAR_GATE = 0.70  # issue 21's gate: hps ranks pairs of one prompt's few-step sa
 
 
 @torch.no_grad()
+def sample_images(world, texts: list[str], g: torch.Generator, sampler: str = "generator", steps: int = 4,
+                  cfg: float = 1.0, batch: int = 256) -> np.ndarray:
+    """The world teacher's images of `texts` (N x H x W x 3 uint8), the noise of each batch drawn from `g` in turn: its
+    weights in the `steps`-step generator sampler (where a few-step student starts), or its own Euler sampler with
+    CFG `cfg`."""
+    from . import flow
+    from .evaluator import to_uint8
+    from .models import decode_latents
+    images = []
+    for s in range(0, len(texts), batch):
+        noise = torch.randn((len(texts[s:s + batch]), *world.latent_shape), generator=g)
+        c = world.encode(texts[s:s + batch])
+        z = (flow.sample_generator(world.teacher, noise, c, flow.generator_times(steps)) if sampler == "generator"
+             else flow.sample_teacher(world.teacher, noise, c, world.encode([""]), steps, cfg))
+        images.append(to_uint8(decode_latents(world.vae, z)))
+    return np.concatenate(images)
+
+
 def few_step_samples(world, specs: list, seed: int, steps: int = 4, per_prompt: int = 4,
                      batch: int = 256) -> np.ndarray:
     """`per_prompt` samples of each prompt from the teacher's weights in the `steps`-step generator sampler
     (teacher-4: where DMD starts, and what a 4-step student's samples are near). Returns (n, k, H, W, 3) uint8."""
-    from . import flow
-    from .models import decode_latents
-    from .evaluator import to_uint8
-    g = torch.Generator().manual_seed(seed)
-    times = flow.generator_times(steps)
     texts = [grammar.text(x) for x in specs for _ in range(per_prompt)]
-    images = []
-    for s in range(0, len(texts), batch):
-        noise = torch.randn((len(texts[s:s + batch]), *world.latent_shape), generator=g)
-        z = flow.sample_generator(world.teacher, noise, world.encode(texts[s:s + batch]), times)
-        images.append(to_uint8(decode_latents(world.vae, z)))
-    return np.concatenate(images).reshape(len(specs), per_prompt, *images[0].shape[1:])
+    images = sample_images(world, texts, torch.Generator().manual_seed(seed), "generator", steps, batch=batch)
+    return images.reshape(len(specs), per_prompt, *images.shape[1:])
 
 
 def near_agreement(models: dict, world, test_specs: list, seed: int, rng: np.random.Generator) -> dict:
@@ -239,24 +248,12 @@ def near_agreement(models: dict, world, test_specs: list, seed: int, rng: np.ran
 
 
 
-@torch.no_grad()
 def teacher_samples(world, specs: list, seed: int, batch: int = 256) -> np.ndarray:
     """Two samples per prompt from the world's teacher, of unequal quality: 6 Euler steps with CFG 3 and 3 steps
     without guidance. Returns (n, 2, H, W, 3) uint8."""
-    from . import flow
-    from .models import decode_latents
-    from .evaluator import to_uint8
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for steps, cfg in ((6, 3.0), (3, 1.0)):
-        images = []
-        for s in range(0, len(specs), batch):
-            texts = [grammar.text(x) for x in specs[s:s + batch]]
-            noise = torch.randn((len(texts), *world.latent_shape), generator=g)
-            z = flow.sample_teacher(world.teacher, noise, world.encode(texts), world.encode([""]), steps, cfg)
-            images.append(to_uint8(decode_latents(world.vae, z)))
-        out.append(np.concatenate(images))
-    return np.stack(out, axis=1)
+    g, texts = torch.Generator().manual_seed(seed), [grammar.text(x) for x in specs]
+    return np.stack([sample_images(world, texts, g, "teacher", steps, cfg, batch)
+                     for steps, cfg in ((6, 3.0), (3, 1.0))], axis=1)
 
 
 def build_rewards(p, world, train_specs: list, test_specs: list, out: Path, metrics_path: Path) -> dict:
