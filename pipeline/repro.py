@@ -29,14 +29,14 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 from dmdr import config  # noqa: E402
-from dmdr.report import stage_timings  # noqa: E402
+from dmdr.report import papermill_metadata, stage_timings  # noqa: E402
 
 
 def plan(repo_dir: Path) -> tuple[list[str], dict[str, set[str]]]:
     """The stages to run (the stale ones and every stage downstream of them), longest path to the end first (by each
     stage's last wall time, from its executed notebook in runs/; a minute where none), each after the stages it
     depends on; and, for each, the stages of that list it waits for."""
-    minutes = stage_timings(repo_dir / "runs")
+    minutes = stage_timings(papermill_metadata(repo_dir / "runs"))
     with Repo(str(repo_dir)) as repo:
         graph = repo.index.graph  # an edge from a stage to each stage whose outputs it reads
         stale = set(repo.status())

@@ -89,15 +89,3 @@ def test_each_stage_depends_on_the_code_it_runs():
                                                     or str(MODULES[m].relative_to(ROOT)).startswith(d + "/") for d in deps))
         assert not missing, f"stage {name} runs {missing}, which are not among its deps in dvc.yaml"
 
-
-def test_each_stage_that_computes_with_cpu_threads_reruns_when_they_change():
-    """pipeline/run_stage.py sets torch's threads to `cpu_threads` for every stage but the committed stand-ins, and
-    the thread count changes floating-point order: those stages, and only those, list the param in dvc.yaml."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("run_stage", ROOT / "pipeline" / "run_stage.py")
-    run_stage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run_stage)
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    for name, stage in stages.items():
-        listed = "cpu_threads" in stage.get("do", stage).get("params", [])
-        assert listed == (name not in run_stage.ALL_CORES), name

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +37,15 @@ def test_a_stage_computes_with_cpu_threads_and_a_stand_in_with_all_cores(monkeyp
     monkeypatch.setattr(run_stage.stage_outputs, "declared", lambda *a: [])
     assert run_stage.main([stage, name] if name else [stage]) == 0
     assert seen == {"omp": threads, "mkl": threads}
+
+
+def test_each_stage_that_computes_with_cpu_threads_reruns_when_they_change():
+    """run_stage sets torch's threads to `cpu_threads` for every stage but the committed stand-ins, and the thread
+    count changes floating-point order: those stages, and only those, list the param in dvc.yaml."""
+    all_cores = load("run_stage").ALL_CORES
+    for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
+        listed = "cpu_threads" in stage.get("do", stage).get("params", [])
+        assert listed == (name not in all_cores), name
 
 
 STAGE = """import json, sys, time
@@ -128,7 +138,7 @@ def test_a_bad_jobs_count_is_refused():
 
 def test_the_span_of_a_run_and_how_many_stages_ran_at_once(tmp_path):
     """The README's wall time of a run from the executed notebooks: first start to last end, and the most at once."""
-    from dmdr.report import stage_span
+    from dmdr.report import papermill_metadata, stage_span
 
     def notebook(name, start, end):
         meta = {"papermill": {"start_time": f"2026-12-05T10:{start:02d}:00.000000",
@@ -139,4 +149,4 @@ def test_the_span_of_a_run_and_how_many_stages_ran_at_once(tmp_path):
     notebook("distill-b", 2, 7)
     notebook("evaluate-a", 5, 6)  # starts as distill-a ends: two at once, not three
     notebook("report", 7, 9)
-    assert stage_span(tmp_path) == (8.0, 2)
+    assert stage_span(papermill_metadata(tmp_path)) == (8.0, 2)

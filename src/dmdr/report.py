@@ -838,11 +838,12 @@ def gpu_throughput(gpu: str, flops: str) -> str:
 
 def stage_times(runs: Path = Path("runs")) -> str:
     """Each executed stage's wall minutes, their sum after the stand-ins, and the span of those stages' run."""
-    timings = stage_timings(runs)
+    meta = papermill_metadata(runs)
+    timings = stage_timings(meta)
     if not timings:
         return ""
     after_world = sum(v for k, v in timings.items() if k not in BEFORE)
-    span, at_once = stage_span(runs)
+    span, at_once = stage_span(meta)
     return ("Stage wall times on this machine (minutes, from the executed notebooks in `runs/`): " + ", ".join(
         f"{k} {v:.1f}" for k, v in timings.items()) + f"; everything after the world and the epsilon teacher and "
         f"classifier (stand-ins, committed): {after_world:.1f} in all, {span:.1f} from the first start to the last "
@@ -852,28 +853,28 @@ def stage_times(runs: Path = Path("runs")) -> str:
 BEFORE = ("prompts", "world", "teacher_eps", "classifier")  # the stages before and of the committed stand-ins
 
 
-def stage_span(runs: Path = Path("runs"), skip: tuple = BEFORE) -> tuple[float, int]:
+def papermill_metadata(runs: Path = Path("runs")) -> dict[str, dict]:
+    """papermill's metadata of each executed stage notebook in `runs`, by the notebook's name."""
+    return {nb.stem: json.loads(nb.read_text()).get("metadata", {}).get("papermill", {})
+            for nb in sorted(runs.glob("*.ipynb"))}
+
+
+def stage_timings(meta: dict[str, dict]) -> dict[str, float]:
+    """Wall minutes of each executed stage notebook, from its papermill metadata (`papermill_metadata`)."""
+    return {stem: m["duration"] / 60 for stem, m in meta.items() if m.get("duration") is not None}
+
+
+def stage_span(meta: dict[str, dict], skip: tuple = BEFORE) -> tuple[float, int]:
     """Wall minutes from the first start to the last end of the executed stage notebooks but `skip`, and the most of
-    them that ran at once, from papermill's metadata (meaningful where they come from one run)."""
+    them that ran at once, from their papermill metadata (meaningful where they come from one run)."""
     events = []
-    for nb in runs.glob("*.ipynb"):
-        meta = json.loads(nb.read_text()).get("metadata", {}).get("papermill", {})
-        if nb.stem not in skip and meta.get("start_time") and meta.get("end_time"):
-            events += [(datetime.fromisoformat(meta["start_time"]), 1), (datetime.fromisoformat(meta["end_time"]), -1)]
+    for stem, m in meta.items():
+        if stem not in skip and m.get("start_time") and m.get("end_time"):
+            events += [(datetime.fromisoformat(m["start_time"]), 1), (datetime.fromisoformat(m["end_time"]), -1)]
     if not events:
         return 0.0, 0
-    events.sort(key=lambda e: (e[0], e[1]))  # an end before a start at the same instant
+    events.sort()  # at the same instant an end (-1) before a start
     return (events[-1][0] - events[0][0]).total_seconds() / 60, max(accumulate(d for _, d in events))
-
-
-def stage_timings(runs: Path = Path("runs")) -> dict[str, float]:
-    """Wall minutes of each executed stage notebook, from papermill's metadata."""
-    out = {}
-    for nb in sorted(runs.glob("*.ipynb")):
-        meta = json.loads(nb.read_text()).get("metadata", {}).get("papermill", {})
-        if meta.get("duration") is not None:
-            out[nb.stem] = meta["duration"] / 60
-    return out
 
 
 def update_readme(readme: Path = Path("README.md"), results: Path = RESULTS) -> None:
