@@ -82,3 +82,23 @@ def test_a_curve_window_check_pairs_every_training_seed(tmp_path):
     assert check["ci95"][0] > 0 and check["difference"] == pytest.approx(0.05, abs=0.02)
     (tmp_path / "curves" / "ablation-s2.npz").unlink()
     assert _window_check(p, "", "reward_test", "stage1", "ablation", tmp_path, (10, 50))["ci95"] is None
+
+
+def test_a_models_seed_repeats_join_its_checks_unless_one_run_is_compared(tmp_path, monkeypatch):
+    """C1's and C2's checks average each side over its seed repeats (`-s1`, `-s2`: whole lineages); Table 5's, whose
+    recipes all continue the one seed-0 stage-1 run, compare that run alone (`Pairs(..., seeds=False)`)."""
+    import json
+    from types import SimpleNamespace
+    from dmdr.report import Pairs
+    (tmp_path / "data" / "prompts").mkdir(parents=True)
+    (tmp_path / "data" / "prompts" / "test_geneval.jsonl").write_text(
+        "".join(json.dumps({"tag": "single_object", "prompt": f"p{i}"}) + "\n" for i in range(30)))
+    (tmp_path / "samples").mkdir()
+    base = np.random.default_rng(0).normal(0.5, 0.1, 30)
+    shifts = {"a": 0.1, "a-s1": 0.3, "a-s2": 0.5, "b": 0.0}
+    for name, shift in shifts.items():
+        np.savez(tmp_path / "samples" / f"{name}.npz", score_hps=base + shift)
+    p = SimpleNamespace(recipes={n: {} for n in shifts}, seed=0, evaluate=SimpleNamespace(images_per_prompt=1))
+    monkeypatch.chdir(tmp_path)
+    assert Pairs(p, tmp_path).check("", "hps", "a", "b")["difference"] == pytest.approx(0.3)
+    assert Pairs(p, tmp_path, seeds=False).check("", "hps", "a", "b")["difference"] == pytest.approx(0.1)

@@ -315,11 +315,12 @@ def plot_paradigms(p, groups: dict[str, list[str]], title: str, out: Path | None
 
 
 class Pairs:
-    """Paired checks between evaluated models (dmdr.paired): a model's per-prompt values, over its seeds."""
+    """Paired checks between evaluated models (dmdr.paired): a model's per-prompt values, over its seed repeats
+    (`seeds`), or its own run alone."""
 
-    def __init__(self, p, results: Path):
+    def __init__(self, p, results: Path, seeds: bool = True):
         from .prompts import load_records
-        self.p, self.results = p, results
+        self.p, self.results, self.seeds = p, results, seeds
         self.tags = [r["tag"] for r in load_records(Path("data/prompts") / "test_geneval.jsonl")]
 
     def have(self, *models: str) -> bool:
@@ -328,7 +329,7 @@ class Pairs:
     def values(self, model: str, metric: str):
         from .paired import prompt_values
         return [prompt_values(self.results / "samples" / f"{m}.npz", metric, self.p.evaluate.images_per_prompt,
-                              self.tags) for m in seeds_of(self.p, model) if self.have(m)]
+                              self.tags) for m in (seeds_of(self.p, model) if self.seeds else [model]) if self.have(m)]
 
     def check(self, name: str, metric: str, better: str, other: str) -> dict:
         """`better` minus `other` on `metric` (each over its seeds), with the paired bootstrap's 95% interval."""
@@ -426,7 +427,7 @@ def claims(p, summ: dict, results: Path = RESULTS) -> list[dict]:
                   for k in ("reward_test", "reward_train")]
         out.append(_claim("C3", f"RT-DM raises the reward earlier than DMD only: RT-DM alone ({C3_PAIR[0]}) above "
                           f"DMD alone ({C3_PAIR[1]}), both from the teacher, in mean reward over curve steps "
-                          f"{RISE[0]}-{RISE[1]}", checks, 1))
+                          f"{RISE[0]}-{RISE[1]}", checks, min(len(seeds_of(p, m)) for m in C3_PAIR)))
 
     ablations = [m for m in C4_ABLATIONS if stitched_curve(p, m)]
     if stitched_curve(p, C4_STAGE1) and ablations:
@@ -445,7 +446,8 @@ def claims(p, summ: dict, results: Path = RESULTS) -> list[dict]:
                           f"{' and '.join(C5_METRICS)}: each keeps at least {1 - C5_MARGIN:.0%} of its teacher's "
                           f"score (a non-inferiority margin of {C5_MARGIN:.0%} of the teacher's score)", checks,
                           min(len(seeds_of(p, s)) for s, _ in C5_PAIRS)))
-    return out + table5_claims(pairs) + table6_claims(results)
+    # Table 5's recipes all continue the one stage-1 run (seed 0), so its checks compare seed-0 runs alone
+    return out + table5_claims(Pairs(p, results, seeds=False)) + table6_claims(results)
 
 
 def table6_claims(results: Path = RESULTS) -> list[dict]:
@@ -642,16 +644,20 @@ def build(p, results: Path = RESULTS) -> dict:
             plt.close(plot_teacher_curve(results / "curves" / f"{curve}.csv", out=figs / fname, title=title))
             figures.append(figs / fname)
     recipes = sorted(f.stem for f in (results / "curves").glob("*.csv") if f.stem not in ("teacher", "teacher-eps"))
-    roots = [r for r in recipes if r in p.recipes and len(lineage(p, r)) == 1 and r.startswith("dmd2")]
+    roots = [r for r in recipes if r in p.recipes and len(lineage(p, r)) == 1 and r.startswith("dmd2")
+             and not re.search(r"-s\d+$", r)]  # one seed each: the seed repeats are drawn with their claims
     if roots:
         plot_curves({r: results / "curves" / f"{r}.csv" for r in roots}, out=figs / "distill_curves.png")
         figures.append(figs / "distill_curves.png")
     panels = {
-        "figure3_paradigms.png": ({"DMD only": ["dmd2-4-long"], "DMD then RL": seeds_of(p, "dmd-then-rl-4"),
+        "figure3_paradigms.png": ({"DMD only": seeds_of(p, "dmd2-4-long"), "DMD then RL": seeds_of(p, "dmd-then-rl-4"),
                                    "DMD then DMD+RL": seeds_of(p, "dmd-then-joint-4")},
                                   "Figure 3 analogue: RL after DMD vs joint DMD+RL (hps reward)", {}),
-        "figure4_rtdm.png": ({"DMD only": ["dmd2-4-long"], "RT-DM only": ["rtdm-only-4"],
-                              "RT-DM then DMD+RL (DMDR)": ["dmdr-4"]}, "Figure 4 analogue: RT-DM and joint training", {}),
+        "figure4_rtdm.png": ({"DMD only": seeds_of(p, "dmd2-4-long"), "RT-DM only": ["rtdm-only-4"],
+                              "RT-DM then DMD+RL (DMDR)": seeds_of(p, "dmdr-4")}, "Figure 4 analogue: RT-DM and joint training", {}),
+        "c3_rise.png": ({"DMD alone": seeds_of(p, C3_PAIR[1]), "RT-DM alone": seeds_of(p, C3_PAIR[0])},
+                        f"C3: RT-DM alone against DMD alone from the teacher (the window: steps {RISE[0]}-{RISE[1]})",
+                        {"metrics": ["reward_test", "reward_train", "gold", "geneval_overall"], "mark": RISE[1]}),
         "cold_start_1step.png": ({"DMD (neither)": ["dmd2-1"],
                                   **{f"stage 1 without {t}": seeds_of(p, f"dmdr-1-no-{t.lower()}")
                                      for t in ("DynaDG", "DynaRS")},
@@ -679,7 +685,7 @@ def build(p, results: Path = RESULTS) -> dict:
                                title="Table 6 analogue: each class from the same noise"))
         plt.close(plot_table6(summ, out=figs / "table6_tradeoff.png"))
         figures += [figs / "table6_samples.png", figs / "table6_tradeoff.png"]
-    pairs = Pairs(p, results)
+    pairs = Pairs(p, results, seeds=False)  # every beta continues the one stage-1 run
     if sum(pairs.have(m, RTDM_BASE) for m in RTDM_BETAS) > 1:
         plt.close(plot_rtdm_beta(pairs, results, out=figs / "rtdm_beta.png"))
         figures.append(figs / "rtdm_beta.png")
@@ -782,7 +788,7 @@ def readme_results(results: Path = RESULTS) -> str:
             parts.append(f"The same call's part `{other.stem.split('_')[-1]}` (`{other.as_posix()}`, "
                          f"`benchmarks/device_check.sh`):\n\n```\n{other.read_text().strip()}\n```")
     for fig in ["figure3_paradigms.png", "figure4_rtdm.png", "figure7_side_by_side.png", "table6_tradeoff.png",
-                "table6_samples.png", "cold_start_1step.png", "cold_start.png",
+                "table6_samples.png", "c3_rise.png", "cold_start_1step.png", "cold_start.png",
                 "table5_lambda.png", "rtdm_beta.png", "reward_agreement.png",
                 "teacher_accuracy.png", "distill_curves.png"] + [f"samples_{m}.png" for m in ("teacher", "dmd2-4", "dmdr-4",
                                                                                              "dmd-then-rl-4", "dmdr-1")]:
