@@ -25,6 +25,8 @@ from dmdr.prompts import load_prompts  # noqa: E402
 from dmdr.rewards import load_reward  # noqa: E402
 from dmdr.standins import World  # noqa: E402
 
+from output import emit  # noqa: E402
+
 THRESHOLD = 0.1
 
 
@@ -64,9 +66,7 @@ def main():
         if chosen is None and mean >= THRESHOLD:
             chosen = lr
     lines.append(f"rule: dynadg.lr {chosen if chosen is not None else float(a.lrs.split(',')[-1]):g}")
-    print("\n".join(lines))
-    if a.out:
-        Path(a.out).write_text("\n".join(lines) + "\n")
+    emit(lines, a.out)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ from diffusers import AutoencoderKL, SD3Transformer2DModel  # noqa: E402
 from dmdr.distill import init_models, train  # noqa: E402
 from dmdr.models import LatentDecoder, VelocityModel  # noqa: E402
 
+from output import emit  # noqa: E402
+
 
 class HostForReal(TorchDispatchMode):
     """Under a FakeTensorMode: runs for real each op that no fake tensor flows into, and answers a fake scalar's
@@ -152,9 +154,7 @@ def main():
              f"bare passes of one DMD step: {bare['total'] / 1e12:.1f} TFLOP ({breakdown(bare)})"]
     lines += [f"{ROWS[row]}: {f['total'] / 1e12:.1f} TFLOP = {f['total'] / bare['total']:.2f}x the bare passes "
               f"({breakdown(f)})" for row, f in flops.items()]
-    print("\n".join(lines))
-    if a.out:
-        a.out.write_text("\n".join(lines) + "\n")
+    emit(lines, a.out)
 
 
 if __name__ == "__main__":

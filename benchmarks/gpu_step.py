@@ -42,6 +42,7 @@ from dmdr.precision import MasterWeights, master_weights  # noqa: E402
 from dmdr.models import LatentDecoder, VelocityModel  # noqa: E402
 
 import host_samples  # noqa: E402
+from output import write  # noqa: E402
 
 SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
                   attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
@@ -274,8 +275,7 @@ def main():
         print(line, flush=True)
         lines.append(line)
         if a.out:
-            a.out.parent.mkdir(parents=True, exist_ok=True)
-            a.out.write_text("\n".join(lines) + "\n")
+            write(lines, a.out)
 
     if dev == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as the released code

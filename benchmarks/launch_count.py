@@ -28,6 +28,8 @@ from diffusers import AutoencoderKL, SD3Transformer2DModel  # noqa: E402
 from dmdr.distill import init_models, train  # noqa: E402
 from dmdr.models import LatentDecoder, VelocityModel  # noqa: E402
 
+from output import emit  # noqa: E402
+
 NARROW_VIT = {"embed_dim": 32, "vision_cfg": {"image_size": 224, "layers": 32, "width": 64, "head_width": 16,
                                               "patch_size": 14},
               "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 24}}
@@ -119,10 +121,7 @@ def main():
                                        seed=0), a.steps)
         lines.append(f"{g.LOOP_ROWS[row]}: {ops.total():.0f} ops = {ops.total() / bare.total():.2f}x the bare passes")
         lines += differences(ops, bare, a.by_op)
-    for line in lines:
-        print(line)
-    if a.out:
-        a.out.write_text("\n".join(lines) + "\n")
+    emit(lines, a.out)
 
 
 if __name__ == "__main__":

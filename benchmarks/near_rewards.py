@@ -32,6 +32,8 @@ from dmdr.standins import World  # noqa: E402
 from dmdr.world import grammar, parse  # noqa: E402
 from dmdr.world.score import faithfulness  # noqa: E402
 
+from output import emit  # noqa: E402
+
 SAMPLERS = (("generator", 4, 1.0), ("generator", 4, 1.0), ("teacher", 4, 2.0), ("teacher", 6, 3.0),
             ("teacher", 12, 4.5), ("teacher", 3, 1.0))
 
@@ -80,9 +82,7 @@ def main():
     lines += [f"{k:58s} {v['all']:6.3f} {v['faithfulness differs']:21.3f} {v['aesthetics only']:16.3f}"
               for k, v in rows.items()]
     lines.append(f"{(time.time() - t0) / 60:.1f} min")
-    print("\n".join(lines))
-    if a.out:
-        Path(a.out).write_text("\n".join(lines) + "\n")
+    emit(lines, a.out)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ from dmdr.prompts import load_prompts  # noqa: E402
 from dmdr.rewards import load_reward  # noqa: E402
 from dmdr.standins import World  # noqa: E402
 
+from output import emit  # noqa: E402
+
 LOSSES = {"DMD": {"dmd_weight": 1.0, "rl": {"weight": 0.0}},
           "ReFL": {"dmd_weight": 0.0, "rl": {"weight": 1.0, "loss": "refl"}},
           "DPO": {"dmd_weight": 0.0, "rl": {"weight": 1.0, "loss": "dpo"}},
@@ -93,9 +95,7 @@ def main():
     for name, norm in means.items():
         rule = f"   lambda {float(f'{refl / norm:.2g}'):g}" if name in ("DPO", "GRPO") else ""
         lines.append(f"{name:5s} |grad L| {norm:10.4g}{rule}")
-    print("\n".join(lines))
-    if a.out:
-        Path(a.out).write_text("\n".join(lines) + "\n")
+    emit(lines, a.out)
 
 
 def class_rule(a, base, teacher, start, start_fake, reward, prompts):
@@ -109,9 +109,7 @@ def class_rule(a, base, teacher, start, start_fake, reward, prompts):
              f"{base.batch}, mean of {a.batches} batches",
              f"DMD   |grad L| {means['DMD']:10.4g}", f"ReFL  |grad L| {means['ReFL']:10.4g}",
              f"lambda at which |lambda grad ReFL| = {a.ratio:g} |grad DMD|: {lam:g}"]
-    print("\n".join(lines))
-    if a.out:
-        Path(a.out).write_text("\n".join(lines) + "\n")
+    emit(lines, a.out)
 
 
 if __name__ == "__main__":

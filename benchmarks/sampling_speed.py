@@ -17,6 +17,8 @@ from dmdr.standins import World  # noqa: E402
 from dmdr.models import decode_latents  # noqa: E402
 from dmdr.prompts import load_prompts  # noqa: E402
 
+from output import emit  # noqa: E402
+
 
 def timed(world, model, m, texts, noise, times, repeats):
     best = float("inf")
@@ -51,10 +53,7 @@ def main():
              f"teacher 50 steps CFG (NFE {nfe(teacher_m)}): {t_teacher:.3f} s  ({t_teacher / a.batch * 1e3:.2f} ms/image)",
              f"generator {a.steps} steps (NFE {nfe(gen_m)}):     {t_gen:.3f} s  ({t_gen / a.batch * 1e3:.2f} ms/image)",
              f"speed-up: {t_teacher / t_gen:.1f}x (NFE bound {nfe(teacher_m) / nfe(gen_m):.0f}x)"]
-    print("\n".join(lines))
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text("\n".join(lines) + "\n")
+    emit(lines, a.out)
 
 
 if __name__ == "__main__":

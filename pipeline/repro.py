@@ -1,6 +1,6 @@
 """`dvc repro` with as many stages at once as the cores allow: what `make repro` runs.
 
-    python pipeline/repro.py [--jobs N]
+    python pipeline/repro.py [--jobs N] [--dry-run [--all]]
 
 DVC runs one stage at a time. On a small CPU one stage does not use the cores well: its steps are short and a
 second thread speeds them up far less than twice, so two stages at one thread each do more than one at two.
@@ -14,12 +14,18 @@ left stale.
 N defaults to the cores this process may use divided by `cpu_threads`. Each stage's output goes to
 runs/logs/STAGE.log. After a failed stage no new stage starts; the running ones finish (their results are kept),
 and the runner exits non-zero, naming the stage and the end of its log.
+
+--dry-run runs nothing: it prints the plan, when each stage would start and end at N at once by the last run's
+stage times, and the wall time that predicts; with --all, for every stage after the committed ones (prompts and the
+stand-ins), as a fresh run of the whole pipeline would run them.
 """
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import networkx as nx
@@ -32,24 +38,69 @@ from dmdr import config  # noqa: E402
 from dmdr.report import papermill_metadata, stage_timings  # noqa: E402
 
 
-def plan(repo_dir: Path) -> tuple[list[str], dict[str, set[str]]]:
-    """The stages to run (the stale ones and every stage downstream of them), longest path to the end first (by each
-    stage's last wall time, from its executed notebook in runs/; a minute where none), each after the stages it
-    depends on; and, for each, the stages of that list it waits for."""
-    minutes = stage_timings(papermill_metadata(repo_dir / "runs"))
+COMMITTED = ("prompts", "world", "teacher_eps", "classifier")  # stages whose outputs git holds: --all leaves them
+
+
+def plan(repo_dir: Path, everything: bool = False) -> tuple[list[str], dict[str, set[str]], dict[str, float]]:
+    """The stages to run (the stale ones, or with `everything` all but the COMMITTED ones, and every stage
+    downstream of them), longest path to the end first (by each stage's last wall time, from its executed notebook
+    in runs/; a minute where none), each after the stages it depends on; for each, the stages of that list it waits
+    for; and each one's minutes."""
+    timings = stage_timings(papermill_metadata(repo_dir / "runs"))
+    minutes = lambda s: timings.get(s.addressing.replace("@", "-"), 1.0)  # noqa: E731
     with Repo(str(repo_dir)) as repo:
         graph = repo.index.graph  # an edge from a stage to each stage whose outputs it reads
-        stale = set(repo.status())
+        stale = {s.addressing for s in graph if s.addressing not in COMMITTED} if everything else set(repo.status())
         todo = {s for s in graph if s.addressing in stale}
         todo |= {d for s in todo for d in nx.ancestors(graph, s)}
         order = [s for s in reversed(list(nx.topological_sort(graph))) if s in todo]
         to_end = {}  # the longest chain of wall minutes from the start of a stage to the end of the run
         for s in reversed(order):
             after = [to_end[d] for d in graph.predecessors(s) if d in todo]
-            to_end[s] = minutes.get(s.addressing.replace("@", "-"), 1.0) + max(after, default=0.0)
+            to_end[s] = minutes(s) + max(after, default=0.0)
         order.sort(key=lambda s: -to_end[s])  # a stage still comes after what it waits for: it has a longer path
         waits = {s.addressing: {d.addressing for d in nx.descendants(graph, s) & todo} for s in order}
-    return [s.addressing for s in order], waits
+    return [s.addressing for s in order], waits, {s.addressing: minutes(s) for s in order}
+
+
+def schedule(order: list[str], waits: dict[str, set[str]], minutes: dict[str, float], jobs: int
+             ) -> dict[str, tuple[float, float]]:
+    """When each stage would start and end (minutes from the run's start) as `run` starts them: whenever fewer than
+    `jobs` run, the first stage of `order` whose stages it waits for are done."""
+    order, running, done, times, now = list(order), {}, set(), {}, 0.0
+    while order or running:
+        while len(running) < jobs and (ready := [a for a in order if waits[a] <= done]):
+            order.remove(ready[0])
+            running[ready[0]] = now + minutes[ready[0]]
+        stage = min(running, key=running.get)  # the next to end
+        now = running.pop(stage)
+        times[stage] = (now - minutes[stage], now)
+        done.add(stage)
+    return times
+
+
+def start_gap(meta: dict[str, dict]) -> float:
+    """The seconds a stage spends outside its notebook (DVC, the kernel's start): the median gap between an executed
+    notebook's start and the last end of another before it, where under a minute (the same run); 0 where none."""
+    spans = [(datetime.fromisoformat(m["start_time"]), datetime.fromisoformat(m["end_time"])) for m in meta.values()
+             if m.get("start_time") and m.get("end_time")]
+    gaps = [min(gap for _, end in spans if 0 <= (gap := (start - end).total_seconds())) for start, _ in spans
+            if any(end <= start for _, end in spans)]
+    gaps = [g for g in gaps if g < 60]
+    return statistics.median(gaps) if gaps else 0.0
+
+
+def dry_run(repo_dir: Path, jobs: int, everything: bool) -> int:
+    """Print the plan with its schedule at `jobs` at once, and the wall time it predicts; run nothing."""
+    order, waits, minutes = plan(repo_dir, everything)
+    gap = start_gap(papermill_metadata(repo_dir / "runs"))
+    times = schedule(order, waits, {s: m + gap / 60 for s, m in minutes.items()}, jobs)
+    for stage, (start, end) in sorted(times.items(), key=lambda kv: kv[1]):
+        print(f"{start:7.1f} -> {end:7.1f} min  {stage}")
+    span = max((end for _, end in times.values()), default=0.0)
+    print(f"{len(order)} stages, {sum(minutes.values()):.1f} minutes in their notebooks (the last run's, runs/*.ipynb; "
+          f"a minute where a stage has none) and {gap:.1f} s each outside: {span:.1f} min of wall time at {jobs} at once")
+    return 0
 
 
 def log_tail(path: Path, lines: int = 30) -> str:
@@ -58,7 +109,7 @@ def log_tail(path: Path, lines: int = 30) -> str:
 
 def run(repo_dir: Path, jobs: int) -> int:
     """Run the plan, `jobs` stages at a time; 0 when every stage succeeded."""
-    order, waits = plan(repo_dir)
+    order, waits, _ = plan(repo_dir)
     if not order:
         print("every stage is up to date")
     logs = repo_dir / "runs" / "logs"
@@ -103,16 +154,20 @@ def run(repo_dir: Path, jobs: int) -> int:
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, help="stages at once (default: usable cores // cpu_threads)")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and its predicted wall time; run nothing")
+    ap.add_argument("--all", action="store_true", help="with --dry-run: every stage after the committed ones")
     a = ap.parse_args(argv)
     if a.jobs is not None and a.jobs < 1:
         ap.error(f"--jobs {a.jobs}: must be at least 1")
+    if a.all and not a.dry_run:
+        ap.error("--all: only with --dry-run (to rerun everything: dvc repro -f)")
     try:
         threads = config.load(ROOT / "params.yaml").cpu_threads
     except config.ParamsError as e:
         print(f"params error: {e}", file=sys.stderr)
         return 2
     jobs = a.jobs or max(1, len(os.sched_getaffinity(0)) // threads)
-    return run(ROOT, jobs)
+    return dry_run(ROOT, jobs, a.all) if a.dry_run else run(ROOT, jobs)
 
 
 if __name__ == "__main__":

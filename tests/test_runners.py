@@ -130,6 +130,29 @@ def test_after_a_failed_stage_nothing_downstream_starts_and_finished_work_is_kep
     assert "c" not in status and "b" in status
 
 
+def test_a_dry_run_predicts_the_wall_time_of_the_plan_and_runs_nothing(tmp_path):
+    """--dry-run replays each stage's last time (a minute where it has none) through the runner's own order: at 2 at
+    once a and e, then b and c, then d (3 minutes); at 1, five. --all plans an up-to-date repository in full."""
+    repo = graph_repo(tmp_path)
+    r = run_repro(repo, "--jobs", "2", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "5 stages" in r.stdout and "3.0 min of wall time at 2 at once" in r.stdout
+    assert "5.0 min of wall time at 1 at once" in run_repro(repo, "--jobs", "1", "--dry-run").stdout
+    assert not list((repo / "out").iterdir())  # nothing ran
+    assert run_repro(repo, "--jobs", "2").returncode == 0
+    assert "0 stages" in run_repro(repo, "--dry-run").stdout
+    assert "5 stages" in run_repro(repo, "--dry-run", "--all").stdout
+    assert run_repro(repo, "--all").returncode == 2  # only with --dry-run
+
+
+def test_the_time_a_stage_spends_outside_its_notebook_is_read_from_the_gaps_between_notebooks():
+    """Each notebook's start minus the last end before it, under a minute (the same run); a pause is not counted."""
+    stamp = lambda s: f"2026-12-05T10:{s // 60:02d}:{s % 60:02d}+00:00"  # noqa: E731
+    meta = {n: {"start_time": stamp(a), "end_time": stamp(b)}
+            for n, (a, b) in {"x": (0, 100), "y": (109, 200), "z": (211, 300), "later": (1800, 1900)}.items()}
+    assert load("repro").start_gap(meta) == 10.0  # the median of 9 and 11; the 1500 s pause left out
+
+
 def test_a_bad_jobs_count_is_refused():
     r = subprocess.run([sys.executable, str(ROOT / "pipeline" / "repro.py"), "--jobs", "0"], capture_output=True,
                        text=True)
@@ -137,7 +160,8 @@ def test_a_bad_jobs_count_is_refused():
 
 
 def test_the_span_of_a_run_and_how_many_stages_ran_at_once(tmp_path):
-    """The README's wall time of a run from the executed notebooks: first start to last end, and the most at once."""
+    """The README's wall time of the last run from the executed notebooks: first start to last end, and the most at
+    once; a pause of over 10 minutes with none running ends a run."""
     from dmdr.report import papermill_metadata, stage_span
 
     def notebook(name, start, end):
@@ -149,4 +173,8 @@ def test_the_span_of_a_run_and_how_many_stages_ran_at_once(tmp_path):
     notebook("distill-b", 2, 7)
     notebook("evaluate-a", 5, 6)  # starts as distill-a ends: two at once, not three
     notebook("report", 7, 9)
-    assert stage_span(papermill_metadata(tmp_path)) == (8.0, 2)
+    assert stage_span(papermill_metadata(tmp_path)) == (4, 8.0, 2)
+    notebook("distill-c", 25, 31)  # after a pause of 16 minutes: a later run, which the README reports
+    notebook("evaluate-c", 31, 33)
+    assert stage_span(papermill_metadata(tmp_path)) == (2, 8.0, 1)
+    assert stage_span(papermill_metadata(tmp_path), pause=20.0) == (6, 32.0, 2)

@@ -763,12 +763,16 @@ def readme_results(results: Path = RESULTS) -> str:
     for name, what, command in (
             ("sampling_speed", "Sampling benchmark", "benchmarks/sampling_speed.py"),
             ("step_cost", "Training-step benchmark", "benchmarks/step_cost.py"),
+            ("step_cost_cores", "How a DMD step uses the cores (what `make repro`'s stages side by side rest on)",
+             "benchmarks/step_cost.py --cores"),
             ("launch_count", "Launches per real-scale step, counted on CPU", "benchmarks/launch_count.py"),
             ("launch_count_bf16_weights", "The same in mixed_precision bf16-weights",
              "benchmarks/launch_count.py --precision bf16-weights"),
             ("flop_count", "FLOPs per real-scale step, counted on CPU", "benchmarks/flop_count.py"),
             ("dynadg_pull", "DynaDG's pull by learning rate", "benchmarks/dynadg_pull.py"),
-            ("near_rewards", "The hps analogue near the model's own samples", "benchmarks/near_rewards.py")):
+            ("near_rewards", "The hps analogue near the model's own samples", "benchmarks/near_rewards.py"),
+            ("reward_room", "The training reward's room above the teacher, and C1's hps intervals against it",
+             "benchmarks/reward_room.py")):
         bench = results / "benchmarks" / f"{name}.txt"
         if bench.exists():
             parts.append(f"{what} (`{command}`, last run):\n\n```\n" + bench.read_text().strip() + "\n```")
@@ -843,17 +847,18 @@ def gpu_throughput(gpu: str, flops: str) -> str:
 
 
 def stage_times(runs: Path = Path("runs")) -> str:
-    """Each executed stage's wall minutes, their sum after the stand-ins, and the span of those stages' run."""
+    """Each executed stage's wall minutes, their sum after the stand-ins, and the span of the last run of stages."""
     meta = papermill_metadata(runs)
     timings = stage_timings(meta)
     if not timings:
         return ""
     after_world = sum(v for k, v in timings.items() if k not in BEFORE)
-    span, at_once = stage_span(meta)
+    stages, span, at_once = stage_span(meta)
     return ("Stage wall times on this machine (minutes, from the executed notebooks in `runs/`): " + ", ".join(
         f"{k} {v:.1f}" for k, v in timings.items()) + f"; everything after the world and the epsilon teacher and "
-        f"classifier (stand-ins, committed): {after_world:.1f} in all, {span:.1f} from the first start to the last "
-        f"end, up to {at_once} at once (`make repro`: pipeline/repro.py).")
+        f"classifier (stand-ins, committed): {after_world:.1f} in all. The last run of stages ({stages} of them) took "
+        f"{span:.1f} from its first start to its last end, up to {at_once} at once (`make repro`: pipeline/repro.py; "
+        f"`python pipeline/repro.py --dry-run --all` replays these times through its schedule for a full run).")
 
 
 BEFORE = ("prompts", "world", "teacher_eps", "classifier")  # the stages before and of the committed stand-ins
@@ -870,17 +875,22 @@ def stage_timings(meta: dict[str, dict]) -> dict[str, float]:
     return {stem: m["duration"] / 60 for stem, m in meta.items() if m.get("duration") is not None}
 
 
-def stage_span(meta: dict[str, dict], skip: tuple = BEFORE) -> tuple[float, int]:
-    """Wall minutes from the first start to the last end of the executed stage notebooks but `skip`, and the most of
-    them that ran at once, from their papermill metadata (meaningful where they come from one run)."""
-    events = []
-    for stem, m in meta.items():
-        if stem not in skip and m.get("start_time") and m.get("end_time"):
-            events += [(datetime.fromisoformat(m["start_time"]), 1), (datetime.fromisoformat(m["end_time"]), -1)]
-    if not events:
-        return 0.0, 0
-    events.sort()  # at the same instant an end (-1) before a start
-    return (events[-1][0] - events[0][0]).total_seconds() / 60, max(accumulate(d for _, d in events))
+def stage_span(meta: dict[str, dict], skip: tuple = BEFORE, pause: float = 10.0) -> tuple[int, float, int]:
+    """The last run of the executed stage notebooks but `skip` (those after the last pause of more than `pause`
+    minutes with none running): how many, the wall minutes from its first start to its last end, and the most of
+    them that ran at once, from their papermill metadata."""
+    spans = sorted((datetime.fromisoformat(m["start_time"]), datetime.fromisoformat(m["end_time"]))
+                   for stem, m in meta.items() if stem not in skip and m.get("start_time") and m.get("end_time"))
+    run, end = [], None
+    for start, stop in spans:
+        if run and (start - end).total_seconds() > 60 * pause:
+            run = []  # a pause with nothing running: what came before was an earlier run
+        end = max(end, stop) if run else stop
+        run.append((start, stop))
+    if not run:
+        return 0, 0.0, 0
+    events = sorted([(a, 1) for a, _ in run] + [(b, -1) for _, b in run])  # at one instant an end before a start
+    return len(run), (events[-1][0] - events[0][0]).total_seconds() / 60, max(accumulate(d for _, d in events))
 
 
 def update_readme(readme: Path = Path("README.md"), results: Path = RESULTS) -> None:
