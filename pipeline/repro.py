@@ -44,10 +44,16 @@ COMMITTED = ("prompts", "world", "teacher_eps", "classifier")  # stages whose ou
 def plan(repo_dir: Path, everything: bool = False) -> tuple[list[str], dict[str, set[str]], dict[str, float]]:
     """The stages to run (the stale ones, or with `everything` all but the COMMITTED ones, and every stage
     downstream of them), longest path to the end first (by each stage's last wall time, from its executed notebook
-    in runs/; a minute where none), each after the stages it depends on; for each, the stages of that list it waits
-    for; and each one's minutes."""
+    in runs/; where none, the median of its kind's, as of every `distill@...`; else a minute), each after the stages
+    it depends on; for each, the stages of that list it waits for; and each one's minutes."""
     timings = stage_timings(papermill_metadata(repo_dir / "runs"))
-    minutes = lambda s: timings.get(s.addressing.replace("@", "-"), 1.0)  # noqa: E731
+    kinds = {}
+    for stem, m in timings.items():
+        kinds.setdefault(stem.split("-")[0], []).append(m)
+
+    def minutes(s) -> float:
+        kind = kinds.get(s.addressing.split("@")[0])
+        return timings.get(s.addressing.replace("@", "-"), statistics.median(kind) if kind else 1.0)
     with Repo(str(repo_dir)) as repo:
         graph = repo.index.graph  # an edge from a stage to each stage whose outputs it reads
         stale = {s.addressing for s in graph if s.addressing not in COMMITTED} if everything else set(repo.status())
@@ -99,7 +105,7 @@ def dry_run(repo_dir: Path, jobs: int, everything: bool) -> int:
         print(f"{start:7.1f} -> {end:7.1f} min  {stage}")
     span = max((end for _, end in times.values()), default=0.0)
     print(f"{len(order)} stages, {sum(minutes.values()):.1f} minutes in their notebooks (the last run's, runs/*.ipynb; "
-          f"a minute where a stage has none) and {gap:.1f} s each outside: {span:.1f} min of wall time at {jobs} at once")
+          f"where a stage has none, its kind's median) and {gap:.1f} s each outside: {span:.1f} min of wall time at {jobs} at once")
     return 0
 
 

@@ -131,13 +131,18 @@ def test_after_a_failed_stage_nothing_downstream_starts_and_finished_work_is_kep
 
 
 def test_a_dry_run_predicts_the_wall_time_of_the_plan_and_runs_nothing(tmp_path):
-    """--dry-run replays each stage's last time (a minute where it has none) through the runner's own order: at 2 at
-    once a and e, then b and c, then d (3 minutes); at 1, five. --all plans an up-to-date repository in full."""
+    """--dry-run replays each stage's last time (its executed notebook's; a minute where neither it nor its kind has
+    one) through the runner's own order: at 2 at once a and e, then b and c, then d (3 minutes); at 1, five; with b's
+    notebook saying 4 minutes, 6 at 2 at once. --all plans an up-to-date repository in full."""
     repo = graph_repo(tmp_path)
     r = run_repro(repo, "--jobs", "2", "--dry-run")
     assert r.returncode == 0, r.stderr
     assert "5 stages" in r.stdout and "3.0 min of wall time at 2 at once" in r.stdout
     assert "5.0 min of wall time at 1 at once" in run_repro(repo, "--jobs", "1", "--dry-run").stdout
+    (repo / "runs").mkdir()
+    (repo / "runs" / "b.ipynb").write_text(json.dumps({"metadata": {"papermill": {"duration": 240.0}}, "cells": []}))
+    assert "6.0 min of wall time at 2 at once" in run_repro(repo, "--jobs", "2", "--dry-run").stdout
+    (repo / "runs" / "b.ipynb").unlink()
     assert not list((repo / "out").iterdir())  # nothing ran
     assert run_repro(repo, "--jobs", "2").returncode == 0
     assert "0 stages" in run_repro(repo, "--dry-run").stdout
