@@ -102,3 +102,16 @@ def test_a_models_seed_repeats_join_its_checks_unless_one_run_is_compared(tmp_pa
     monkeypatch.chdir(tmp_path)
     assert Pairs(p, tmp_path).check("", "hps", "a", "b")["difference"] == pytest.approx(0.3)
     assert Pairs(p, tmp_path, seeds=False).check("", "hps", "a", "b")["difference"] == pytest.approx(0.1)
+
+
+def test_a_table_row_of_a_model_with_seed_repeats_is_their_mean():
+    """The tables show what the claims read: a model's evaluated seed repeats averaged, the count in its name; a model
+    without repeats, or whose repeats were not evaluated, as it is."""
+    from types import SimpleNamespace
+    from dmdr.report import over_seeds
+    p = SimpleNamespace(recipes={n: {} for n in ("a", "a-s1", "a-s2", "b", "b-s1")})
+    summ = {"a": {"hps": 0.1, "nfe": 4}, "a-s1": {"hps": 0.2, "nfe": 4}, "a-s2": {"hps": 0.6, "nfe": 4},
+            "b": {"hps": 0.5, "nfe": 4}, "teacher": {"hps": 0.7, "nfe": 100}}
+    rows = over_seeds(p, summ, ["teacher", "a", "b"])
+    assert list(rows) == ["teacher", "a (3 seeds)", "b"]
+    assert rows["a (3 seeds)"]["hps"] == pytest.approx(0.3) and rows["b"]["hps"] == 0.5

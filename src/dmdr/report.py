@@ -594,18 +594,33 @@ def claims_markdown(items: list[dict]) -> str:
     return "\n\n".join(parts) if parts else "_No claims checked yet: run the main command._"
 
 
-def write_tables(summ: dict, models: list[str], results: Path = RESULTS) -> list[Path]:
-    """The paper's tables (Markdown and CSV under results/tables) from the summary of the evaluated models."""
-    return [write_table({m: summ[m] for m in TABLE_DISTILL if m in summ}, COLUMNS, results / "tables" / "distill",
+def over_seeds(p, summ: dict, names: list[str]) -> dict:
+    """Table rows of `names`: a model with evaluated seed repeats (`-s1`, `-s2`) as the mean of its seeds' metrics,
+    named with their count, as the claims read it."""
+    rows = {}
+    for m in names:
+        runs = [summ[s] for s in seeds_of(p, m) if s in summ]
+        if runs:
+            keys = [k for k in runs[0] if all(isinstance(r.get(k), (int, float)) for r in runs)]
+            rows[m if len(runs) == 1 else f"{m} ({len(runs)} seeds)"] = {k: float(np.mean([r[k] for r in runs]))
+                                                                           for k in keys}
+    return rows
+
+
+def write_tables(p, summ: dict, models: list[str], results: Path = RESULTS) -> list[Path]:
+    """The paper's tables (Markdown and CSV under results/tables) from the summary of the evaluated models; a model
+    with seed repeats is their mean (over_seeds), but in Table 5, all of whose recipes continue one seed-0 run."""
+    seeded = lambda names: over_seeds(p, summ, names)  # noqa: E731
+    return [write_table(seeded(TABLE_DISTILL), COLUMNS, results / "tables" / "distill",
                           "Teacher (50 steps, CFG) vs DMD2 4-step and 1-step generators (embedded world, test prompts; teacher-4: the undistilled teacher in the 4-step sampler)"),
-              write_table({m: summ[m] for m in TABLE1 if m in summ}, TABLE1_COLUMNS, results / "tables" / "table1",
+              write_table(seeded(TABLE1), TABLE1_COLUMNS, results / "tables" / "table1",
                           "Table 1 analogue: rewards (hps is the training reward) and held-out quality"),
-              write_table({m: summ[m] for m in TABLE34 if m in summ}, ["geneval_overall"] + [f"geneval_{t}" for t in GENEVAL_TAGS],
+              write_table(seeded(TABLE34), ["geneval_overall"] + [f"geneval_{t}" for t in GENEVAL_TAGS],
                           results / "tables" / "table3", "Table 3 analogue: the GenEval analogue per tag (flow and epsilon teachers)"),
-              write_table({m: summ[m] for m in TABLE34 if m in summ}, ["dpg_overall"] + sorted(
+              write_table(seeded(TABLE34), ["dpg_overall"] + sorted(
                   {k for m in TABLE34 for k in summ.get(m, {}) if k.startswith("dpg_") and k != "dpg_overall"}),
                           results / "tables" / "table4", "Table 4 analogue: the DPG analogue per category (flow and epsilon teachers)"),
-              write_table({m: summ[m] for m in TABLE2 if m in summ}, TABLE2_COLUMNS, results / "tables" / "table2",
+              write_table(seeded(TABLE2), TABLE2_COLUMNS, results / "tables" / "table2",
                           "Table 2 analogue: multi-step RL on the teacher (teacher-refl), then distilled, vs joint DMDR"),
               *[write_table({("dmdr-stage1-4 (init)" if m == "dmdr-stage1-4" else m): summ[m]
                              for m in ["dmdr-stage1-4"] + [table5_model(part, v) for v in values] if m in summ},
@@ -627,7 +642,7 @@ def build(p, results: Path = RESULTS) -> dict:
     summ = summary(models + list(p.quality.models), results)
     write_json(summ, results / "summary.json")
 
-    tables = write_tables(summ, models, results)
+    tables = write_tables(p, summ, models, results)
     items = claims(p, summ, results)
     write_json(items, results / "claims.json")
     (results / "claims.md").write_text(claims_markdown(items) + "\n")
