@@ -35,18 +35,17 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 from dmdr import config  # noqa: E402
-from dmdr.report import papermill_metadata, stage_timings  # noqa: E402
+from dmdr.report import BEFORE, papermill_metadata, stage_timings  # noqa: E402
 
 
-COMMITTED = ("prompts", "world", "teacher_eps", "classifier")  # stages whose outputs git holds: --all leaves them
-
-
-def plan(repo_dir: Path, everything: bool = False) -> tuple[list[str], dict[str, set[str]], dict[str, float]]:
-    """The stages to run (the stale ones, or with `everything` all but the COMMITTED ones, and every stage
-    downstream of them), longest path to the end first (by each stage's last wall time, from its executed notebook
-    in runs/; where none, the median of its kind's, as of every `distill@...`; else a minute), each after the stages
-    it depends on; for each, the stages of that list it waits for; and each one's minutes."""
-    timings = stage_timings(papermill_metadata(repo_dir / "runs"))
+def plan(repo_dir: Path, meta: dict[str, dict], everything: bool = False
+         ) -> tuple[list[str], dict[str, set[str]], dict[str, float]]:
+    """The stages to run (the stale ones, or with `everything` all but the committed ones, report.BEFORE, and every
+    stage downstream of them), longest path to the end first (by each stage's last wall time, from its executed
+    notebook's papermill metadata `meta`; where none, the median of its kind's, as of every `distill@...`; else a
+    minute), each after the stages it depends on; for each, the stages of that list it waits for; and each one's
+    minutes."""
+    timings = stage_timings(meta)
     kinds = {}
     for stem, m in timings.items():
         kinds.setdefault(stem.split("-")[0], []).append(m)
@@ -56,7 +55,7 @@ def plan(repo_dir: Path, everything: bool = False) -> tuple[list[str], dict[str,
         return timings.get(s.addressing.replace("@", "-"), statistics.median(kind) if kind else 1.0)
     with Repo(str(repo_dir)) as repo:
         graph = repo.index.graph  # an edge from a stage to each stage whose outputs it reads
-        stale = {s.addressing for s in graph if s.addressing not in COMMITTED} if everything else set(repo.status())
+        stale = {s.addressing for s in graph if s.addressing not in BEFORE} if everything else set(repo.status())
         todo = {s for s in graph if s.addressing in stale}
         todo |= {d for s in todo for d in nx.ancestors(graph, s)}
         order = [s for s in reversed(list(nx.topological_sort(graph))) if s in todo]
@@ -69,13 +68,18 @@ def plan(repo_dir: Path, everything: bool = False) -> tuple[list[str], dict[str,
     return [s.addressing for s in order], waits, {s.addressing: minutes(s) for s in order}
 
 
+def startable(order: list[str], waits: dict[str, set[str]], done: set[str]) -> list[str]:
+    """The stages of `order` whose inputs are done, in its order: the first of them starts next."""
+    return [a for a in order if waits[a] <= done]
+
+
 def schedule(order: list[str], waits: dict[str, set[str]], minutes: dict[str, float], jobs: int
              ) -> dict[str, tuple[float, float]]:
     """When each stage would start and end (minutes from the run's start) as `run` starts them: whenever fewer than
     `jobs` run, the first stage of `order` whose stages it waits for are done."""
     order, running, done, times, now = list(order), {}, set(), {}, 0.0
     while order or running:
-        while len(running) < jobs and (ready := [a for a in order if waits[a] <= done]):
+        while len(running) < jobs and (ready := startable(order, waits, done)):
             order.remove(ready[0])
             running[ready[0]] = now + minutes[ready[0]]
         stage = min(running, key=running.get)  # the next to end
@@ -98,8 +102,9 @@ def start_gap(meta: dict[str, dict]) -> float:
 
 def dry_run(repo_dir: Path, jobs: int, everything: bool) -> int:
     """Print the plan with its schedule at `jobs` at once, and the wall time it predicts; run nothing."""
-    order, waits, minutes = plan(repo_dir, everything)
-    gap = start_gap(papermill_metadata(repo_dir / "runs"))
+    meta = papermill_metadata(repo_dir / "runs")
+    order, waits, minutes = plan(repo_dir, meta, everything)
+    gap = start_gap(meta)
     times = schedule(order, waits, {s: m + gap / 60 for s, m in minutes.items()}, jobs)
     for stage, (start, end) in sorted(times.items(), key=lambda kv: kv[1]):
         print(f"{start:7.1f} -> {end:7.1f} min  {stage}")
@@ -115,7 +120,7 @@ def log_tail(path: Path, lines: int = 30) -> str:
 
 def run(repo_dir: Path, jobs: int) -> int:
     """Run the plan, `jobs` stages at a time; 0 when every stage succeeded."""
-    order, waits, _ = plan(repo_dir)
+    order, waits, _ = plan(repo_dir, papermill_metadata(repo_dir / "runs"))
     if not order:
         print("every stage is up to date")
     logs = repo_dir / "runs" / "logs"
@@ -124,7 +129,7 @@ def run(repo_dir: Path, jobs: int) -> int:
     running, done, failed = {}, set(), []
     with tqdm(total=len(order), desc=f"stages ({jobs} at once)", unit="stage", disable=not order) as bar:
         while order or running:
-            while not failed and len(running) < jobs and (ready := [a for a in order if waits[a] <= done]):
+            while not failed and len(running) < jobs and (ready := startable(order, waits, done)):
                 stage = ready[0]
                 order.remove(stage)
                 log = (logs / f"{stage.replace('@', '-')}.log").open("w")
