@@ -19,7 +19,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from dmdr import config  # noqa: E402
 from dmdr.evaluator import score  # noqa: E402
-from dmdr.paired import PromptValues, difference  # noqa: E402
+from dmdr.paired import difference, mean_values  # noqa: E402
 from dmdr.prompts import load_records  # noqa: E402
 from dmdr.rewards import load_reward  # noqa: E402
 from dmdr.world import grammar, parse, render  # noqa: E402
@@ -32,11 +32,6 @@ def renders(texts: list[str], seed: int) -> np.ndarray:
     """An exact render of each text's scene, its layout drawn from `seed`."""
     rng = np.random.default_rng(seed)
     return np.stack([render(grammar.scene_for(grammar.read(t), rng)) for t in texts])
-
-
-def per_prompt(values: np.ndarray, k: int) -> list[PromptValues]:
-    v = values.reshape(-1, k).mean(1)
-    return [PromptValues(v, np.zeros(len(v), int), {0: 1.0})]
 
 
 def main():
@@ -57,7 +52,7 @@ def main():
              f"(50 steps, CFG 3), paired by prompt:"]
     room = {}
     for m in ("hps", "gold"):
-        room[m], ci = difference(per_prompt(exact[m], k), per_prompt(teacher[m], k), seed=p.seed)
+        room[m], ci = difference([mean_values(exact[m], k)], [mean_values(teacher[m], k)], seed=p.seed)
         lines.append(f"  {m:5s} renders {exact[m].mean():.4f}, teacher {teacher[m].mean():.4f}: room {room[m]:+.4f} "
                      f"[{ci[0]:+.4f}, {ci[1]:+.4f}]")
     c1 = next((c for c in json.loads(Path("results/claims.json").read_text()) if c["id"] == "C1"), None)

@@ -25,7 +25,6 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import networkx as nx
@@ -35,7 +34,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 from dmdr import config  # noqa: E402
-from dmdr.report import BEFORE, papermill_metadata, stage_timings  # noqa: E402
+from dmdr.report import BEFORE, notebook_spans, papermill_metadata, stage_timings  # noqa: E402
 
 
 def plan(repo_dir: Path, meta: dict[str, dict], everything: bool = False
@@ -92,8 +91,7 @@ def schedule(order: list[str], waits: dict[str, set[str]], minutes: dict[str, fl
 def start_gap(meta: dict[str, dict]) -> float:
     """The seconds a stage spends outside its notebook (DVC, the kernel's start): the median gap between an executed
     notebook's start and the last end of another before it, where under a minute (the same run); 0 where none."""
-    spans = [(datetime.fromisoformat(m["start_time"]), datetime.fromisoformat(m["end_time"])) for m in meta.values()
-             if m.get("start_time") and m.get("end_time")]
+    spans = notebook_spans(meta)
     gaps = [min(gap for _, end in spans if 0 <= (gap := (start - end).total_seconds())) for start, _ in spans
             if any(end <= start for _, end in spans)]
     gaps = [g for g in gaps if g < 60]

@@ -40,9 +40,14 @@ def prompt_values(samples: Path, metric: str, images_per_prompt: int, tags: list
             keep = ~np.isnan(v)  # items DPG-Bench's rules drop: the same for every model
             return PromptValues(v[keep], np.zeros(keep.sum(), int), {0: 1.0})
         if metric in MEAN_METRICS:
-            v = f[f"score_{metric}"].reshape(-1, images_per_prompt).mean(1)
-            return PromptValues(v, np.zeros(len(v), int), {0: 1.0})
+            return mean_values(f[f"score_{metric}"], images_per_prompt)
     raise ValueError(f"no per-prompt form of metric {metric!r}")
+
+
+def mean_values(scores: np.ndarray, images_per_prompt: int) -> PromptValues:
+    """Per-prompt values of a metric that is the mean of its per-image `scores` (the prompts' images in turn)."""
+    v = scores.reshape(-1, images_per_prompt).mean(1)
+    return PromptValues(v, np.zeros(len(v), int), {0: 1.0})
 
 
 def metric_of(values: np.ndarray, strata: np.ndarray, weights: dict) -> np.ndarray:

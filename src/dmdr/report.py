@@ -890,12 +890,17 @@ def stage_timings(meta: dict[str, dict]) -> dict[str, float]:
     return {stem: m["duration"] / 60 for stem, m in meta.items() if m.get("duration") is not None}
 
 
+def notebook_spans(meta: dict[str, dict], skip: tuple = ()) -> list[tuple[datetime, datetime]]:
+    """(start, end) of each executed stage notebook but `skip` that has both, from its papermill metadata."""
+    return [(datetime.fromisoformat(m["start_time"]), datetime.fromisoformat(m["end_time"]))
+            for stem, m in meta.items() if stem not in skip and m.get("start_time") and m.get("end_time")]
+
+
 def stage_span(meta: dict[str, dict], skip: tuple = BEFORE, pause: float = 10.0) -> tuple[int, float, int]:
     """The last run of the executed stage notebooks but `skip` (those after the last pause of more than `pause`
     minutes with none running): how many, the wall minutes from its first start to its last end, and the most of
     them that ran at once, from their papermill metadata."""
-    spans = sorted((datetime.fromisoformat(m["start_time"]), datetime.fromisoformat(m["end_time"]))
-                   for stem, m in meta.items() if stem not in skip and m.get("start_time") and m.get("end_time"))
+    spans = sorted(notebook_spans(meta, skip))
     run, end = [], None
     for start, stop in spans:
         if run and (start - end).total_seconds() > 60 * pause:
