@@ -85,8 +85,9 @@ def test_a_curve_window_check_pairs_every_training_seed(tmp_path):
 
 
 def test_a_models_seed_repeats_join_its_checks_unless_one_run_is_compared(tmp_path, monkeypatch):
-    """C1's and C2's checks average each side over its seed repeats (`-s1`, `-s2`: whole lineages); Table 5's, whose
-    recipes all continue the one seed-0 stage-1 run, compare that run alone (`Pairs(..., seeds=False)`)."""
+    """The claims' checks average each side over its seed repeats (`-s1`, `-s2`: whole lineages) and count the fewest
+    runs a side reads; RT-DM's beta figure, whose runs all continue the one seed-0 stage-1 run, compares that run
+    alone (`Pairs(..., seeds=False)`)."""
     import json
     from types import SimpleNamespace
     from dmdr.report import Pairs
@@ -102,6 +103,8 @@ def test_a_models_seed_repeats_join_its_checks_unless_one_run_is_compared(tmp_pa
     monkeypatch.chdir(tmp_path)
     assert Pairs(p, tmp_path).check("", "hps", "a", "b")["difference"] == pytest.approx(0.3)
     assert Pairs(p, tmp_path, seeds=False).check("", "hps", "a", "b")["difference"] == pytest.approx(0.1)
+    assert (Pairs(p, tmp_path).n_seeds("a"), Pairs(p, tmp_path).n_seeds("a", "b")) == (3, 1)
+    assert Pairs(p, tmp_path, seeds=False).n_seeds("a") == 1
 
 
 def test_a_table_row_of_a_model_with_seed_repeats_is_their_mean():
@@ -115,3 +118,4 @@ def test_a_table_row_of_a_model_with_seed_repeats_is_their_mean():
     rows = over_seeds(p, summ, ["teacher", "a", "b"])
     assert list(rows) == ["teacher", "a (3 seeds)", "b"]
     assert rows["a (3 seeds)"]["hps"] == pytest.approx(0.3) and rows["b"]["hps"] == 0.5
+    assert list(over_seeds(p, summ, ["a"], lambda m: f"{m} (init)")) == ["a (init) (3 seeds)"]

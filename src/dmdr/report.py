@@ -326,10 +326,18 @@ class Pairs:
     def have(self, *models: str) -> bool:
         return all((self.results / "samples" / f"{m}.npz").exists() for m in models)
 
+    def runs(self, model: str) -> list[str]:
+        """The evaluated runs of `model` that a check reads: its seed repeats, or itself alone."""
+        return [m for m in (seeds_of(self.p, model) if self.seeds else [model]) if self.have(m)]
+
+    def n_seeds(self, *models: str) -> int:
+        """The fewest evaluated runs a check of `models` reads of one of them."""
+        return min(len(self.runs(m)) for m in models)
+
     def values(self, model: str, metric: str):
         from .paired import prompt_values
         return [prompt_values(self.results / "samples" / f"{m}.npz", metric, self.p.evaluate.images_per_prompt,
-                              self.tags) for m in (seeds_of(self.p, model) if self.seeds else [model]) if self.have(m)]
+                              self.tags) for m in self.runs(model)]
 
     def check(self, name: str, metric: str, better: str, other: str) -> dict:
         """`better` minus `other` on `metric` (each over its seeds), with the paired bootstrap's 95% interval."""
@@ -446,8 +454,7 @@ def claims(p, summ: dict, results: Path = RESULTS) -> list[dict]:
                           f"{' and '.join(C5_METRICS)}: each keeps at least {1 - C5_MARGIN:.0%} of its teacher's "
                           f"score (a non-inferiority margin of {C5_MARGIN:.0%} of the teacher's score)", checks,
                           min(len(seeds_of(p, s)) for s, _ in C5_PAIRS)))
-    # Table 5's recipes all continue the one stage-1 run (seed 0), so its checks compare seed-0 runs alone
-    return out + table5_claims(Pairs(p, results, seeds=False)) + table6_claims(results)
+    return out + table5_claims(pairs) + table6_claims(results)
 
 
 def table6_claims(results: Path = RESULTS) -> list[dict]:
@@ -473,41 +480,47 @@ def table6_claims(results: Path = RESULTS) -> list[dict]:
 
 
 def table5_claims(pairs: Pairs) -> list[dict]:
-    """C6 in three parts, on Table 5's models (one training seed each): (a) each reward model lifts its own metric
-    most, above every other single reward's run; (b) every RL algorithm beats the stage-1 init on the training reward
-    (hps); (c) too high a lambda lowers dpg_overall: lambda 2.0 below the default 0.5."""
+    """C6 in three parts, on Table 5's models, each over its seeds where `pairs` reads them (every seed continues the
+    stage 1 of its own seed): (a) each reward model lifts its own metric most, above every other single reward's run;
+    (b) every RL algorithm beats the stage-1 init on the training reward (hps); (c) too high a lambda lowers
+    dpg_overall: lambda 2.0 below the default 0.5."""
     out, rm = [], lambda r: table5_model("a", r)
     if pairs.have(*(rm(r) for r in REWARD_METRICS)):
         checks = [pairs.check(f"{rm(r)} above {rm(o)} on {metric}", metric, rm(r), rm(o))
                   for r, metric in REWARD_METRICS.items() for o in REWARD_METRICS if o != r]
         out.append(_claim("C6a", "each reward model lifts its own metric most: stage 2 on one reward scores above "
-                          "stage 2 on each other single reward on that reward's metric", checks, 1))
+                          "stage 2 on each other single reward on that reward's metric", checks,
+                          pairs.n_seeds(*(rm(r) for r in REWARD_METRICS))))
     algorithms = [table5_model("b", a) for a in TABLE5["b"][2]]
     if pairs.have("dmdr-stage1-4", *algorithms):
         checks = [pairs.check(f"{m} above dmdr-stage1-4 on hps", "hps", m, "dmdr-stage1-4") for m in algorithms]
         out.append(_claim("C6b", "every RL algorithm (ReFL, DPO, GRPO) beats the stage-1 init on the training reward",
-                          checks, 1))
+                          checks, pairs.n_seeds("dmdr-stage1-4", *algorithms)))
     high = table5_model("c", "2p0")
     if pairs.have("dmdr-4", high):
         out.append(_claim("C6c", "too high a lambda lowers dpg_overall: lambda 0.5 (dmdr-4) above lambda 2.0",
-                          [pairs.check(f"dmdr-4 above {high} on dpg_overall", "dpg_overall", "dmdr-4", high)], 1))
+                          [pairs.check(f"dmdr-4 above {high} on dpg_overall", "dpg_overall", "dmdr-4", high)],
+                          pairs.n_seeds("dmdr-4", high)))
     return out
 
 
-def plot_lambda(summ: dict, out: Path | None = None):
-    """Table 5(c) as a figure: each metric of stage 2 against its lambda, the stage-1 init as a dotted line."""
+def plot_lambda(p, summ: dict, out: Path | None = None):
+    """Table 5(c) as a figure: each metric of stage 2 against its lambda, the stage-1 init as a dotted line, each the
+    mean over its evaluated seeds."""
     values = [v for v in TABLE5["c"][2] if table5_model("c", v) in summ]
+    means = {m: seed_mean(p, summ, m)[0] for m in ["dmdr-stage1-4"] + [table5_model("c", v) for v in values]}
     metrics = ["hps", "gold", "geneval_overall", "dpg_overall"]
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 2.8))
     for ax, k in zip(axes, metrics):
-        ax.plot([float(v.replace("p", ".")) for v in values], [summ[table5_model("c", v)].get(k, np.nan) for v in values], "o-")
-        if k in summ.get("dmdr-stage1-4", {}):
-            ax.axhline(summ["dmdr-stage1-4"][k], ls=":", c="gray", label="stage-1 init")
+        ax.plot([float(v.replace("p", ".")) for v in values], [means[table5_model("c", v)].get(k, np.nan) for v in values], "o-")
+        if k in means["dmdr-stage1-4"]:
+            ax.axhline(means["dmdr-stage1-4"][k], ls=":", c="gray", label="stage-1 init")
         ax.set_xscale("log")
         ax.set_xlabel("lambda")
         ax.set_title(k)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Table 5(c) analogue: the RL weight lambda in stage 2 (ReFL on hps, from dmdr-stage1-4)")
+    fig.suptitle("Table 5(c) analogue: the RL weight lambda in stage 2 (ReFL on hps, from dmdr-stage1-4; mean over "
+                 "seeds)")
     fig.tight_layout()
     if out is not None:
         fig.savefig(out, dpi=110)
@@ -594,22 +607,28 @@ def claims_markdown(items: list[dict]) -> str:
     return "\n\n".join(parts) if parts else "_No claims checked yet: run the main command._"
 
 
-def over_seeds(p, summ: dict, names: list[str]) -> dict:
-    """Table rows of `names`: a model with evaluated seed repeats (`-s1`, `-s2`) as the mean of its seeds' metrics,
-    named with their count, as the claims read it."""
+def seed_mean(p, summ: dict, model: str) -> tuple[dict, int]:
+    """The mean of the metrics of `model`'s evaluated seed repeats (`-s1`, `-s2`; itself among them), and how many
+    there are (0: none evaluated)."""
+    runs = [summ[s] for s in seeds_of(p, model) if s in summ]
+    keys = [k for k in (runs[0] if runs else {}) if all(isinstance(r.get(k), (int, float)) for r in runs)]
+    return {k: float(np.mean([r[k] for r in runs])) for k in keys}, len(runs)
+
+
+def over_seeds(p, summ: dict, names: list[str], label=lambda m: m) -> dict:
+    """Table rows of `names` (shown as `label(name)`): a model with evaluated seed repeats as the mean of its seeds'
+    metrics, named with their count, as the claims read it."""
     rows = {}
     for m in names:
-        runs = [summ[s] for s in seeds_of(p, m) if s in summ]
-        if runs:
-            keys = [k for k in runs[0] if all(isinstance(r.get(k), (int, float)) for r in runs)]
-            rows[m if len(runs) == 1 else f"{m} ({len(runs)} seeds)"] = {k: float(np.mean([r[k] for r in runs]))
-                                                                           for k in keys}
+        mean, n = seed_mean(p, summ, m)
+        if n:
+            rows[label(m) if n == 1 else f"{label(m)} ({n} seeds)"] = mean
     return rows
 
 
 def write_tables(p, summ: dict, models: list[str], results: Path = RESULTS) -> list[Path]:
     """The paper's tables (Markdown and CSV under results/tables) from the summary of the evaluated models; a model
-    with seed repeats is their mean (over_seeds), but in Table 5, all of whose recipes continue one seed-0 run."""
+    with seed repeats is their mean (over_seeds)."""
     seeded = lambda names: over_seeds(p, summ, names)  # noqa: E731
     return [write_table(seeded(TABLE_DISTILL), COLUMNS, results / "tables" / "distill",
                           "Teacher (50 steps, CFG) vs DMD2 4-step and 1-step generators (embedded world, test prompts; teacher-4: the undistilled teacher in the 4-step sampler)"),
@@ -622,11 +641,11 @@ def write_tables(p, summ: dict, models: list[str], results: Path = RESULTS) -> l
                           results / "tables" / "table4", "Table 4 analogue: the DPG analogue per category (flow and epsilon teachers)"),
               write_table(seeded(TABLE2), TABLE2_COLUMNS, results / "tables" / "table2",
                           "Table 2 analogue: multi-step RL on the teacher (teacher-refl), then distilled, vs joint DMDR"),
-              *[write_table({("dmdr-stage1-4 (init)" if m == "dmdr-stage1-4" else m): summ[m]
-                             for m in ["dmdr-stage1-4"] + [table5_model(part, v) for v in values] if m in summ},
+              *[write_table(over_seeds(p, summ, ["dmdr-stage1-4"] + [table5_model(part, v) for v in values],
+                                       lambda m: "dmdr-stage1-4 (init)" if m == "dmdr-stage1-4" else m),
                             TABLE5_COLUMNS, results / "tables" / f"table5{part}",
-                            f"Table 5({part}) analogue: the {what} of stage 2, from the one stage-1 init (dmdr-4: "
-                            f"{what} {own.replace('p', '.') if part == 'c' else own}; one training seed each)")
+                            f"Table 5({part}) analogue: the {what} of stage 2, each seed from the stage-1 init of its "
+                            f"seed (dmdr-4: {what} {own.replace('p', '.') if part == 'c' else own})")
                 for part, (what, key, values, own) in TABLE5.items()],
               write_table({m: summ[m] for m in TABLE6 if m in summ}, TABLE6_COLUMNS, results / "tables" / "table6",
                           "Table 6 analogue: quality against diversity in the class-conditional world (1 step; FID, "
@@ -705,7 +724,7 @@ def build(p, results: Path = RESULTS) -> dict:
         plt.close(plot_rtdm_beta(pairs, results, out=figs / "rtdm_beta.png"))
         figures.append(figs / "rtdm_beta.png")
     if sum(table5_model("c", v) in summ for v in TABLE5["c"][2]) > 1:
-        plt.close(plot_lambda(summ, out=figs / "table5_lambda.png"))
+        plt.close(plot_lambda(p, summ, out=figs / "table5_lambda.png"))
         figures.append(figs / "table5_lambda.png")
     if (results / "metrics" / "rewards.json").exists():
         plot_reward_agreement(results / "metrics" / "rewards.json", out=figs / "reward_agreement.png")
