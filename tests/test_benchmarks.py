@@ -2,7 +2,8 @@
 tensors, which is only sound if faking the weights changes neither the model calls nor the host-side draws that decide
 them (the rollout's level: four generator calls or none); benchmarks/trace_gaps.py splits a timeline's GPU idle time
 by what each host thread was in; benchmarks/host_samples.py counts the host's time and its waits for the GPU by
-the frames that spend them."""
+the frames that spend them; benchmarks/near_rewards.py's other forms of reward learn a preference they can see, so
+that where they fall short near the model's samples it is not their fit."""
 import copy
 import sys
 import time
@@ -17,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import flop_count  # noqa: E402
 import gpu_step  # noqa: E402
 import host_samples  # noqa: E402
+import near_rewards  # noqa: E402
 import trace_gaps  # noqa: E402
 
 from dmdr.models import VelocityModel  # noqa: E402
@@ -84,3 +86,21 @@ def test_host_samples_and_waits_are_counted_by_the_frames_that_make_them():
         " test_host_samples_and_waits_are_counted_by_the_frames_that_make_them")
     lines = host_samples.report(counts, "two steps", unit="waits for the GPU")
     assert lines[0] == "two steps: 1 waits for the GPU" and "100.0%" in lines[2]
+
+
+def test_near_rewards_other_forms_learn_a_preference_they_can_see(clip):
+    """Renders preferred to blank images: each form, fitted by the benchmark's fit on some prompts, orders the pairs
+    of other prompts as gold does."""
+    import numpy as np
+    from dmdr.rewards import agreement, build_pairs
+    from dmdr.world import grammar
+    rng = np.random.default_rng(0)
+    blank = np.full((16, 1, 32, 32, 3), 245, np.uint8)
+    train, held = ([grammar.sample_spec(rng, "single_object") for _ in range(16)] for _ in range(2))
+    train, held = build_pairs(train, blank, rng), build_pairs(held, blank, rng)
+    for form in (near_rewards.TokenHeadReward, near_rewards.PixelReward):
+        model = form(copy.deepcopy(clip))
+        before = agreement(model, held)
+        model = near_rewards.fit(model, train, steps=40, batch=16, lr=3e-3, label_noise=0.0, seed=0)
+        assert agreement(model, held) > max(before, 0.8), form.__name__
+        assert not any(p.requires_grad for p in model.parameters())
