@@ -428,7 +428,7 @@ def claims(p, summ: dict, results: Path = RESULTS) -> list[dict]:
                    pairs.check("joint above dmd2-4 on dpg_overall", "dpg_overall", joint, "dmd2-4")]
         out.append(_claim("C2", "RL after DMD reaches the highest training reward (hps on the test prompts) while its "
                           "gold falls below DMD then joint DMD+RL (reward hacking); the joint run keeps dpg_overall "
-                          "at dmd2-4's level", checks, min(len(seeds_of(p, rl)), len(seeds_of(p, joint)))))
+                          "at dmd2-4's level", checks, pairs.n_seeds(rl, joint)))
 
     if all(stitched_curve(p, m) for m in C3_PAIR):
         checks = [_window_check(p, f"RT-DM alone above DMD alone on {k}", k, *C3_PAIR, results, RISE)
